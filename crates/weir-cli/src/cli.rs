@@ -1,0 +1,153 @@
+//! The command line. Every subcommand has a one-line description shown by `weir --help`.
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+
+use clap::{Args, Parser, Subcommand};
+
+#[derive(Debug, Parser)]
+#[command(name = "weir", version, about = "Weir: PostgreSQL history into an EU lakehouse (Delta, DataFusion, Lance, Flight SQL)")]
+pub struct Cli {
+    /// Configuration file (default: ./weir.toml when present).
+    #[arg(long, global = true, env = "WEIR_CONFIG")]
+    pub config: Option<PathBuf>,
+    /// More log output on stderr (-v info, -vv debug); WEIR_LOG overrides.
+    #[arg(short, long, global = true, action = clap::ArgAction::Count)]
+    pub verbose: u8,
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum Command {
+    /// Run the whole chain on embedded defaults: a throwaway Postgres, generated data, the legacy mart.
+    Demo(DemoArgs),
+    /// Create and fill the source marketplace in PostgreSQL (or apply one day of change).
+    Generate(GenerateCmd),
+    /// The legacy mart pipeline inside PostgreSQL, kept as the reference for parity.
+    #[command(subcommand)]
+    Legacy(LegacyCmd),
+    /// Check that a lake can hold Weir's tables: read/write, one-winner commits, Delta, Lance.
+    Doctor(DoctorArgs),
+    /// Run the in-repo S3-compatible server (s3s-fs with per-key locking) for local use.
+    S3Server(S3ServerArgs),
+}
+
+#[derive(Debug, Args)]
+pub struct PgArg {
+    /// Source PostgreSQL URL, e.g. postgres://user@host:5432/db (or WEIR_PG_URL, or pg_url in weir.toml).
+    #[arg(long = "pg", env = "WEIR_PG_URL", hide_env_values = true)]
+    pub pg: Option<String>,
+}
+
+#[derive(Debug, Args)]
+#[command(args_conflicts_with_subcommands = true)]
+pub struct GenerateCmd {
+    #[command(subcommand)]
+    pub day: Option<GenerateSub>,
+    #[command(flatten)]
+    pub args: GenerateArgs,
+}
+
+#[derive(Debug, Args)]
+pub struct GenerateArgs {
+    #[command(flatten)]
+    pub pg: PgArg,
+    /// Scale factor: 1 ≈ 100k listings and ~1M price_log rows.
+    #[arg(long, default_value = "1", allow_negative_numbers = true)]
+    pub scale: String,
+    /// Random seed: the same seed gives the same bytes.
+    #[arg(long, default_value_t = 42)]
+    pub seed: u64,
+    /// Drop an existing marketplace first.
+    #[arg(long)]
+    pub replace: bool,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum GenerateSub {
+    /// Apply one day of production-like change (new, updated, deleted listings, prices, fx, taxonomy).
+    Day(DayArgs),
+}
+
+#[derive(Debug, Args)]
+pub struct DayArgs {
+    #[command(flatten)]
+    pub pg: PgArg,
+    /// The day to apply (YYYY-MM-DD), after the latest day in the data.
+    #[arg(long)]
+    pub date: String,
+    #[arg(long, default_value_t = 42)]
+    pub seed: u64,
+    /// Probability that the day carries a taxonomy change (0..1).
+    #[arg(long, default_value_t = 0.3)]
+    pub taxonomy_rate: f64,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum LegacyCmd {
+    /// Build ads_<slug> inside PostgreSQL with plain SQL (TRUNCATE + INSERT), as the old job does.
+    Build(LegacyBuildArgs),
+}
+
+#[derive(Debug, Args)]
+#[command(group(clap::ArgGroup::new("which").required(true).args(["make", "all_makes"])))]
+pub struct LegacyBuildArgs {
+    #[command(flatten)]
+    pub pg: PgArg,
+    /// Make slug, e.g. vw or mercedes_benz.
+    #[arg(long)]
+    pub make: Option<String>,
+    /// Every make in the makes table.
+    #[arg(long)]
+    pub all_makes: bool,
+    /// The reference instant (days_online counts to here), e.g. 2026-07-01T00:00:00Z.
+    #[arg(long)]
+    pub as_of: String,
+}
+
+#[derive(Debug, Args)]
+pub struct DemoArgs {
+    /// Leave the services running at the end and print how to connect.
+    #[arg(long)]
+    pub keep: bool,
+    /// Scale factor of the generated marketplace.
+    #[arg(long, default_value = "0.1")]
+    pub scale: String,
+    #[arg(long, default_value_t = 42)]
+    pub seed: u64,
+    /// The make whose mart is built.
+    #[arg(long, default_value = "vw")]
+    pub make: String,
+    /// The demo's local lake.
+    #[arg(long, default_value = "file://./.weir/lake")]
+    pub lake: String,
+}
+
+#[derive(Debug, Args)]
+pub struct DoctorArgs {
+    /// Lake URI: file://path or s3://bucket/prefix (or WEIR_LAKE, or lake in weir.toml).
+    #[arg(long, env = "WEIR_LAKE")]
+    pub lake: Option<String>,
+    /// Accept an S3 bucket outside the EU.
+    #[arg(long)]
+    pub allow_non_eu: bool,
+}
+
+#[derive(Debug, Args)]
+pub struct S3ServerArgs {
+    /// Directory holding one sub-directory per bucket.
+    pub root: PathBuf,
+    #[arg(long, default_value = "127.0.0.1:9000", env = "WEIR_S3_ADDR")]
+    pub addr: SocketAddr,
+    #[arg(long, default_value = weir_testkit::DEFAULT_ACCESS_KEY, env = "WEIR_S3_ACCESS_KEY")]
+    pub access_key: String,
+    #[arg(long, default_value = weir_testkit::DEFAULT_SECRET_KEY, env = "WEIR_S3_SECRET_KEY", hide_env_values = true)]
+    pub secret_key: String,
+    /// Region reported by GetBucketLocation.
+    #[arg(long, default_value = weir_testkit::DEFAULT_REGION)]
+    pub region: String,
+    /// Buckets to create at start (repeatable).
+    #[arg(long = "bucket")]
+    pub buckets: Vec<String>,
+}

@@ -1,0 +1,122 @@
+//! `weir demo`: the whole chain on embedded defaults. Today: local services, the generated
+//! marketplace, lake checks on both lake kinds, and the legacy mart.
+
+use std::time::Instant;
+
+use anyhow::{Context, Result};
+use chrono::DateTime;
+use weir_core::{LakeLocation, S3Settings};
+use weir_lake::Lake;
+use weir_testkit::{PgCluster, S3Server, S3ServerConfig};
+
+use super::{secs, step, thousands};
+use crate::cli::DemoArgs;
+use crate::settings;
+
+const BUCKET: &str = "weir-demo";
+
+pub async fn run(a: DemoArgs) -> Result<()> {
+    let scale = settings::parse_scale(&a.scale)?;
+    weir_core::validate_slug(&a.make)?;
+    let cwd = std::env::current_dir()?;
+    let local = LakeLocation::parse(&a.lake, &cwd)?;
+    let started = Instant::now();
+    println!("weir demo: a throwaway PostgreSQL 15, the in-repo S3 server, a generated marketplace (SF {scale}), the legacy mart for {}\n", a.make);
+
+    let pg = step("starting PostgreSQL 15 (initdb + pg_ctl, wal_level=logical)", async { Ok(tokio::task::spawn_blocking(PgCluster::start).await??) }, |pg: &PgCluster| {
+        format!("listening on 127.0.0.1:{} (data {})", pg.port(), pg.data_dir().display())
+    })
+    .await?;
+    let db_url = pg.create_database("marketplace")?;
+
+    let s3_dir = tempfile::Builder::new().prefix("weir-s3-").tempdir().context("creating the S3 server's folder")?;
+    let s3 = step("starting the S3 server (s3s-fs with per-key locks)", async {
+        let mut cfg = S3ServerConfig::local(s3_dir.path());
+        cfg.buckets = vec![BUCKET.to_string()];
+        Ok(S3Server::start(cfg).await?)
+    }, |s: &S3Server| format!("{} region {}", s.endpoint(), s.config().region))
+    .await?;
+
+    let s3_settings = S3Settings {
+        endpoint: Some(s3.endpoint()),
+        region: Some(s3.config().region.clone()),
+        access_key_id: Some(s3.config().access_key.clone()),
+        secret_access_key: Some(s3.config().secret_key.clone()),
+        session_token: None,
+        allow_http: Some(true),
+    };
+    for (name, loc) in [("local lake", local.clone()), ("S3 lake", LakeLocation::S3 { bucket: BUCKET.into(), prefix: "lake".into() })] {
+        println!("▸ checking the {name} {}", loc.url());
+        let t = Instant::now();
+        let lake = Lake::open(loc, &s3_settings, false)?;
+        if !super::doctor::report(&lake).await {
+            anyhow::bail!("the {name} failed its checks");
+        }
+        println!("  ✔ ready ({})", secs(t.elapsed()));
+    }
+
+    let t = Instant::now();
+    println!("▸ generating the marketplace (SF {scale}, seed {}) with COPY BINARY", a.seed);
+    let report = super::generate::generate(&db_url, scale, a.seed, false).await?;
+    super::generate::print_report(&report, t.elapsed());
+
+    let as_of = DateTime::from_timestamp_micros(weir_synth::HISTORY_END).expect("constant");
+    let mart = step(
+        &format!("building the legacy mart ads_{} as of {}", a.make, as_of.format("%Y-%m-%dT%H:%M:%SZ")),
+        async {
+            let mut c = weir_postgres::connect(&db_url).await?;
+            Ok(weir_synth::build_legacy_mart(&mut c, &a.make, as_of).await?)
+        },
+        |r| format!("{}: {} rows", r.table, thousands(r.rows)),
+    )
+    .await?;
+
+    let c = weir_postgres::connect(&db_url).await?;
+    let row = c
+        .query_one(
+            &format!(
+                "SELECT count(*), count(*) FILTER (WHERE is_active), coalesce(sum(price_last_eur), 0)::text,
+                        count(*) FILTER (WHERE price_first_eur IS NULL), round(avg(days_online), 1)::text
+                 FROM \"{}\"",
+                mart.table
+            ),
+            &[],
+        )
+        .await
+        .with_context(|| format!("reading {}", mart.table))?;
+    let (n, active, sum, no_price, days): (i64, i64, String, i64, Option<String>) = (row.get(0), row.get(1), row.get(2), row.get(3), row.get(4));
+    println!("\n{}: {} listings, {} active, sum(price_last_eur) = {sum} EUR, {} without a EUR first price, avg days online {}", mart.table, thousands(n as u64), thousands(active as u64), thousands(no_price as u64), days.unwrap_or_default());
+    println!("done in {}", secs(started.elapsed()));
+
+    if a.keep {
+        let data = pg.keep();
+        let s3_root = s3_dir.keep();
+        s3.stop().await;
+        let child = std::process::Command::new(std::env::current_exe()?)
+            .arg("s3-server")
+            .arg(&s3_root)
+            .args(["--addr", "127.0.0.1:0", "--bucket", BUCKET])
+            .stdin(std::process::Stdio::null())
+            .stdout(std::fs::File::create(s3_root.join("server.log"))?)
+            .stderr(std::process::Stdio::null())
+            .spawn()
+            .context("starting a detached S3 server")?;
+        // Its port: read back from its log line.
+        let mut endpoint = String::from("(see its log)");
+        for _ in 0..50 {
+            let log = std::fs::read_to_string(s3_root.join("server.log")).unwrap_or_default();
+            if let Some(url) = log.split_whitespace().find(|w| w.starts_with("http://")) {
+                endpoint = url.to_string();
+                break;
+            }
+            tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+        }
+        println!("\nservices left running (--keep):");
+        println!("  psql {db_url}");
+        println!("  S3: {endpoint} bucket {BUCKET} (access key {}, region eu-central-1)", weir_testkit::DEFAULT_ACCESS_KEY);
+        println!("stop them with:");
+        println!("  su postgres -c '{}/pg_ctl -D {} stop' (or without su when not root)", weir_testkit::find_pg_bindir(None).map(|p| p.display().to_string()).unwrap_or_default(), data.display());
+        println!("  kill {}", child.id());
+    }
+    Ok(())
+}

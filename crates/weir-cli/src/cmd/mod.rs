@@ -1,0 +1,56 @@
+//! Subcommand implementations: thin wiring of the library crates.
+
+mod demo;
+mod doctor;
+mod generate;
+mod legacy;
+mod s3;
+
+use std::time::{Duration, Instant};
+
+use anyhow::Result;
+
+use crate::cli::{Cli, Command, LegacyCmd};
+use crate::settings;
+
+pub async fn run(cli: Cli) -> Result<()> {
+    let cfg = settings::load(cli.config.as_deref())?;
+    match cli.command {
+        Command::Demo(a) => demo::run(a).await,
+        Command::Generate(g) => generate::run(g, &cfg).await,
+        Command::Legacy(LegacyCmd::Build(a)) => legacy::run(a, &cfg).await,
+        Command::Doctor(a) => doctor::run(a, &cfg).await,
+        Command::S3Server(a) => s3::run(a).await,
+    }
+}
+
+/// `12,345,678`
+pub fn thousands(n: u64) -> String {
+    let s = n.to_string();
+    let mut out = String::with_capacity(s.len() + s.len() / 3);
+    for (i, c) in s.chars().enumerate() {
+        if i > 0 && (s.len() - i) % 3 == 0 {
+            out.push(',');
+        }
+        out.push(c);
+    }
+    out
+}
+
+pub fn secs(d: Duration) -> String {
+    format!("{:.2} s", d.as_secs_f64())
+}
+
+pub fn rate(rows: u64, d: Duration) -> String {
+    let s = d.as_secs_f64();
+    if s <= 0.0 { "-".into() } else { format!("{}/s", thousands((rows as f64 / s) as u64)) }
+}
+
+/// Prints "▸ title", runs the step, prints "  ✔ detail (time)" or the error.
+pub async fn step<T>(title: &str, f: impl Future<Output = Result<T>>, detail: impl FnOnce(&T) -> String) -> Result<T> {
+    println!("▸ {title}");
+    let t = Instant::now();
+    let out = f.await?;
+    println!("  ✔ {} ({})", detail(&out), secs(t.elapsed()));
+    Ok(out)
+}

@@ -1,0 +1,14 @@
+//! Weir's core: configuration, lake locations, EU residency, time parsing and identifiers.
+//!
+//! Nothing here reads the environment or the file system on its own: the binary reads
+//! `weir.toml` and the environment once, at the edge, and hands the values in.
+
+pub mod config;
+pub mod ident;
+pub mod lake;
+pub mod time;
+
+pub use config::{Config, ConfigError, S3Settings};
+pub use ident::{IdentError, validate_slug};
+pub use lake::{EU_REGIONS, LakeError, LakeLocation, check_eu_region, is_eu_region};
+pub use time::{TimeError, parse_date, parse_timestamp};

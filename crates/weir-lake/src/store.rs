@@ -1,0 +1,136 @@
+//! Opening a lake: object store, storage options for Delta/Lance, EU residency.
+
+use std::collections::HashMap;
+use std::sync::Arc;
+
+use object_store::aws::{AmazonS3Builder, S3ConditionalPut, S3CopyIfNotExists};
+use object_store::local::LocalFileSystem;
+use object_store::path::Path as StorePath;
+use object_store::ObjectStore;
+use url::Url;
+use weir_core::{LakeError, LakeLocation, S3Settings, check_eu_region};
+
+#[derive(Debug, thiserror::Error)]
+pub enum LakeStoreError {
+    #[error(transparent)]
+    Location(#[from] LakeError),
+    #[error("cannot open lake {url}: {message}")]
+    Open { url: String, message: String },
+}
+
+/// An opened lake.
+#[derive(Clone)]
+pub struct Lake {
+    pub location: LakeLocation,
+    store: Arc<dyn ObjectStore>,
+    prefix: StorePath,
+    storage_options: HashMap<String, String>,
+}
+
+impl std::fmt::Debug for Lake {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Lake").field("location", &self.location).field("prefix", &self.prefix).finish()
+    }
+}
+
+impl Lake {
+    /// Opens the lake. An `s3://` lake must name an EU region (config or `AWS_REGION`) unless
+    /// `allow_non_eu`; a local lake's folder is created when missing.
+    pub fn open(location: LakeLocation, s3: &S3Settings, allow_non_eu: bool) -> Result<Self, LakeStoreError> {
+        let url = location.url();
+        let open_err = |message: String| LakeStoreError::Open { url: url.to_string(), message };
+        match &location {
+            LakeLocation::Local { root } => {
+                std::fs::create_dir_all(root).map_err(|e| open_err(format!("cannot create {}: {e}", root.display())))?;
+                let store = LocalFileSystem::new_with_prefix(root).map_err(|e| open_err(e.to_string()))?;
+                Ok(Self { location, store: Arc::new(store), prefix: StorePath::default(), storage_options: HashMap::new() })
+            }
+            LakeLocation::S3 { bucket, prefix } => {
+                check_eu_region(bucket, s3.region.as_deref(), allow_non_eu)?;
+                let options = s3_storage_options(s3);
+                let mut b = AmazonS3Builder::new()
+                    .with_bucket_name(bucket)
+                    .with_conditional_put(S3ConditionalPut::ETagMatch)
+                    .with_copy_if_not_exists(S3CopyIfNotExists::Multipart);
+                if let Some(r) = &s3.region {
+                    b = b.with_region(r);
+                }
+                if let Some(e) = &s3.endpoint {
+                    b = b.with_endpoint(e).with_virtual_hosted_style_request(false);
+                }
+                if let Some(k) = &s3.access_key_id {
+                    b = b.with_access_key_id(k);
+                }
+                if let Some(k) = &s3.secret_access_key {
+                    b = b.with_secret_access_key(k);
+                }
+                if let Some(t) = &s3.session_token {
+                    b = b.with_token(t);
+                }
+                b = b.with_allow_http(allow_http(s3));
+                let store = b.build().map_err(|e| open_err(e.to_string()))?;
+                Ok(Self { location: location.clone(), store: Arc::new(store), prefix: StorePath::from(prefix.as_str()), storage_options: options })
+            }
+        }
+    }
+
+    pub fn store(&self) -> Arc<dyn ObjectStore> {
+        self.store.clone()
+    }
+
+    /// The store path of `rel` under the lake root.
+    pub fn path(&self, rel: &str) -> StorePath {
+        self.prefix.parts().chain(StorePath::from(rel).parts()).collect()
+    }
+
+    pub fn url(&self) -> Url {
+        self.location.url()
+    }
+
+    pub fn table_url(&self, rel: &str) -> Url {
+        self.location.table_url(rel)
+    }
+
+    /// Makes sure a table location can be opened: a local lake needs the folder to exist
+    /// (object stores have no folders).
+    pub fn prepare_table_dir(&self, rel: &str) -> Result<(), LakeStoreError> {
+        if let LakeLocation::Local { root } = &self.location {
+            let dir = root.join(rel.trim_matches('/'));
+            std::fs::create_dir_all(&dir).map_err(|e| LakeStoreError::Open {
+                url: self.url().to_string(),
+                message: format!("cannot create {}: {e}", dir.display()),
+            })?;
+        }
+        Ok(())
+    }
+
+    /// Options for deltalake and lance (empty for a local lake).
+    pub fn storage_options(&self) -> &HashMap<String, String> {
+        &self.storage_options
+    }
+}
+
+fn allow_http(s3: &S3Settings) -> bool {
+    s3.allow_http.unwrap_or_else(|| s3.endpoint.as_deref().is_some_and(|e| e.starts_with("http://")))
+}
+
+fn s3_storage_options(s3: &S3Settings) -> HashMap<String, String> {
+    let mut o = HashMap::new();
+    let mut put = |k: &str, v: Option<&String>| {
+        if let Some(v) = v {
+            o.insert(k.to_string(), v.clone());
+        }
+    };
+    put("aws_region", s3.region.as_ref());
+    put("aws_endpoint", s3.endpoint.as_ref());
+    put("aws_access_key_id", s3.access_key_id.as_ref());
+    put("aws_secret_access_key", s3.secret_access_key.as_ref());
+    put("aws_session_token", s3.session_token.as_ref());
+    if s3.endpoint.is_some() {
+        o.insert("aws_virtual_hosted_style_request".into(), "false".into());
+    }
+    o.insert("aws_allow_http".into(), allow_http(s3).to_string());
+    o.insert("aws_conditional_put".into(), "etag".into());
+    o.insert("aws_copy_if_not_exists".into(), "multipart".into());
+    o
+}

@@ -1,0 +1,7 @@
+//! Weir's PostgreSQL adapter: connections with readable errors, and the COPY BINARY format.
+
+pub mod conn;
+pub mod copy;
+
+pub use conn::{PgError, connect, describe_url};
+pub use copy::{CopyBinaryWriter, PG_EPOCH_DAYS, PG_EPOCH_MICROS, copy_in, copy_in_stream};

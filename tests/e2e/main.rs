@@ -1,0 +1,8 @@
+//! End-to-end tests against a real PostgreSQL 15 cluster and the real in-repo S3 server.
+//! One test binary (link time is the scarce resource); modules by area.
+
+mod cli;
+mod common;
+mod generator;
+mod legacy;
+mod services;

@@ -34,7 +34,10 @@ fn help_lists_every_subcommand() {
     assert!(out.status.success());
     let text = String::from_utf8_lossy(&out.stdout);
     for sub in ["demo", "generate", "legacy", "doctor", "s3-server"] {
-        let line = text.lines().find(|l| l.trim_start().starts_with(sub)).unwrap_or_else(|| panic!("{sub} missing from:\n{text}"));
+        let line = text
+            .lines()
+            .find(|l| l.trim_start().starts_with(sub))
+            .unwrap_or_else(|| panic!("{sub} missing from:\n{text}"));
         assert!(line.trim_start().len() > sub.len() + 10, "{sub} has no description: {line:?}");
     }
 }
@@ -46,14 +49,26 @@ async fn bad_input_is_one_line_and_non_zero() {
     let closed = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
     let unreachable = format!("postgres://postgres@127.0.0.1:{closed}/x");
     fails_with(&["generate", "--pg", "not a url", "--scale", "0.01"], &["invalid PostgreSQL URL"]);
-    fails_with(&["generate", "--pg", &unreachable, "--scale", "0.01"], &["cannot connect to PostgreSQL", &format!("127.0.0.1:{closed}")]);
+    fails_with(
+        &["generate", "--pg", &unreachable, "--scale", "0.01"],
+        &["cannot connect to PostgreSQL", &format!("127.0.0.1:{closed}")],
+    );
     fails_with(&["generate", "--pg", &url, "--scale", "-1"], &["invalid scale -1"]);
     fails_with(&["generate", "--pg", &url, "--scale", "lots"], &["invalid scale \"lots\""]);
     fails_with(&["generate", "--pg", &url, "--scale", "0"], &["invalid scale 0"]);
     fails_with(&["generate", "--scale", "0.01"], &["no PostgreSQL URL", "--pg"]);
-    fails_with(&["legacy", "build", "--pg", &url, "--make", "trabant", "--as-of", "2026-07-01"], &["unknown make slug \"trabant\"", "vw"]);
-    fails_with(&["legacy", "build", "--pg", &url, "--make", "VW;drop", "--as-of", "2026-07-01"], &["invalid make slug"]);
-    fails_with(&["legacy", "build", "--pg", &url, "--make", "vw", "--as-of", "last tuesday"], &["cannot parse timestamp \"last tuesday\""]);
+    fails_with(
+        &["legacy", "build", "--pg", &url, "--make", "trabant", "--as-of", "2026-07-01"],
+        &["unknown make slug \"trabant\"", "vw"],
+    );
+    fails_with(
+        &["legacy", "build", "--pg", &url, "--make", "VW;drop", "--as-of", "2026-07-01"],
+        &["invalid make slug"],
+    );
+    fails_with(
+        &["legacy", "build", "--pg", &url, "--make", "vw", "--as-of", "last tuesday"],
+        &["cannot parse timestamp \"last tuesday\""],
+    );
     fails_with(&["legacy", "build", "--pg", &url, "--as-of", "2026-07-01"], &["--make"]);
     fails_with(&["generate", "day", "--pg", &url, "--date", "2026-02-30"], &["cannot parse date \"2026-02-30\""]);
     fails_with(&["generate", "day", "--pg", &url, "--date", "2025-01-01"], &["not after the latest day"]);
@@ -78,15 +93,27 @@ async fn generate_and_legacy_build_through_the_binary() {
     let out = weir(&["legacy", "build", "--pg", &url, "--all-makes", "--as-of", "2026-07-01T00:00:00Z"]);
     assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
     let c = common::client(&url).await;
-    let marts = common::scalar_i64(&c, "SELECT count(*) FROM pg_tables WHERE schemaname = 'public' AND tablename LIKE 'ads\\_%'").await;
+    let marts = common::scalar_i64(
+        &c,
+        "SELECT count(*) FROM pg_tables WHERE schemaname = 'public' AND tablename LIKE 'ads\\_%'",
+    )
+    .await;
     let makes = common::scalar_i64(&c, "SELECT count(*) FROM makes").await;
     assert_eq!(marts, makes);
     let mut total = 0;
-    for r in c.query("SELECT tablename::text FROM pg_tables WHERE schemaname = 'public' AND tablename LIKE 'ads\\_%'", &[]).await.unwrap() {
+    for r in c
+        .query("SELECT tablename::text FROM pg_tables WHERE schemaname = 'public' AND tablename LIKE 'ads\\_%'", &[])
+        .await
+        .unwrap()
+    {
         let t: String = r.get(0);
         total += common::scalar_i64(&c, &format!("SELECT count(*) FROM \"{t}\"")).await;
     }
-    assert_eq!(total, common::scalar_i64(&c, "SELECT count(*) FROM listings").await, "every listing in exactly one mart");
+    assert_eq!(
+        total,
+        common::scalar_i64(&c, "SELECT count(*) FROM listings").await,
+        "every listing in exactly one mart"
+    );
     let out = weir(&["generate", "day", "--pg", &url, "--date", "2026-07-01", "--seed", "1", "--taxonomy-rate", "1"]);
     assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
     assert!(String::from_utf8_lossy(&out.stdout).contains("taxonomy change"));

@@ -122,7 +122,8 @@ async fn lake_checks_pass_on_local_and_s3() {
             assert!(c.ok, "{:?}: {} failed: {}", loc, c.name, c.detail);
         }
         // The checks clean up after themselves.
-        let left: Vec<_> = futures::StreamExt::collect::<Vec<_>>(lake.store().list(Some(&lake.path("_weir/doctor")))).await;
+        let left: Vec<_> =
+            futures::StreamExt::collect::<Vec<_>>(lake.store().list(Some(&lake.path("_weir/doctor")))).await;
         assert!(left.is_empty(), "{loc:?}: left behind {left:?}");
     }
     // A non-EU region is refused before anything is written, naming the flag.

@@ -6,7 +6,11 @@ use std::path::PathBuf;
 use clap::{Args, Parser, Subcommand};
 
 #[derive(Debug, Parser)]
-#[command(name = "weir", version, about = "Weir: PostgreSQL history into an EU lakehouse (Delta, DataFusion, Lance, Flight SQL)")]
+#[command(
+    name = "weir",
+    version,
+    about = "Weir: PostgreSQL history into an EU lakehouse (Delta, DataFusion, Lance, Flight SQL)"
+)]
 pub struct Cli {
     /// Configuration file (default: ./weir.toml when present).
     #[arg(long, global = true, env = "WEIR_CONFIG")]

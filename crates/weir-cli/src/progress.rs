@@ -22,8 +22,10 @@ impl weir_synth::Progress for Bars {
     fn start(&self, table: &str, expected_rows: u64) {
         let bar = self.multi.add(ProgressBar::new(expected_rows));
         bar.set_style(
-            ProgressStyle::with_template("  {prefix:<10} {bar:30} {human_pos:>11}/{human_len:<11} rows  {per_sec:>14}  {elapsed_precise}")
-                .expect("valid template"),
+            ProgressStyle::with_template(
+                "  {prefix:<10} {bar:30} {human_pos:>11}/{human_len:<11} rows  {per_sec:>14}  {elapsed_precise}",
+            )
+            .expect("valid template"),
         );
         bar.set_prefix(table.to_string());
         bar.enable_steady_tick(Duration::from_millis(200));

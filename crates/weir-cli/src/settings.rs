@@ -29,7 +29,8 @@ pub fn pg_url(flag: Option<&str>, cfg: &Config) -> Result<String> {
 }
 
 pub fn parse_scale(s: &str) -> Result<f64> {
-    let v: f64 = s.trim().parse().map_err(|_| anyhow::anyhow!("invalid scale {s:?}: use a number greater than 0, e.g. 0.1"))?;
+    let v: f64 =
+        s.trim().parse().map_err(|_| anyhow::anyhow!("invalid scale {s:?}: use a number greater than 0, e.g. 0.1"))?;
     weir_synth::generate::listing_count(v)?;
     Ok(v)
 }

@@ -66,8 +66,7 @@ impl Config {
     pub fn from_toml(text: &str, path: &str) -> Result<Self, ConfigError> {
         toml::from_str(text).map_err(|e| ConfigError::Malformed {
             path: path.to_string(),
-            message: e.message().to_string()
-                + &e.span().map(|s| format!(" (at byte {})", s.start)).unwrap_or_default(),
+            message: e.message().to_string() + &e.span().map(|s| format!(" (at byte {})", s.start)).unwrap_or_default(),
         })
     }
 
@@ -135,14 +134,11 @@ mod tests {
         .unwrap();
         assert_eq!(cfg.pg_url.as_deref(), Some("postgres://a@h/db"));
         assert!(!format!("{cfg:?}").contains("\"s\""), "secrets are redacted in Debug");
-        let env: HashMap<String, String> = [
-            ("WEIR_LAKE", "s3://b-1/x"),
-            ("AWS_REGION", "eu-central-1"),
-            ("WEIR_ALLOW_NON_EU", "yes"),
-        ]
-        .into_iter()
-        .map(|(a, b)| (a.to_string(), b.to_string()))
-        .collect();
+        let env: HashMap<String, String> =
+            [("WEIR_LAKE", "s3://b-1/x"), ("AWS_REGION", "eu-central-1"), ("WEIR_ALLOW_NON_EU", "yes")]
+                .into_iter()
+                .map(|(a, b)| (a.to_string(), b.to_string()))
+                .collect();
         let cfg = cfg.with_env(&env).unwrap();
         assert_eq!(cfg.lake_or_default(), "s3://b-1/x");
         assert_eq!(cfg.s3.region.as_deref(), Some("eu-central-1"));
@@ -155,8 +151,7 @@ mod tests {
         assert!(err.to_string().starts_with("malformed config conf/weir.toml"), "{err}");
         let err = Config::from_toml("pgurl = 'x'", "weir.toml").unwrap_err();
         assert!(err.to_string().contains("pgurl"), "{err}");
-        let env: HashMap<String, String> =
-            [("AWS_ALLOW_HTTP".to_string(), "maybe".to_string())].into_iter().collect();
+        let env: HashMap<String, String> = [("AWS_ALLOW_HTTP".to_string(), "maybe".to_string())].into_iter().collect();
         assert!(Config::default().with_env(&env).is_err());
     }
 }

@@ -8,15 +8,8 @@ use url::Url;
 /// AWS regions inside the European Union. London (eu-west-2) and Zurich (eu-central-2) are in
 /// Europe but not in the EU, so they are not here. `eusc-de-east-1` is the European Sovereign
 /// Cloud (Brandenburg).
-pub const EU_REGIONS: &[&str] = &[
-    "eu-central-1",
-    "eu-west-1",
-    "eu-west-3",
-    "eu-north-1",
-    "eu-south-1",
-    "eu-south-2",
-    "eusc-de-east-1",
-];
+pub const EU_REGIONS: &[&str] =
+    &["eu-central-1", "eu-west-1", "eu-west-3", "eu-north-1", "eu-south-1", "eu-south-2", "eusc-de-east-1"];
 
 pub fn is_eu_region(region: &str) -> bool {
     EU_REGIONS.contains(&region.trim().to_ascii_lowercase().as_str())
@@ -75,9 +68,7 @@ impl LakeLocation {
     /// The URL form: `file:///abs/path/` or `s3://bucket/prefix/`.
     pub fn url(&self) -> Url {
         match self {
-            Self::Local { root } => {
-                Url::from_directory_path(root).expect("an absolute path is a valid file URL")
-            }
+            Self::Local { root } => Url::from_directory_path(root).expect("an absolute path is a valid file URL"),
             Self::S3 { bucket, prefix } => {
                 let p = if prefix.is_empty() { String::new() } else { format!("{prefix}/") };
                 Url::parse(&format!("s3://{bucket}/{p}")).expect("validated bucket name")
@@ -135,10 +126,7 @@ mod tests {
             LakeLocation::parse("file://./.weir/lake", cwd).unwrap(),
             LakeLocation::Local { root: "/home/u/proj/.weir/lake".into() }
         );
-        assert_eq!(
-            LakeLocation::parse("/data/lake", cwd).unwrap(),
-            LakeLocation::Local { root: "/data/lake".into() }
-        );
+        assert_eq!(LakeLocation::parse("/data/lake", cwd).unwrap(), LakeLocation::Local { root: "/data/lake".into() });
         let s3 = LakeLocation::parse("s3://weir-lake/prod/eu", cwd).unwrap();
         assert_eq!(s3, LakeLocation::S3 { bucket: "weir-lake".into(), prefix: "prod/eu".into() });
         assert_eq!(s3.table_url("bronze/listings").as_str(), "s3://weir-lake/prod/eu/bronze/listings/");

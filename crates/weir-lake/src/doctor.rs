@@ -24,7 +24,10 @@ pub struct Check {
 
 /// Runs every check; a failed check does not stop the others.
 pub async fn run_checks(lake: &Lake) -> Vec<Check> {
-    let run = format!("{}", std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_nanos()).unwrap_or(0));
+    let run = format!(
+        "{}",
+        std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_nanos()).unwrap_or(0)
+    );
     let base = format!("_weir/doctor/{run}");
     let mut out = Vec::new();
     out.push(timed("object store read/write", round_trip(lake, &base)).await);
@@ -52,7 +55,8 @@ async fn round_trip(lake: &Lake, base: &str) -> Result<String, String> {
     let path = lake.path(&format!("{base}/probe"));
     let body = b"weir doctor probe".to_vec();
     store.put(&path, PutPayload::from(body.clone())).await.map_err(|e| format!("put {path}: {e}"))?;
-    let got = store.get(&path).await.map_err(|e| format!("get {path}: {e}"))?.bytes().await.map_err(|e| e.to_string())?;
+    let got =
+        store.get(&path).await.map_err(|e| format!("get {path}: {e}"))?.bytes().await.map_err(|e| e.to_string())?;
     if got.as_ref() != body.as_slice() {
         return Err(format!("read back {} bytes that differ from the {} written", got.len(), body.len()));
     }
@@ -84,13 +88,16 @@ async fn one_winner(lake: &Lake, base: &str) -> Result<String, String> {
         return Err(format!("conditional put failed: {}", other.join("; ")));
     }
     if won != 1 {
-        return Err(format!("{won} of {racers} concurrent create-if-absent writers won; Delta commits on this store are unsafe"));
+        return Err(format!(
+            "{won} of {racers} concurrent create-if-absent writers won; Delta commits on this store are unsafe"
+        ));
     }
     Ok(format!("1 of {racers} concurrent writers won, {lost} refused"))
 }
 
 fn probe_batch() -> RecordBatch {
-    let schema = Arc::new(Schema::new(vec![Field::new("id", DataType::Int64, false), Field::new("name", DataType::Utf8, true)]));
+    let schema =
+        Arc::new(Schema::new(vec![Field::new("id", DataType::Int64, false), Field::new("name", DataType::Utf8, true)]));
     RecordBatch::try_new(
         schema,
         vec![Arc::new(Int64Array::from(vec![1, 2, 3])), Arc::new(StringArray::from(vec![Some("a"), None, Some("🚗")]))],
@@ -119,7 +126,10 @@ async fn delta_round_trip(lake: &Lake, base: &str) -> Result<String, String> {
     let b = batches.first().ok_or("no result")?;
     let get = |i: usize| b.column(i).as_any().downcast_ref::<Int64Array>().map(|a| a.value(0));
     match (get(0), get(1), get(2)) {
-        (Some(3), Some(6), Some(2)) => Ok(format!("table version {}, 3 rows read back", table.version().map_or("?".to_string(), |v| v.to_string()))),
+        (Some(3), Some(6), Some(2)) => Ok(format!(
+            "table version {}, 3 rows read back",
+            table.version().map_or("?".to_string(), |v| v.to_string())
+        )),
         other => Err(format!("read back (count, sum, non-null names) = {other:?}, expected (3, 6, 2)")),
     }
 }

@@ -3,10 +3,10 @@
 use std::collections::HashMap;
 use std::sync::Arc;
 
+use object_store::ObjectStore;
 use object_store::aws::{AmazonS3Builder, S3ConditionalPut, S3CopyIfNotExists};
 use object_store::local::LocalFileSystem;
 use object_store::path::Path as StorePath;
-use object_store::ObjectStore;
 use url::Url;
 use weir_core::{LakeError, LakeLocation, S3Settings, check_eu_region};
 
@@ -41,9 +41,15 @@ impl Lake {
         let open_err = |message: String| LakeStoreError::Open { url: url.to_string(), message };
         match &location {
             LakeLocation::Local { root } => {
-                std::fs::create_dir_all(root).map_err(|e| open_err(format!("cannot create {}: {e}", root.display())))?;
+                std::fs::create_dir_all(root)
+                    .map_err(|e| open_err(format!("cannot create {}: {e}", root.display())))?;
                 let store = LocalFileSystem::new_with_prefix(root).map_err(|e| open_err(e.to_string()))?;
-                Ok(Self { location, store: Arc::new(store), prefix: StorePath::default(), storage_options: HashMap::new() })
+                Ok(Self {
+                    location,
+                    store: Arc::new(store),
+                    prefix: StorePath::default(),
+                    storage_options: HashMap::new(),
+                })
             }
             LakeLocation::S3 { bucket, prefix } => {
                 check_eu_region(bucket, s3.region.as_deref(), allow_non_eu)?;
@@ -69,7 +75,12 @@ impl Lake {
                 }
                 b = b.with_allow_http(allow_http(s3));
                 let store = b.build().map_err(|e| open_err(e.to_string()))?;
-                Ok(Self { location: location.clone(), store: Arc::new(store), prefix: StorePath::from(prefix.as_str()), storage_options: options })
+                Ok(Self {
+                    location: location.clone(),
+                    store: Arc::new(store),
+                    prefix: StorePath::from(prefix.as_str()),
+                    storage_options: options,
+                })
             }
         }
     }

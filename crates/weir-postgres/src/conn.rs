@@ -24,9 +24,7 @@ impl PgError {
     /// The SQLSTATE of a server error, if this is one.
     pub fn sqlstate(&self) -> Option<&str> {
         match self {
-            Self::Query { source, .. } | Self::Connect { source, .. } => {
-                source.as_db_error().map(|e| e.code().code())
-            }
+            Self::Query { source, .. } | Self::Connect { source, .. } => source.as_db_error().map(|e| e.code().code()),
             Self::Url { .. } => None,
         }
     }
@@ -82,10 +80,7 @@ fn redact(url: &str) -> String {
 
 /// Connects and spawns the connection task on the current runtime.
 pub async fn connect(url: &str) -> Result<Client, PgError> {
-    let mut cfg = Config::from_str(url).map_err(|e| PgError::Url {
-        url: redact(url),
-        message: e.to_string(),
-    })?;
+    let mut cfg = Config::from_str(url).map_err(|e| PgError::Url { url: redact(url), message: e.to_string() })?;
     if cfg.get_hosts().is_empty() {
         return Err(PgError::Url { url: redact(url), message: "no host given".to_string() });
     }
@@ -97,10 +92,8 @@ pub async fn connect(url: &str) -> Result<Client, PgError> {
         cfg.connect_timeout(Duration::from_secs(10));
     }
     let target = describe(&cfg);
-    let (client, connection) = cfg
-        .connect(NoTls)
-        .await
-        .map_err(|source| PgError::Connect { target: target.clone(), source })?;
+    let (client, connection) =
+        cfg.connect(NoTls).await.map_err(|source| PgError::Connect { target: target.clone(), source })?;
     tokio::spawn(async move {
         if let Err(e) = connection.await {
             tracing::debug!(%target, "postgres connection ended: {e}");

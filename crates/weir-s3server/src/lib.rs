@@ -15,9 +15,7 @@ use std::sync::{Arc, Mutex};
 
 use hyper_util::rt::{TokioExecutor, TokioIo};
 use hyper_util::server::conn::auto::Builder as ConnBuilder;
-use s3s::dto::{
-    BucketLocationConstraint, GetBucketLocationInput, GetBucketLocationOutput,
-};
+use s3s::dto::{BucketLocationConstraint, GetBucketLocationInput, GetBucketLocationOutput};
 use s3s::{S3, S3Request, S3Response, S3Result, dto};
 use tokio::net::TcpListener;
 use tokio::sync::{OwnedMutexGuard, watch};
@@ -83,10 +81,8 @@ impl std::fmt::Debug for LockedFs {
 
 impl LockedFs {
     pub fn new(root: &Path, region: &str) -> Result<Self, S3ServerError> {
-        let inner = s3s_fs::FileSystem::new(root).map_err(|e| S3ServerError::Fs {
-            path: root.to_path_buf(),
-            message: format!("{e:?}"),
-        })?;
+        let inner = s3s_fs::FileSystem::new(root)
+            .map_err(|e| S3ServerError::Fs { path: root.to_path_buf(), message: format!("{e:?}") })?;
         Ok(Self { inner, locks: Mutex::new(HashMap::new()), region: region.to_string() })
     }
 
@@ -123,15 +119,24 @@ impl Drop for KeyGuard<'_> {
 #[async_trait::async_trait]
 impl S3 for LockedFs {
     // Reads and non-conflicting writes go straight to s3s-fs.
-    async fn create_bucket(&self, req: S3Request<dto::CreateBucketInput>) -> S3Result<S3Response<dto::CreateBucketOutput>> {
+    async fn create_bucket(
+        &self,
+        req: S3Request<dto::CreateBucketInput>,
+    ) -> S3Result<S3Response<dto::CreateBucketOutput>> {
         self.inner.create_bucket(req).await
     }
 
-    async fn delete_bucket(&self, req: S3Request<dto::DeleteBucketInput>) -> S3Result<S3Response<dto::DeleteBucketOutput>> {
+    async fn delete_bucket(
+        &self,
+        req: S3Request<dto::DeleteBucketInput>,
+    ) -> S3Result<S3Response<dto::DeleteBucketOutput>> {
         self.inner.delete_bucket(req).await
     }
 
-    async fn delete_objects(&self, req: S3Request<dto::DeleteObjectsInput>) -> S3Result<S3Response<dto::DeleteObjectsOutput>> {
+    async fn delete_objects(
+        &self,
+        req: S3Request<dto::DeleteObjectsInput>,
+    ) -> S3Result<S3Response<dto::DeleteObjectsOutput>> {
         self.inner.delete_objects(req).await
     }
 
@@ -147,19 +152,31 @@ impl S3 for LockedFs {
         self.inner.head_object(req).await
     }
 
-    async fn list_buckets(&self, req: S3Request<dto::ListBucketsInput>) -> S3Result<S3Response<dto::ListBucketsOutput>> {
+    async fn list_buckets(
+        &self,
+        req: S3Request<dto::ListBucketsInput>,
+    ) -> S3Result<S3Response<dto::ListBucketsOutput>> {
         self.inner.list_buckets(req).await
     }
 
-    async fn list_objects(&self, req: S3Request<dto::ListObjectsInput>) -> S3Result<S3Response<dto::ListObjectsOutput>> {
+    async fn list_objects(
+        &self,
+        req: S3Request<dto::ListObjectsInput>,
+    ) -> S3Result<S3Response<dto::ListObjectsOutput>> {
         self.inner.list_objects(req).await
     }
 
-    async fn list_objects_v2(&self, req: S3Request<dto::ListObjectsV2Input>) -> S3Result<S3Response<dto::ListObjectsV2Output>> {
+    async fn list_objects_v2(
+        &self,
+        req: S3Request<dto::ListObjectsV2Input>,
+    ) -> S3Result<S3Response<dto::ListObjectsV2Output>> {
         self.inner.list_objects_v2(req).await
     }
 
-    async fn create_multipart_upload(&self, req: S3Request<dto::CreateMultipartUploadInput>) -> S3Result<S3Response<dto::CreateMultipartUploadOutput>> {
+    async fn create_multipart_upload(
+        &self,
+        req: S3Request<dto::CreateMultipartUploadInput>,
+    ) -> S3Result<S3Response<dto::CreateMultipartUploadOutput>> {
         self.inner.create_multipart_upload(req).await
     }
 
@@ -167,7 +184,10 @@ impl S3 for LockedFs {
         self.inner.upload_part(req).await
     }
 
-    async fn upload_part_copy(&self, req: S3Request<dto::UploadPartCopyInput>) -> S3Result<S3Response<dto::UploadPartCopyOutput>> {
+    async fn upload_part_copy(
+        &self,
+        req: S3Request<dto::UploadPartCopyInput>,
+    ) -> S3Result<S3Response<dto::UploadPartCopyOutput>> {
         self.inner.upload_part_copy(req).await
     }
 
@@ -175,23 +195,19 @@ impl S3 for LockedFs {
         self.inner.list_parts(req).await
     }
 
-    async fn abort_multipart_upload(&self, req: S3Request<dto::AbortMultipartUploadInput>) -> S3Result<S3Response<dto::AbortMultipartUploadOutput>> {
+    async fn abort_multipart_upload(
+        &self,
+        req: S3Request<dto::AbortMultipartUploadInput>,
+    ) -> S3Result<S3Response<dto::AbortMultipartUploadOutput>> {
         self.inner.abort_multipart_upload(req).await
     }
 
-
-    async fn put_object(
-        &self,
-        req: S3Request<dto::PutObjectInput>,
-    ) -> S3Result<S3Response<dto::PutObjectOutput>> {
+    async fn put_object(&self, req: S3Request<dto::PutObjectInput>) -> S3Result<S3Response<dto::PutObjectOutput>> {
         let _g = self.lock(&req.input.bucket, &req.input.key).await;
         self.inner.put_object(req).await
     }
 
-    async fn copy_object(
-        &self,
-        req: S3Request<dto::CopyObjectInput>,
-    ) -> S3Result<S3Response<dto::CopyObjectOutput>> {
+    async fn copy_object(&self, req: S3Request<dto::CopyObjectInput>) -> S3Result<S3Response<dto::CopyObjectOutput>> {
         let _g = self.lock(&req.input.bucket, &req.input.key).await;
         self.inner.copy_object(req).await
     }
@@ -219,8 +235,8 @@ impl S3 for LockedFs {
         // Existence check (NoSuchBucket) by the inner implementation, then our region.
         self.inner.get_bucket_location(req).await?;
         // us-east-1 is reported as an absent constraint, as AWS does.
-        let location_constraint = (self.region != "us-east-1")
-            .then(|| BucketLocationConstraint::from(self.region.clone()));
+        let location_constraint =
+            (self.region != "us-east-1").then(|| BucketLocationConstraint::from(self.region.clone()));
         Ok(S3Response::new(GetBucketLocationOutput { location_constraint }))
     }
 }
@@ -241,26 +257,19 @@ impl S3Server {
             .map_err(|source| S3ServerError::DataDir { path: config.root.clone(), source })?;
         for bucket in &config.buckets {
             let dir = config.root.join(bucket);
-            std::fs::create_dir_all(&dir)
-                .map_err(|source| S3ServerError::DataDir { path: dir.clone(), source })?;
+            std::fs::create_dir_all(&dir).map_err(|source| S3ServerError::DataDir { path: dir.clone(), source })?;
         }
         let fs = LockedFs::new(&config.root, &config.region)?;
         let service = {
             let mut b = s3s::service::S3ServiceBuilder::new(fs);
-            b.set_auth(s3s::auth::SimpleAuth::from_single(
-                config.access_key.clone(),
-                config.secret_key.clone(),
-            ));
+            b.set_auth(s3s::auth::SimpleAuth::from_single(config.access_key.clone(), config.secret_key.clone()));
             b.build()
         };
-        let listener = TcpListener::bind(config.addr).await.map_err(|source| S3ServerError::Bind {
-            addr: config.addr.to_string(),
-            source,
-        })?;
-        let addr = listener.local_addr().map_err(|source| S3ServerError::Bind {
-            addr: config.addr.to_string(),
-            source,
-        })?;
+        let listener = TcpListener::bind(config.addr)
+            .await
+            .map_err(|source| S3ServerError::Bind { addr: config.addr.to_string(), source })?;
+        let addr =
+            listener.local_addr().map_err(|source| S3ServerError::Bind { addr: config.addr.to_string(), source })?;
         let (stop, mut stopped) = watch::channel(false);
         let task = tokio::spawn(async move {
             let http = ConnBuilder::new(TokioExecutor::new());

@@ -110,20 +110,19 @@ pub const FUELS: &[(&str, u32)] =
 
 pub const GEARBOXES: &[&str] = &["manual", "automatic"];
 
-pub const COLORS: &[&str] = &[
-    "black", "white", "grey", "silver", "blue", "red", "green", "brown", "beige", "yellow", "orange",
-];
+pub const COLORS: &[&str] =
+    &["black", "white", "grey", "silver", "blue", "red", "green", "brown", "beige", "yellow", "orange"];
 
 pub const NAME_SYLLABLES: &[&str] = &[
-    "Ar", "Bel", "Cor", "Del", "Es", "Fi", "Gal", "Hor", "Ix", "Jun", "Kor", "Lum", "Mar", "Nov",
-    "Or", "Pra", "Quin", "Ros", "Sol", "Tor", "Ul", "Ver", "Wen", "Xa", "Yar", "Zen", "Cal", "Mon",
+    "Ar", "Bel", "Cor", "Del", "Es", "Fi", "Gal", "Hor", "Ix", "Jun", "Kor", "Lum", "Mar", "Nov", "Or", "Pra", "Quin",
+    "Ros", "Sol", "Tor", "Ul", "Ver", "Wen", "Xa", "Yar", "Zen", "Cal", "Mon",
 ];
 
 pub const NAME_ENDINGS: &[&str] = &["a", "o", "is", "on", "ar", "ia", "ex", "us", "ento", "ano"];
 
 pub const MODEL_VARIANTS: &[&str] = &[
-    "", "", "", " Sport", " Touring", " Cross", " e", " Hybrid", " GT", " Plus", " Van", " Coupé",
-    " Cabrio", " Allroad", " Kombi",
+    "", "", "", " Sport", " Touring", " Cross", " e", " Hybrid", " GT", " Plus", " Van", " Coupé", " Cabrio",
+    " Allroad", " Kombi",
 ];
 
 /// Engine labels used in titles, by fuel.
@@ -161,11 +160,26 @@ pub const TITLE_EXTRAS: &[&str] = &[
     " Ünfallfrei",
 ];
 
-pub const DEALER_WORDS: &[&str] = &[
-    "Auto", "Autohaus", "Garage", "Motors", "Cars", "Automobile", "Autocentrum", "Car Center",
-];
+pub const DEALER_WORDS: &[&str] =
+    &["Auto", "Autohaus", "Garage", "Motors", "Cars", "Automobile", "Autocentrum", "Car Center"];
 
 pub const SURNAMES: &[&str] = &[
-    "Müller", "Schmidt", "Novák", "Jensen", "García", "Dubois", "Nagy", "Rossi", "Schneider",
-    "De Vries", "Kowalski", "Popescu", "Andersson", "Meier", "Peeters", "Weber", "Dvořák", "Ørsted",
+    "Müller",
+    "Schmidt",
+    "Novák",
+    "Jensen",
+    "García",
+    "Dubois",
+    "Nagy",
+    "Rossi",
+    "Schneider",
+    "De Vries",
+    "Kowalski",
+    "Popescu",
+    "Andersson",
+    "Meier",
+    "Peeters",
+    "Weber",
+    "Dvořák",
+    "Ørsted",
 ];

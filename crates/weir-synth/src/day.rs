@@ -4,11 +4,11 @@ use chrono::NaiveDate;
 use tokio_postgres::Client;
 use weir_postgres::{CopyBinaryWriter, PgError, connect, copy};
 
+use crate::SynthError;
 use crate::catalog::{self, COUNTRIES, MAKES};
 use crate::model::{self, MICROS_PER_DAY, Make, Model, Taxonomy, Window};
 use crate::rng::Rng;
 use crate::schema;
-use crate::SynthError;
 
 #[derive(Debug, Clone)]
 pub struct DayOptions {
@@ -41,7 +41,10 @@ pub async fn apply_day(url: &str, opts: &DayOptions) -> Result<DayReport, SynthE
     }
     let client = connect(url).await?;
     let exists: bool = client
-        .query_one("SELECT to_regclass('public.listings') IS NOT NULL AND to_regclass('public.fx_rates') IS NOT NULL", &[])
+        .query_one(
+            "SELECT to_regclass('public.listings') IS NOT NULL AND to_regclass('public.fx_rates') IS NOT NULL",
+            &[],
+        )
         .await
         .map_err(PgError::query("looking for the marketplace"))?
         .get(0);
@@ -65,7 +68,8 @@ pub async fn apply_day(url: &str, opts: &DayOptions) -> Result<DayReport, SynthE
 async fn apply_in_tx(c: &Client, opts: &DayOptions) -> Result<DayReport, SynthError> {
     let q = |ctx: &'static str| PgError::query(ctx);
     let day = unix_days(opts.date);
-    let latest: Option<NaiveDate> = c.query_one("SELECT max(day) FROM fx_rates", &[]).await.map_err(q("reading fx_rates"))?.get(0);
+    let latest: Option<NaiveDate> =
+        c.query_one("SELECT max(day) FROM fx_rates", &[]).await.map_err(q("reading fx_rates"))?.get(0);
     if let Some(latest) = latest
         && opts.date <= latest
     {
@@ -88,7 +92,11 @@ async fn apply_in_tx(c: &Client, opts: &DayOptions) -> Result<DayReport, SynthEr
         .iter()
         .map(|r| r.get(0))
         .collect();
-    let max_id: i64 = c.query_one("SELECT coalesce(max(listing_id), 0) FROM listings", &[]).await.map_err(q("reading listings"))?.get(0);
+    let max_id: i64 = c
+        .query_one("SELECT coalesce(max(listing_id), 0) FROM listings", &[])
+        .await
+        .map_err(q("reading listings"))?
+        .get(0);
     let n = active.len();
     // A fixed shuffle of the active listings; the day's sets are disjoint slices of it.
     // The newest listing is never erased, so ids are never reused.
@@ -116,7 +124,10 @@ async fn apply_in_tx(c: &Client, opts: &DayOptions) -> Result<DayReport, SynthEr
     for id in &updated {
         ids.push(*id);
         deltas.push(rng.range(5, 2_500) as i32);
-        suffixes.push(rng.chance(0.3).then(|| rng.pick(&[" – Preis VB", " (reduziert)", " – prix négociable", ", nová STK"]).to_string()));
+        suffixes.push(
+            rng.chance(0.3)
+                .then(|| rng.pick(&[" – Preis VB", " (reduziert)", " – prix négociable", ", nová STK"]).to_string()),
+        );
         let zc = rng_country(&mut rng);
         zips.push(rng.chance(0.1).then(|| model::gen_zip(&mut rng, zc)));
         times.push(micros_to_ts(at(&mut rng)));
@@ -146,7 +157,9 @@ async fn apply_in_tx(c: &Client, opts: &DayOptions) -> Result<DayReport, SynthEr
         .map_err(q("soft-deleting listings"))?;
 
     // Hard deletes (GDPR erasure): the listing and its price history.
-    c.execute("DELETE FROM price_log WHERE listing_id = ANY($1)", &[&hard]).await.map_err(q("erasing price_log rows"))?;
+    c.execute("DELETE FROM price_log WHERE listing_id = ANY($1)", &[&hard])
+        .await
+        .map_err(q("erasing price_log rows"))?;
     c.execute("DELETE FROM listings WHERE listing_id = ANY($1)", &[&hard]).await.map_err(q("erasing listings"))?;
     report.hard_deleted = hard;
 
@@ -167,13 +180,25 @@ async fn apply_in_tx(c: &Client, opts: &DayOptions) -> Result<DayReport, SynthEr
         let cents = parse_scaled(price, 2);
         let factor = if rng.chance(0.8) { 1.0 - rng.unit() * 0.06 } else { 1.0 + rng.unit() * 0.04 };
         let currency = static_currency(currency);
-        let p = model::Price { listing_id: *id, changed_at: at(&mut rng), cents: ((cents as f64) * factor).round() as i64, currency };
+        let p = model::Price {
+            listing_id: *id,
+            changed_at: at(&mut rng),
+            cents: ((cents as f64) * factor).round() as i64,
+            currency,
+        };
         schema::encode_price(&mut pw, &p);
         report.price_rows += 1;
     }
 
     // New listings, each with its first price.
-    let window = Window { start: day_start, end: day_start + MICROS_PER_DAY, horizon: day_start + MICROS_PER_DAY, deleted_share: 0.0, prices: (1, 1), no_price_share: 0.0 };
+    let window = Window {
+        start: day_start,
+        end: day_start + MICROS_PER_DAY,
+        horizon: day_start + MICROS_PER_DAY,
+        deleted_share: 0.0,
+        prices: (1, 1),
+        no_price_share: 0.0,
+    };
     let day_seed = opts.seed ^ (u64::from(day as u32) << 20);
     let mut lw = CopyBinaryWriter::default();
     for id in max_id + 1..=max_id + n_new as i64 {
@@ -211,9 +236,12 @@ async fn apply_in_tx(c: &Client, opts: &DayOptions) -> Result<DayReport, SynthEr
         let t = micros_to_ts(at(&mut rng));
         if rng.chance(0.5) {
             let new_name = format!("{} II", m.name);
-            c.execute("UPDATE models SET name = $2, updated_at = $3 WHERE model_id = $1", &[&m.model_id, &new_name, &t])
-                .await
-                .map_err(q("renaming a model"))?;
+            c.execute(
+                "UPDATE models SET name = $2, updated_at = $3 WHERE model_id = $1",
+                &[&m.model_id, &new_name, &t],
+            )
+            .await
+            .map_err(q("renaming a model"))?;
             report.taxonomy_changes.push(format!("model {} renamed {:?} → {:?}", m.model_id, m.name, new_name));
         } else {
             let others: Vec<&str> = catalog::SEGMENTS.iter().map(|s| s.0).filter(|s| *s != m.segment).collect();
@@ -221,7 +249,9 @@ async fn apply_in_tx(c: &Client, opts: &DayOptions) -> Result<DayReport, SynthEr
             c.execute("UPDATE models SET segment = $2, updated_at = $3 WHERE model_id = $1", &[&m.model_id, &seg, &t])
                 .await
                 .map_err(q("moving a model"))?;
-            report.taxonomy_changes.push(format!("model {} {:?} moved from segment {} to {}", m.model_id, m.name, m.segment, seg));
+            report
+                .taxonomy_changes
+                .push(format!("model {} {:?} moved from segment {} to {}", m.model_id, m.name, m.segment, seg));
         }
     }
 
@@ -293,7 +323,14 @@ async fn load_taxonomy(c: &Client) -> Result<Taxonomy, SynthError> {
         .await
         .map_err(q("reading models"))?
         .iter()
-        .map(|r| Model { model_id: r.get(0), make_id: r.get(1), name: r.get(2), segment: r.get(3), body_type: r.get(4), updated_at: 0 })
+        .map(|r| Model {
+            model_id: r.get(0),
+            make_id: r.get(1),
+            name: r.get(2),
+            segment: r.get(3),
+            body_type: r.get(4),
+            updated_at: 0,
+        })
         .collect();
     let dealers: Vec<(i64, &'static str)> = c
         .query("SELECT dealer_id, country::text FROM dealers ORDER BY dealer_id", &[])

@@ -44,7 +44,11 @@ pub fn listing_count(scale: f64) -> Result<u64, SynthError> {
 
 const CHUNK_LISTINGS: i64 = 4096;
 
-pub async fn generate(url: &str, opts: &GenerateOptions, progress: Arc<dyn Progress>) -> Result<GenerateReport, SynthError> {
+pub async fn generate(
+    url: &str,
+    opts: &GenerateOptions,
+    progress: Arc<dyn Progress>,
+) -> Result<GenerateReport, SynthError> {
     let n_listings = listing_count(opts.scale)?;
     let seed = opts.seed;
     let client = connect(url).await?;
@@ -56,15 +60,16 @@ pub async fn generate(url: &str, opts: &GenerateOptions, progress: Arc<dyn Progr
     let models = model::gen_models(seed, &makes);
     let dealers: Vec<_> = (1..=model::dealer_count(n_listings) as i64).map(|id| model::gen_dealer(seed, id)).collect();
     let fx = model::gen_fx(seed, unix_day(HISTORY_START), unix_day(HISTORY_END) - 1);
-    let mut load_small = async |table: &str, n: usize, encode: &dyn Fn(&mut CopyBinaryWriter)| -> Result<(), SynthError> {
-        progress.start(table, n as u64);
-        let mut w = CopyBinaryWriter::with_capacity(n * 64);
-        encode(&mut w);
-        let rows = copy::copy_in(&client, &format!("COPY {table} FROM STDIN (FORMAT binary)"), [w.take()]).await?;
-        progress.finish(table, rows);
-        report.tables.push((table.to_string(), rows));
-        Ok(())
-    };
+    let mut load_small =
+        async |table: &str, n: usize, encode: &dyn Fn(&mut CopyBinaryWriter)| -> Result<(), SynthError> {
+            progress.start(table, n as u64);
+            let mut w = CopyBinaryWriter::with_capacity(n * 64);
+            encode(&mut w);
+            let rows = copy::copy_in(&client, &format!("COPY {table} FROM STDIN (FORMAT binary)"), [w.take()]).await?;
+            progress.finish(table, rows);
+            report.tables.push((table.to_string(), rows));
+            Ok(())
+        };
     load_small("makes", makes.len(), &|w| makes.iter().for_each(|m| schema::encode_make(w, m))).await?;
     load_small("models", models.len(), &|w| models.iter().for_each(|m| schema::encode_model(w, m))).await?;
     load_small("dealers", dealers.len(), &|w| dealers.iter().for_each(|d| schema::encode_dealer(w, d))).await?;
@@ -119,21 +124,31 @@ async fn prepare_schema(client: &Client, replace: bool) -> Result<(), SynthError
 
 /// Listings and price rows: encoded in parallel blocking tasks (in order, so the bytes are
 /// the same for the same seed), streamed to two COPYs on two connections.
-async fn load_listings(url: &str, seed: u64, n: u64, tax: Arc<Taxonomy>, progress: &dyn Progress) -> Result<(u64, u64), SynthError> {
+async fn load_listings(
+    url: &str,
+    seed: u64,
+    n: u64,
+    tax: Arc<Taxonomy>,
+    progress: &dyn Progress,
+) -> Result<(u64, u64), SynthError> {
     progress.start("listings", n);
     progress.start("price_log", n * 10);
     let (ltx, lrx) = mpsc::channel::<Bytes>(4);
     let (ptx, prx) = mpsc::channel::<Bytes>(4);
     let lurl = url.to_string();
     let purl = url.to_string();
-    let lcopy = tokio::spawn(async move { copy_from_channel(&lurl, "COPY listings FROM STDIN (FORMAT binary)", lrx).await });
-    let pcopy = tokio::spawn(async move { copy_from_channel(&purl, "COPY price_log FROM STDIN (FORMAT binary)", prx).await });
+    let lcopy =
+        tokio::spawn(async move { copy_from_channel(&lurl, "COPY listings FROM STDIN (FORMAT binary)", lrx).await });
+    let pcopy =
+        tokio::spawn(async move { copy_from_channel(&purl, "COPY price_log FROM STDIN (FORMAT binary)", prx).await });
 
     let chunk_count = (n as i64 + CHUNK_LISTINGS - 1) / CHUNK_LISTINGS;
     let mut encoded = futures::stream::iter(0..chunk_count)
         .map(|c| {
             let tax = tax.clone();
-            tokio::task::spawn_blocking(move || encode_chunk(seed, &tax, c * CHUNK_LISTINGS + 1, ((c + 1) * CHUNK_LISTINGS).min(n as i64)))
+            tokio::task::spawn_blocking(move || {
+                encode_chunk(seed, &tax, c * CHUNK_LISTINGS + 1, ((c + 1) * CHUNK_LISTINGS).min(n as i64))
+            })
         })
         .buffered(2);
     let mut sent_err = None;

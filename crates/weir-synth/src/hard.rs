@@ -21,10 +21,10 @@ pub fn ts(y: i32, mo: u32, d: u32, h: u32, mi: u32, s: u32, micro: u32) -> i64 {
 /// Rates pinned so that prices land exactly on half cents (see cases 5, 6 and 9).
 pub fn forced_rate(currency: &str, unix_day: i32) -> Option<i64> {
     [
-        ("CZK", day(2025, 5, 5), 4_500_000),   // 0.045
-        ("SEK", day(2025, 5, 6), 8_500_000),   // 0.085
-        ("PLN", day(2025, 3, 1), 23_000_000),  // 0.23
-        ("PLN", day(2025, 3, 2), 23_500_000),  // 0.235
+        ("CZK", day(2025, 5, 5), 4_500_000),  // 0.045
+        ("SEK", day(2025, 5, 6), 8_500_000),  // 0.085
+        ("PLN", day(2025, 3, 1), 23_000_000), // 0.23
+        ("PLN", day(2025, 3, 2), 23_500_000), // 0.235
     ]
     .iter()
     .find(|(c, d, _)| *c == currency && *d == unix_day)
@@ -57,9 +57,18 @@ pub fn hard_cases(tax: &Taxonomy) -> Vec<(Listing, Vec<Price>)> {
             deleted_at: None,
         }
     };
-    let p = |id: i64, at: i64, cents: i64, currency: &'static str| Price { listing_id: id, changed_at: at, cents, currency };
+    let p = |id: i64, at: i64, cents: i64, currency: &'static str| Price {
+        listing_id: id,
+        changed_at: at,
+        cents,
+        currency,
+    };
     let eur_path = |id: i64, cents: &[i64]| -> Vec<Price> {
-        cents.iter().enumerate().map(|(i, c)| p(id, ts(2025, 1, 10, 10, 0, 0, 0) + i as i64 * 7 * 86_400_000_000, *c, "EUR")).collect()
+        cents
+            .iter()
+            .enumerate()
+            .map(|(i, c)| p(id, ts(2025, 1, 10, 10, 0, 0, 0) + i as i64 * 7 * 86_400_000_000, *c, "EUR"))
+            .collect()
     };
     let mut out = Vec::new();
 
@@ -85,24 +94,33 @@ pub fn hard_cases(tax: &Taxonomy) -> Vec<(Listing, Vec<Price>)> {
 
     // 4. Currency switches: CHF → EUR → CHF.
     let l = base(4, "CH", "vw");
-    out.push((l, vec![
-        p(4, ts(2025, 1, 10, 10, 0, 0, 0), 2_500_000, "CHF"),
-        p(4, ts(2025, 1, 20, 10, 0, 0, 0), 2_450_000, "CHF"),
-        p(4, ts(2025, 2, 1, 10, 0, 0, 0), 2_490_000, "EUR"),
-        p(4, ts(2025, 2, 15, 10, 0, 0, 0), 2_390_000, "CHF"),
-    ]));
+    out.push((
+        l,
+        vec![
+            p(4, ts(2025, 1, 10, 10, 0, 0, 0), 2_500_000, "CHF"),
+            p(4, ts(2025, 1, 20, 10, 0, 0, 0), 2_450_000, "CHF"),
+            p(4, ts(2025, 2, 1, 10, 0, 0, 0), 2_490_000, "EUR"),
+            p(4, ts(2025, 2, 15, 10, 0, 0, 0), 2_390_000, "CHF"),
+        ],
+    ));
 
     // 5. Exact half cents in CZK at 0.045: 4001 → 180.045 → 180.05; 3999 → 179.955 → 179.96.
     let mut l = base(5, "CZ", "vw");
     l.created_at = ts(2025, 5, 5, 7, 0, 0, 0);
     l.updated_at = l.created_at;
-    out.push((l, vec![p(5, ts(2025, 5, 5, 8, 0, 0, 0), 400_100, "CZK"), p(5, ts(2025, 5, 5, 20, 0, 0, 0), 399_900, "CZK")]));
+    out.push((
+        l,
+        vec![p(5, ts(2025, 5, 5, 8, 0, 0, 0), 400_100, "CZK"), p(5, ts(2025, 5, 5, 20, 0, 0, 0), 399_900, "CZK")],
+    ));
 
     // 6. Exact half cents in SEK at 0.085: 1001 → 85.085 → 85.09; 999 → 84.915 → 84.92.
     let mut l = base(6, "SE", "vw");
     l.created_at = ts(2025, 5, 6, 7, 0, 0, 0);
     l.updated_at = l.created_at;
-    out.push((l, vec![p(6, ts(2025, 5, 6, 8, 0, 0, 0), 100_100, "SEK"), p(6, ts(2025, 5, 6, 9, 0, 0, 0), 99_900, "SEK")]));
+    out.push((
+        l,
+        vec![p(6, ts(2025, 5, 6, 8, 0, 0, 0), 100_100, "SEK"), p(6, ts(2025, 5, 6, 9, 0, 0, 0), 99_900, "SEK")],
+    ));
 
     // 7. numeric(12,2) at its maximum, in EUR.
     out.push((base(7, "DE", "vw"), eur_path(7, &[999_999_999_999, 950_000_000_000, 999_999_999_999])));
@@ -117,17 +135,26 @@ pub fn hard_cases(tax: &Taxonomy) -> Vec<(Listing, Vec<Price>)> {
     l.created_at = ts(2025, 3, 1, 23, 59, 59, 999_999);
     l.deleted_at = Some(ts(2025, 3, 2, 0, 0, 0, 0));
     l.updated_at = ts(2025, 3, 2, 0, 0, 0, 0);
-    out.push((l, vec![p(9, ts(2025, 3, 1, 23, 59, 59, 999_999), 5_000_100, "PLN"), p(9, ts(2025, 3, 2, 0, 0, 0, 1), 4_999_900, "PLN")]));
+    out.push((
+        l,
+        vec![
+            p(9, ts(2025, 3, 1, 23, 59, 59, 999_999), 5_000_100, "PLN"),
+            p(9, ts(2025, 3, 2, 0, 0, 0, 1), 4_999_900, "PLN"),
+        ],
+    ));
 
     // 10. A rate that does not exist (the day before fx history starts): that row's EUR value is
     //     NULL; min/max skip it, first takes it as it is (so price_drop_pct is NULL).
     let mut l = base(10, "DK", "vw");
     l.created_at = ts(2024, 6, 30, 22, 0, 0, 0);
-    out.push((l, vec![
-        p(10, ts(2024, 6, 30, 23, 30, 0, 0), 15_000_000, "DKK"),
-        p(10, ts(2024, 7, 2, 10, 0, 0, 0), 14_900_000, "DKK"),
-        p(10, ts(2024, 7, 15, 10, 0, 0, 0), 14_500_000, "DKK"),
-    ]));
+    out.push((
+        l,
+        vec![
+            p(10, ts(2024, 6, 30, 23, 30, 0, 0), 15_000_000, "DKK"),
+            p(10, ts(2024, 7, 2, 10, 0, 0, 0), 14_900_000, "DKK"),
+            p(10, ts(2024, 7, 15, 10, 0, 0, 0), 14_500_000, "DKK"),
+        ],
+    ));
 
     // 11. / 12. price_drop_pct on an exact half, both signs: ±12.345 → ±12.35.
     out.push((base(11, "NL", "vw"), eur_path(11, &[20_000, 17_531])));

@@ -156,7 +156,11 @@ pub async fn list_make_slugs(client: &Client) -> Result<Vec<String>, SynthError>
 
 /// Builds `ads_<slug>` as of `as_of`: CREATE IF NOT EXISTS, TRUNCATE, INSERT, in one
 /// transaction (readers see the old or the new mart, never half of one).
-pub async fn build_legacy_mart(client: &mut Client, slug: &str, as_of: DateTime<Utc>) -> Result<LegacyReport, SynthError> {
+pub async fn build_legacy_mart(
+    client: &mut Client,
+    slug: &str,
+    as_of: DateTime<Utc>,
+) -> Result<LegacyReport, SynthError> {
     let table = mart_table(slug)?;
     let known = list_make_slugs(client).await?;
     if !known.iter().any(|s| s == slug) {
@@ -172,10 +176,10 @@ pub async fn build_legacy_mart(client: &mut Client, slug: &str, as_of: DateTime<
         Err(e) => {
             let err = PgError::Query { context: format!("building {table}"), source: e };
             drop(tx);
-            if err.sqlstate() == Some("22003") {
-                if let Some(overflow) = find_drop_pct_overflow(client, slug, &table).await? {
-                    return Err(overflow);
-                }
+            if err.sqlstate() == Some("22003")
+                && let Some(overflow) = find_drop_pct_overflow(client, slug, &table).await?
+            {
+                return Err(overflow);
             }
             return Err(err.into());
         }

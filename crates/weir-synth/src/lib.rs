@@ -26,9 +26,7 @@ pub enum SynthError {
     Scale(f64),
     #[error("invalid taxonomy rate {0}: use a probability between 0 and 1")]
     TaxonomyRate(f64),
-    #[error(
-        "the database already holds a marketplace ({0}); pass --replace to drop and regenerate it"
-    )]
+    #[error("the database already holds a marketplace ({0}); pass --replace to drop and regenerate it")]
     AlreadyExists(String),
     #[error("the database holds no marketplace: table {0} is missing (run `weir generate` first)")]
     NoMarketplace(String),

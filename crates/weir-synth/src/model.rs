@@ -190,7 +190,9 @@ pub fn gen_zip(rng: &mut Rng, country: &str) -> String {
     let d = |rng: &mut Rng, n: u32| format!("{:0width$}", rng.below(10u64.pow(n)), width = n as usize);
     match country {
         "CZ" | "SE" => format!("{} {}", d(rng, 3), d(rng, 2)),
-        "NL" => format!("{} {}{}", d(rng, 4), (b'A' + rng.below(26) as u8) as char, (b'A' + rng.below(26) as u8) as char),
+        "NL" => {
+            format!("{} {}{}", d(rng, 4), (b'A' + rng.below(26) as u8) as char, (b'A' + rng.below(26) as u8) as char)
+        }
         "PL" => format!("{}-{}", d(rng, 2), d(rng, 3)),
         "LU" => format!("L-{}", d(rng, 4)),
         "RO" => d(rng, 6),
@@ -240,23 +242,44 @@ pub fn gen_listing(seed: u64, listing_id: i64, tax: &Taxonomy, w: &Window) -> (L
     let seg = SEGMENTS.iter().find(|s| s.0 == model.segment).copied().unwrap_or(SEGMENTS[2]);
 
     let electric_make = matches!(make.slug.as_str(), "tesla" | "polestar");
-    let fuel = if electric_make { "electric" } else { catalog::FUELS[rng.weighted(&catalog::FUELS.iter().map(|f| f.1).collect::<Vec<_>>())].0 };
+    let fuel = if electric_make {
+        "electric"
+    } else {
+        catalog::FUELS[rng.weighted(&catalog::FUELS.iter().map(|f| f.1).collect::<Vec<_>>())].0
+    };
     let gearbox = if fuel == "electric" || rng.chance(0.45) { "automatic" } else { "manual" };
     let created_at = rng.range(w.start, w.end - 1);
     let age_days = rng.range(0, 15 * 365);
     let first_registration = (!rng.chance(0.03)).then(|| unix_day(created_at) - age_days as i32);
-    let mileage_km = (!rng.chance(0.02)).then(|| (age_days as f64 / 365.0 * rng.range(5_000, 25_000) as f64) as i32 + rng.range(0, 500) as i32);
+    let mileage_km = (!rng.chance(0.02))
+        .then(|| (age_days as f64 / 365.0 * rng.range(5_000, 25_000) as f64) as i32 + rng.range(0, 500) as i32);
     let power_kw = (!rng.chance(0.03)).then(|| (seg.2 as f64 * (0.6 + rng.unit() * 0.9)) as i16);
-    let color = if rng.chance(0.08) { None } else if rng.chance(0.02) { Some(String::new()) } else { Some(rng.pick(catalog::COLORS).to_string()) };
-    let zip = if rng.chance(0.04) { None } else if rng.chance(0.01) { Some(String::new()) } else { Some(gen_zip(&mut rng, country)) };
+    let color = if rng.chance(0.08) {
+        None
+    } else if rng.chance(0.02) {
+        Some(String::new())
+    } else {
+        Some(rng.pick(catalog::COLORS).to_string())
+    };
+    let zip = if rng.chance(0.04) {
+        None
+    } else if rng.chance(0.01) {
+        Some(String::new())
+    } else {
+        Some(gen_zip(&mut rng, country))
+    };
     let mut title = format!("{} {} {}", make.name, model.name, catalog::engine_label(fuel, power_kw));
     if rng.chance(0.6) {
         title.push_str(catalog::TITLE_EXTRAS[rng.below(4) as usize]);
     }
     if rng.chance(0.12) {
-        title.push_str(*rng.pick(catalog::TITLE_EXTRAS));
+        let extra: &&str = rng.pick(catalog::TITLE_EXTRAS);
+        title.push_str(extra);
     }
-    let deleted_at = rng.chance(w.deleted_share).then(|| rng.range(created_at + 3_600_000_000, w.horizon - 1)).filter(|d| *d < w.horizon);
+    let deleted_at = rng
+        .chance(w.deleted_share)
+        .then(|| rng.range(created_at + 3_600_000_000, w.horizon - 1))
+        .filter(|d| *d < w.horizon);
     let updated_at = deleted_at.unwrap_or_else(|| rng.range(created_at, w.horizon - 1));
     let listing = Listing {
         listing_id,
@@ -288,8 +311,24 @@ pub fn gen_listing(seed: u64, listing_id: i64, tax: &Taxonomy, w: &Window) -> (L
 
 /// `n` price rows between `start` and `end`, drifting mostly downwards from `eur`; a few
 /// non-euro listings switch to EUR on the way. Every value stays within a factor of 10.
-pub fn gen_price_path(rng: &mut Rng, listing_id: i64, start: i64, end: i64, n: usize, eur: f64, currency: &'static str) -> Vec<Price> {
-    let mut times: Vec<i64> = (0..n).map(|i| if i == 0 { start + rng.range(0, 3_600_000_000).min(end - start - 1).max(0) } else { rng.range(start, end - 1) }).collect();
+pub fn gen_price_path(
+    rng: &mut Rng,
+    listing_id: i64,
+    start: i64,
+    end: i64,
+    n: usize,
+    eur: f64,
+    currency: &'static str,
+) -> Vec<Price> {
+    let mut times: Vec<i64> = (0..n)
+        .map(|i| {
+            if i == 0 {
+                start + rng.range(0, 3_600_000_000).min(end - start - 1).max(0)
+            } else {
+                rng.range(start, end - 1)
+            }
+        })
+        .collect();
     times.sort_unstable();
     for i in 1..times.len() {
         if times[i] <= times[i - 1] {

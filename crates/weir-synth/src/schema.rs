@@ -124,11 +124,7 @@ pub fn encode_listing(w: &mut CopyBinaryWriter, l: &Listing) {
 }
 
 pub fn encode_price(w: &mut CopyBinaryWriter, p: &Price) {
-    w.row(4)
-        .i64(p.listing_id)
-        .timestamptz_unix_micros(p.changed_at)
-        .numeric(i128::from(p.cents), 2)
-        .text(p.currency);
+    w.row(4).i64(p.listing_id).timestamptz_unix_micros(p.changed_at).numeric(i128::from(p.cents), 2).text(p.currency);
 }
 
 pub fn encode_fx(w: &mut CopyBinaryWriter, f: &Fx) {

@@ -16,12 +16,7 @@ pub fn find_pg_bindir(env_override: Option<&Path>) -> Option<PathBuf> {
         .into_iter()
         .chain([PathBuf::from("/usr/lib/postgresql/15/bin")])
         .chain(std::env::split_paths(&path));
-    for dir in candidates {
-        if dir.join("initdb").is_file() && dir.join("pg_ctl").is_file() {
-            return Some(dir);
-        }
-    }
-    None
+    candidates.into_iter().find(|dir| dir.join("initdb").is_file() && dir.join("pg_ctl").is_file())
 }
 
 #[derive(Debug, Clone)]
@@ -77,17 +72,22 @@ fn run(cmd: &mut Command) -> Result<Output, TestkitError> {
 }
 
 fn free_port() -> Result<u16, TestkitError> {
-    let l = TcpListener::bind("127.0.0.1:0").map_err(|source| TestkitError::Io { what: "finding a free port".into(), source })?;
+    let l = TcpListener::bind("127.0.0.1:0")
+        .map_err(|source| TestkitError::Io { what: "finding a free port".into(), source })?;
     l.local_addr().map(|a| a.port()).map_err(|source| TestkitError::Io { what: "finding a free port".into(), source })
 }
 
 fn install_postgres() -> Result<(), TestkitError> {
     if !is_root() {
-        return Err(TestkitError::NoPostgres { hint: ": install postgresql-15 (apt-get install postgresql-15)".into() });
+        return Err(TestkitError::NoPostgres {
+            hint: ": install postgresql-15 (apt-get install postgresql-15)".into(),
+        });
     }
     tracing::info!("installing postgresql-15 with apt-get");
     run(Command::new("apt-get").arg("update").arg("-qq"))?;
-    run(Command::new("apt-get").args(["install", "-y", "-qq", "postgresql-15"]).env("DEBIAN_FRONTEND", "noninteractive"))?;
+    run(Command::new("apt-get")
+        .args(["install", "-y", "-qq", "postgresql-15"])
+        .env("DEBIAN_FRONTEND", "noninteractive"))?;
     Ok(())
 }
 
@@ -102,12 +102,18 @@ impl PgCluster {
             Some(b) => b,
             None if opts.install_if_missing => {
                 install_postgres()?;
-                find_pg_bindir(env_bindir.as_deref()).ok_or(TestkitError::NoPostgres { hint: " even after apt-get install".into() })?
+                find_pg_bindir(env_bindir.as_deref())
+                    .ok_or(TestkitError::NoPostgres { hint: " even after apt-get install".into() })?
             }
-            None => return Err(TestkitError::NoPostgres { hint: String::new() }),
+            None => {
+                return Err(TestkitError::NoPostgres { hint: String::new() });
+            }
         };
         let run_as = if is_root() {
-            Some(postgres_ids().ok_or(TestkitError::NoPostgres { hint: ": running as root needs the `postgres` user".into() })?)
+            Some(
+                postgres_ids()
+                    .ok_or(TestkitError::NoPostgres { hint: ": running as root needs the `postgres` user".into() })?,
+            )
         } else {
             None
         };
@@ -120,8 +126,10 @@ impl PgCluster {
         .map_err(|source| TestkitError::Io { what: "creating the cluster's temp dir".into(), source })?;
         let data = dir.path().join("data");
         if let Some((uid, gid)) = run_as {
-            std::os::unix::fs::chown(dir.path(), Some(uid), Some(gid))
-                .map_err(|source| TestkitError::Io { what: format!("handing {} to postgres", dir.path().display()), source })?;
+            std::os::unix::fs::chown(dir.path(), Some(uid), Some(gid)).map_err(|source| TestkitError::Io {
+                what: format!("handing {} to postgres", dir.path().display()),
+                source,
+            })?;
         }
         let mut cluster = Self { bindir, data, dir: Some(dir), port: 0, run_as, running: false };
         cluster.initdb(&opts.extra_conf)?;
@@ -153,11 +161,14 @@ impl PgCluster {
     }
 
     fn initdb(&self, extra_conf: &[String]) -> Result<(), TestkitError> {
-        run(self
-            .command("initdb")
-            .arg("-D")
-            .arg(&self.data)
-            .args(["-U", "postgres", "--auth=trust", "--encoding=UTF8", "--locale=C.UTF-8", "--no-sync"]))?;
+        run(self.command("initdb").arg("-D").arg(&self.data).args([
+            "-U",
+            "postgres",
+            "--auth=trust",
+            "--encoding=UTF8",
+            "--locale=C.UTF-8",
+            "--no-sync",
+        ]))?;
         let mut conf = vec![
             "listen_addresses = '127.0.0.1'".to_string(),
             format!("unix_socket_directories = '{}'", self.data.display()),
@@ -181,7 +192,8 @@ impl PgCluster {
         let mut text = std::fs::read_to_string(&path).unwrap_or_default();
         text.push_str(&conf.join("\n"));
         text.push('\n');
-        std::fs::write(&path, text).map_err(|source| TestkitError::Io { what: format!("writing {}", path.display()), source })
+        std::fs::write(&path, text)
+            .map_err(|source| TestkitError::Io { what: format!("writing {}", path.display()), source })
     }
 
     fn pg_ctl_start(&self) -> Result<(), TestkitError> {
@@ -200,7 +212,13 @@ impl PgCluster {
             TestkitError::Command { command, message } => {
                 let tail = std::fs::read_to_string(&log).unwrap_or_default();
                 let tail: Vec<&str> = tail.lines().rev().take(5).collect();
-                TestkitError::Command { command, message: format!("{message}; server log: {}", tail.into_iter().rev().collect::<Vec<_>>().join(" | ")) }
+                TestkitError::Command {
+                    command,
+                    message: format!(
+                        "{message}; server log: {}",
+                        tail.into_iter().rev().collect::<Vec<_>>().join(" | ")
+                    ),
+                }
             }
             other => other,
         })
@@ -260,12 +278,7 @@ impl PgCluster {
 impl Drop for PgCluster {
     fn drop(&mut self) {
         if self.running {
-            let _ = self
-                .command("pg_ctl")
-                .arg("-D")
-                .arg(&self.data)
-                .args(["-m", "immediate", "-w", "stop"])
-                .output();
+            let _ = self.command("pg_ctl").arg("-D").arg(&self.data).args(["-m", "immediate", "-w", "stop"]).output();
         }
     }
 }

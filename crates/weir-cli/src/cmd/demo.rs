@@ -21,20 +21,29 @@ pub async fn run(a: DemoArgs) -> Result<()> {
     let cwd = std::env::current_dir()?;
     let local = LakeLocation::parse(&a.lake, &cwd)?;
     let started = Instant::now();
-    println!("weir demo: a throwaway PostgreSQL 15, the in-repo S3 server, a generated marketplace (SF {scale}), the legacy mart for {}\n", a.make);
+    println!(
+        "weir demo: a throwaway PostgreSQL 15, the in-repo S3 server, a generated marketplace (SF {scale}), the legacy mart for {}\n",
+        a.make
+    );
 
-    let pg = step("starting PostgreSQL 15 (initdb + pg_ctl, wal_level=logical)", async { Ok(tokio::task::spawn_blocking(PgCluster::start).await??) }, |pg: &PgCluster| {
-        format!("listening on 127.0.0.1:{} (data {})", pg.port(), pg.data_dir().display())
-    })
+    let pg = step(
+        "starting PostgreSQL 15 (initdb + pg_ctl, wal_level=logical)",
+        async { Ok(tokio::task::spawn_blocking(PgCluster::start).await??) },
+        |pg: &PgCluster| format!("listening on 127.0.0.1:{} (data {})", pg.port(), pg.data_dir().display()),
+    )
     .await?;
     let db_url = pg.create_database("marketplace")?;
 
     let s3_dir = tempfile::Builder::new().prefix("weir-s3-").tempdir().context("creating the S3 server's folder")?;
-    let s3 = step("starting the S3 server (s3s-fs with per-key locks)", async {
-        let mut cfg = S3ServerConfig::local(s3_dir.path());
-        cfg.buckets = vec![BUCKET.to_string()];
-        Ok(S3Server::start(cfg).await?)
-    }, |s: &S3Server| format!("{} region {}", s.endpoint(), s.config().region))
+    let s3 = step(
+        "starting the S3 server (s3s-fs with per-key locks)",
+        async {
+            let mut cfg = S3ServerConfig::local(s3_dir.path());
+            cfg.buckets = vec![BUCKET.to_string()];
+            Ok(S3Server::start(cfg).await?)
+        },
+        |s: &S3Server| format!("{} region {}", s.endpoint(), s.config().region),
+    )
     .await?;
 
     let s3_settings = S3Settings {
@@ -45,7 +54,9 @@ pub async fn run(a: DemoArgs) -> Result<()> {
         session_token: None,
         allow_http: Some(true),
     };
-    for (name, loc) in [("local lake", local.clone()), ("S3 lake", LakeLocation::S3 { bucket: BUCKET.into(), prefix: "lake".into() })] {
+    for (name, loc) in
+        [("local lake", local.clone()), ("S3 lake", LakeLocation::S3 { bucket: BUCKET.into(), prefix: "lake".into() })]
+    {
         println!("▸ checking the {name} {}", loc.url());
         let t = Instant::now();
         let lake = Lake::open(loc, &s3_settings, false)?;
@@ -84,8 +95,16 @@ pub async fn run(a: DemoArgs) -> Result<()> {
         )
         .await
         .with_context(|| format!("reading {}", mart.table))?;
-    let (n, active, sum, no_price, days): (i64, i64, String, i64, Option<String>) = (row.get(0), row.get(1), row.get(2), row.get(3), row.get(4));
-    println!("\n{}: {} listings, {} active, sum(price_last_eur) = {sum} EUR, {} without a EUR first price, avg days online {}", mart.table, thousands(n as u64), thousands(active as u64), thousands(no_price as u64), days.unwrap_or_default());
+    let (n, active, sum, no_price, days): (i64, i64, String, i64, Option<String>) =
+        (row.get(0), row.get(1), row.get(2), row.get(3), row.get(4));
+    println!(
+        "\n{}: {} listings, {} active, sum(price_last_eur) = {sum} EUR, {} without a EUR first price, avg days online {}",
+        mart.table,
+        thousands(n as u64),
+        thousands(active as u64),
+        thousands(no_price as u64),
+        days.unwrap_or_default()
+    );
     println!("done in {}", secs(started.elapsed()));
 
     if a.keep {
@@ -113,9 +132,16 @@ pub async fn run(a: DemoArgs) -> Result<()> {
         }
         println!("\nservices left running (--keep):");
         println!("  psql {db_url}");
-        println!("  S3: {endpoint} bucket {BUCKET} (access key {}, region eu-central-1)", weir_testkit::DEFAULT_ACCESS_KEY);
+        println!(
+            "  S3: {endpoint} bucket {BUCKET} (access key {}, region eu-central-1)",
+            weir_testkit::DEFAULT_ACCESS_KEY
+        );
         println!("stop them with:");
-        println!("  su postgres -c '{}/pg_ctl -D {} stop' (or without su when not root)", weir_testkit::find_pg_bindir(None).map(|p| p.display().to_string()).unwrap_or_default(), data.display());
+        println!(
+            "  su postgres -c '{}/pg_ctl -D {} stop' (or without su when not root)",
+            weir_testkit::find_pg_bindir(None).map(|p| p.display().to_string()).unwrap_or_default(),
+            data.display()
+        );
         println!("  kill {}", child.id());
     }
     Ok(())

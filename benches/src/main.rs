@@ -1,1 +1,93 @@
-fn main() {}
+//! Weir's benchmark harness: each hot path measured side by side with its peer, in one run,
+//! reported as a ratio. Not a test: run it by hand (see docs/BENCHMARKS.md).
+//!
+//!   cargo run --release -p weir-benches -- generate --scale 1
+
+use std::path::Path;
+use std::process::Command;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use anyhow::{Context, Result, bail};
+use clap::{Parser, Subcommand};
+use weir_synth::{GenerateOptions, NoProgress};
+use weir_testkit::PgCluster;
+
+#[derive(Debug, Parser)]
+#[command(name = "weir-bench", about = "Weir benchmarks, each against its peer in the same run")]
+struct Cli {
+    #[command(subcommand)]
+    bench: Bench,
+}
+
+#[derive(Debug, Subcommand)]
+enum Bench {
+    /// `weir generate` (COPY BINARY from Rust) vs psql `\copy price_log FROM file (FORMAT binary)`.
+    Generate {
+        #[arg(long, default_value_t = 1.0)]
+        scale: f64,
+        #[arg(long, default_value_t = 42)]
+        seed: u64,
+        /// Repetitions; the best of each side is reported.
+        #[arg(long, default_value_t = 3)]
+        runs: u32,
+    },
+}
+
+fn main() -> Result<()> {
+    let cli = Cli::parse();
+    let rt = tokio::runtime::Builder::new_multi_thread().enable_all().build()?;
+    match cli.bench {
+        Bench::Generate { scale, seed, runs } => rt.block_on(generate(scale, seed, runs)),
+    }
+}
+
+async fn generate(scale: f64, seed: u64, runs: u32) -> Result<()> {
+    let pg = tokio::task::spawn_blocking(PgCluster::start).await??;
+    let psql = pg.bindir().join("psql");
+    let dump = pg.data_dir().parent().context("cluster dir")?.join("price_log.bin");
+    let mut weir_best: Option<(Duration, u64, u64)> = None;
+    let mut psql_best: Option<Duration> = None;
+    for run in 0..runs {
+        let db = pg.create_database(&format!("weir_{run}"))?;
+        let t = Instant::now();
+        let report = weir_synth::generate(&db, &GenerateOptions { scale, seed, replace: false }, Arc::new(NoProgress)).await?;
+        let wall = t.elapsed();
+        let (prices, total) = (report.rows("price_log"), report.tables.iter().map(|(_, n)| n).sum());
+        println!("run {run}: weir generate  {:>9.3} s  {prices} price_log rows, {total} rows in all", wall.as_secs_f64());
+        if weir_best.is_none_or(|(b, _, _)| wall < b) {
+            weir_best = Some((wall, prices, total));
+        }
+        if run == 0 {
+            psql_cmd(&psql, &db, &format!("\\copy price_log TO '{}' (FORMAT binary)", dump.display()))?;
+        }
+        // The peer: the same price_log rows, already encoded, loaded by psql into an empty table.
+        let peer = pg.create_database(&format!("psql_{run}"))?;
+        psql_cmd(&psql, &peer, "CREATE TABLE price_log (listing_id bigint NOT NULL, changed_at timestamptz NOT NULL, price numeric(12,2) NOT NULL, currency char(3) NOT NULL)")?;
+        let t = Instant::now();
+        psql_cmd(&psql, &peer, &format!("\\copy price_log FROM '{}' (FORMAT binary)", dump.display()))?;
+        let wall = t.elapsed();
+        println!("run {run}: psql \\copy      {:>9.3} s  price_log only, from a prepared binary file, no keys", wall.as_secs_f64());
+        if psql_best.is_none_or(|b| wall < b) {
+            psql_best = Some(wall);
+        }
+    }
+    let (w, prices, total) = weir_best.context("no run")?;
+    let p = psql_best.context("no run")?;
+    let weir_rate = prices as f64 / w.as_secs_f64();
+    let psql_rate = prices as f64 / p.as_secs_f64();
+    println!();
+    println!("scale {scale}, best of {runs}:");
+    println!("  weir generate (all 6 tables, {total} rows, generated + encoded + loaded + keys): {:.3} s → {:.0} price_log rows/s", w.as_secs_f64(), weir_rate);
+    println!("  psql \\copy FROM binary file (price_log alone, no generation, no keys):   {:.3} s → {:.0} rows/s", p.as_secs_f64(), psql_rate);
+    println!("  ratio weir/psql (price_log rows/s): {:.2}", weir_rate / psql_rate);
+    Ok(())
+}
+
+fn psql_cmd(psql: &Path, url: &str, command: &str) -> Result<()> {
+    let out = Command::new(psql).args([url, "-v", "ON_ERROR_STOP=1", "-q", "-c", command]).output()?;
+    if !out.status.success() {
+        bail!("psql {command}: {}", String::from_utf8_lossy(&out.stderr).trim());
+    }
+    Ok(())
+}

@@ -33,7 +33,7 @@ fn help_lists_every_subcommand() {
     let out = weir(&["--help"]);
     assert!(out.status.success());
     let text = String::from_utf8_lossy(&out.stdout);
-    for sub in ["demo", "generate", "legacy", "doctor", "s3-server"] {
+    for sub in ["demo", "generate", "legacy", "doctor", "services", "s3-server"] {
         let line = text
             .lines()
             .find(|l| l.trim_start().starts_with(sub))

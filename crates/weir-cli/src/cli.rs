@@ -33,6 +33,8 @@ pub enum Command {
     Legacy(LegacyCmd),
     /// Check that a lake can hold Weir's tables: read/write, one-winner commits, Delta, Lance.
     Doctor(DoctorArgs),
+    /// Start the local services (PostgreSQL 15 and the S3 server) in the foreground and print their settings.
+    Services(ServicesArgs),
     /// Run the in-repo S3-compatible server (s3s-fs with per-key locking) for local use.
     S3Server(S3ServerArgs),
 }
@@ -154,4 +156,17 @@ pub struct S3ServerArgs {
     /// Buckets to create at start (repeatable).
     #[arg(long = "bucket")]
     pub buckets: Vec<String>,
+}
+
+#[derive(Debug, Args)]
+pub struct ServicesArgs {
+    /// Keep the cluster and the S3 data under this folder (default: a temp folder).
+    #[arg(long)]
+    pub dir: Option<PathBuf>,
+    /// Address of the S3 server.
+    #[arg(long, default_value = "127.0.0.1:9000")]
+    pub s3_addr: SocketAddr,
+    /// Bucket created at start.
+    #[arg(long, default_value = "weir")]
+    pub bucket: String,
 }

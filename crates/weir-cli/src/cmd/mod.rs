@@ -5,6 +5,7 @@ mod doctor;
 mod generate;
 mod legacy;
 mod s3;
+mod services;
 
 use std::time::{Duration, Instant};
 
@@ -20,6 +21,7 @@ pub async fn run(cli: Cli) -> Result<()> {
         Command::Generate(g) => generate::run(g, &cfg).await,
         Command::Legacy(LegacyCmd::Build(a)) => legacy::run(a, &cfg).await,
         Command::Doctor(a) => doctor::run(a, &cfg).await,
+        Command::Services(a) => services::run(a).await,
         Command::S3Server(a) => s3::run(a).await,
     }
 }

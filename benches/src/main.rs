@@ -51,10 +51,14 @@ async fn generate(scale: f64, seed: u64, runs: u32) -> Result<()> {
     for run in 0..runs {
         let db = pg.create_database(&format!("weir_{run}"))?;
         let t = Instant::now();
-        let report = weir_synth::generate(&db, &GenerateOptions { scale, seed, replace: false }, Arc::new(NoProgress)).await?;
+        let report =
+            weir_synth::generate(&db, &GenerateOptions { scale, seed, replace: false }, Arc::new(NoProgress)).await?;
         let wall = t.elapsed();
         let (prices, total) = (report.rows("price_log"), report.tables.iter().map(|(_, n)| n).sum());
-        println!("run {run}: weir generate  {:>9.3} s  {prices} price_log rows, {total} rows in all", wall.as_secs_f64());
+        println!(
+            "run {run}: weir generate  {:>9.3} s  {prices} price_log rows, {total} rows in all",
+            wall.as_secs_f64()
+        );
         if weir_best.is_none_or(|(b, _, _)| wall < b) {
             weir_best = Some((wall, prices, total));
         }
@@ -63,11 +67,18 @@ async fn generate(scale: f64, seed: u64, runs: u32) -> Result<()> {
         }
         // The peer: the same price_log rows, already encoded, loaded by psql into an empty table.
         let peer = pg.create_database(&format!("psql_{run}"))?;
-        psql_cmd(&psql, &peer, "CREATE TABLE price_log (listing_id bigint NOT NULL, changed_at timestamptz NOT NULL, price numeric(12,2) NOT NULL, currency char(3) NOT NULL)")?;
+        psql_cmd(
+            &psql,
+            &peer,
+            "CREATE TABLE price_log (listing_id bigint NOT NULL, changed_at timestamptz NOT NULL, price numeric(12,2) NOT NULL, currency char(3) NOT NULL)",
+        )?;
         let t = Instant::now();
         psql_cmd(&psql, &peer, &format!("\\copy price_log FROM '{}' (FORMAT binary)", dump.display()))?;
         let wall = t.elapsed();
-        println!("run {run}: psql \\copy      {:>9.3} s  price_log only, from a prepared binary file, no keys", wall.as_secs_f64());
+        println!(
+            "run {run}: psql \\copy      {:>9.3} s  price_log only, from a prepared binary file, no keys",
+            wall.as_secs_f64()
+        );
         if psql_best.is_none_or(|b| wall < b) {
             psql_best = Some(wall);
         }
@@ -78,8 +89,16 @@ async fn generate(scale: f64, seed: u64, runs: u32) -> Result<()> {
     let psql_rate = prices as f64 / p.as_secs_f64();
     println!();
     println!("scale {scale}, best of {runs}:");
-    println!("  weir generate (all 6 tables, {total} rows, generated + encoded + loaded + keys): {:.3} s → {:.0} price_log rows/s", w.as_secs_f64(), weir_rate);
-    println!("  psql \\copy FROM binary file (price_log alone, no generation, no keys):   {:.3} s → {:.0} rows/s", p.as_secs_f64(), psql_rate);
+    println!(
+        "  weir generate (all 6 tables, {total} rows, generated + encoded + loaded + keys): {:.3} s → {:.0} price_log rows/s",
+        w.as_secs_f64(),
+        weir_rate
+    );
+    println!(
+        "  psql \\copy FROM binary file (price_log alone, no generation, no keys):   {:.3} s → {:.0} rows/s",
+        p.as_secs_f64(),
+        psql_rate
+    );
     println!("  ratio weir/psql (price_log rows/s): {:.2}", weir_rate / psql_rate);
     Ok(())
 }

@@ -131,33 +131,52 @@ impl CopyBinaryWriter {
 }
 
 /// Base-10000 digits of `unscaled / 10^scale`, most significant first, without leading or
-/// trailing zero groups; returns (count, weight of the first digit).
+/// trailing zero groups; returns (count, weight of the first digit). Works on decimal digits
+/// on the stack, so any i128 at any scale up to 38 is exact (no intermediate overflow).
 fn numeric_digits(unscaled: i128, scale: u16, out: &mut [i16; 12]) -> (usize, i16) {
     let mut mag = unscaled.unsigned_abs();
     if mag == 0 {
         return (0, 0);
     }
-    let pad = (4 - scale % 4) % 4;
-    mag *= 10u128.pow(u32::from(pad));
-    let frac_groups = i32::from((scale + pad) / 4);
-    // Least significant first.
-    let mut rev = [0i16; 12];
-    let mut n = 0;
+    // Decimal digits, least significant first.
+    let mut dec = [0u8; 40];
+    let mut len = 0;
     while mag > 0 {
-        rev[n] = (mag % 10_000) as i16;
-        mag /= 10_000;
-        n += 1;
+        dec[len] = (mag % 10) as u8;
+        mag /= 10;
+        len += 1;
     }
-    let weight = n as i32 - 1 - frac_groups;
-    let mut low = 0;
-    while rev[low] == 0 {
-        low += 1;
+    let scale = usize::from(scale);
+    let int_len = len.saturating_sub(scale);
+    let lead = (4 - int_len % 4) % 4;
+    let trail = (4 - scale % 4) % 4;
+    // Digit k of the padded sequence [lead zeros][integer digits][scale fraction digits][trail zeros].
+    let total = lead + int_len + scale + trail;
+    let digit = |k: usize| -> u8 {
+        // Position from the right, in the unpadded `dec` numbering.
+        let from_right = total - 1 - k;
+        if from_right < trail {
+            return 0;
+        }
+        let idx = from_right - trail;
+        if idx < len { dec[idx] } else { 0 }
+    };
+    let groups = total / 4;
+    let mut weight = ((lead + int_len) / 4) as i32 - 1;
+    let mut first = 0;
+    let group = |g: usize| -> i16 { (0..4).fold(0i16, |acc, d| acc * 10 + i16::from(digit(4 * g + d))) };
+    while first < groups && group(first) == 0 {
+        first += 1;
+        weight -= 1;
     }
-    let count = n - low;
-    for i in 0..count {
-        out[i] = rev[n - 1 - i];
+    let mut last = groups;
+    while last > first && group(last - 1) == 0 {
+        last -= 1;
     }
-    (count, weight as i16)
+    for (i, g) in (first..last).enumerate() {
+        out[i] = group(g);
+    }
+    (last - first, weight as i16)
 }
 
 /// Runs `COPY … FROM STDIN (FORMAT binary)` and feeds it header, chunks and trailer.

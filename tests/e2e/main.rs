@@ -1,8 +1,10 @@
 //! End-to-end tests against a real PostgreSQL 15 cluster and the real in-repo S3 server.
 //! One test binary (link time is the scarce resource); modules by area.
 
+mod backfill;
 mod cli;
 mod common;
 mod generator;
+mod lakecheck;
 mod legacy;
 mod services;

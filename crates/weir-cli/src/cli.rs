@@ -28,6 +28,8 @@ pub enum Command {
     Demo(DemoArgs),
     /// Create and fill the source marketplace in PostgreSQL (or apply one day of change).
     Generate(GenerateCmd),
+    /// Land the source tables as Delta tables from one consistent snapshot: parallel, resumable.
+    Backfill(BackfillArgs),
     /// The legacy mart pipeline inside PostgreSQL, kept as the reference for parity.
     #[command(subcommand)]
     Legacy(LegacyCmd),
@@ -169,4 +171,43 @@ pub struct ServicesArgs {
     /// Bucket created at start.
     #[arg(long, default_value = "weir")]
     pub bucket: String,
+}
+
+#[derive(Debug, Args)]
+pub struct BackfillArgs {
+    #[command(flatten)]
+    pub pg: PgArg,
+    /// Lake URI: file://path or s3://bucket/prefix (or WEIR_LAKE, or lake in weir.toml).
+    #[arg(long, env = "WEIR_LAKE")]
+    pub lake: Option<String>,
+    /// Only these tables (comma-separated), from the sources file.
+    #[arg(long, value_delimiter = ',')]
+    pub tables: Option<Vec<String>>,
+    /// Parallel COPY workers.
+    #[arg(long, default_value_t = 2)]
+    pub jobs: usize,
+    /// Target rows per chunk.
+    #[arg(long, default_value_t = 1_000_000)]
+    pub chunk_rows: u64,
+    /// Rebuild tables that are already landed, as a new table version.
+    #[arg(long)]
+    pub force: bool,
+    /// Parquet file target size in MiB.
+    #[arg(long, default_value_t = 128)]
+    pub target_file_mb: usize,
+    /// The sources file (default: tables/sources.toml when present, else the built-in copy).
+    #[arg(long)]
+    pub sources: Option<PathBuf>,
+    /// Logical replication slot to create for CDC (default: weir_<hash of the lake URL>).
+    #[arg(long)]
+    pub slot: Option<String>,
+    /// Create no replication slot; record the WAL position read before the snapshot.
+    #[arg(long, conflicts_with = "slot")]
+    pub no_slot: bool,
+    /// Serve Prometheus metrics on this address (e.g. 127.0.0.1:9184) while running.
+    #[arg(long)]
+    pub metrics_addr: Option<String>,
+    /// Accept an S3 bucket outside the EU.
+    #[arg(long)]
+    pub allow_non_eu: bool,
 }

@@ -63,7 +63,7 @@ fn init_tracing(verbose: u8) {
     let default = match verbose {
         // deltalake logs "No files in log segment" at error level when a table does not
         // exist yet, which is the normal first step of creating one.
-        0 => "warn,deltalake_core=off",
+        0 => "warn,deltalake_core=off,delta_kernel=off,buoyant_kernel=off",
         1 => "info,weir=info",
         _ => "debug",
     };

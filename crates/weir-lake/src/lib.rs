@@ -1,8 +1,10 @@
 //! Weir's lake adapter: the object store behind a lake URI (a local folder or an EU S3
 //! bucket), the options Delta and Lance need to reach it, and `weir doctor`'s storage checks.
 
+pub mod delta;
 pub mod doctor;
 pub mod store;
 
+pub use delta::{DeltaError, commit_files, last_commit_info, open_table};
 pub use doctor::{Check, run_checks};
 pub use store::{Lake, LakeStoreError};

@@ -199,27 +199,32 @@ pub fn decode_numeric(v: &[u8], scale: i8) -> Result<i128, String> {
         _ => return Err("±Infinity has no decimal value".to_string()),
     }
     let overflow = || "numeric does not fit Decimal128".to_string();
-    let mut acc: i128 = 0;
+    // Each base-10000 digit d at position i is worth d × 10^(4·(weight − i) + scale) in the
+    // unscaled result; summing those (instead of Horner's rule over all digits) never builds
+    // an intermediate larger than the result.
+    let mut unscaled: i128 = 0;
     for i in 0..ndigits {
         let d = i16::from_be_bytes([v[8 + 2 * i], v[9 + 2 * i]]);
         if !(0..10_000).contains(&d) {
             return Err("numeric digit out of range".to_string());
         }
-        acc = acc.checked_mul(10_000).and_then(|a| a.checked_add(i128::from(d))).ok_or_else(overflow)?;
+        let d = i128::from(d);
+        let exp = 4 * (weight - i as i32) + i32::from(scale);
+        let part = if exp >= 0 {
+            if d == 0 {
+                0
+            } else {
+                10i128.checked_pow(exp as u32).and_then(|p| d.checked_mul(p)).ok_or_else(overflow)?
+            }
+        } else {
+            let p = 10i128.checked_pow((-exp) as u32).unwrap_or(i128::MAX);
+            if d % p != 0 {
+                return Err(format!("numeric has more than {scale} fractional digits"));
+            }
+            d / p
+        };
+        unscaled = unscaled.checked_add(part).ok_or_else(overflow)?;
     }
-    // value = acc × 10000^(weight − ndigits + 1); unscaled = value × 10^scale.
-    let exp = 4 * (weight - ndigits as i32 + 1) + i32::from(scale);
-    let unscaled = if ndigits == 0 {
-        0
-    } else if exp >= 0 {
-        10i128.checked_pow(exp as u32).and_then(|p| acc.checked_mul(p)).ok_or_else(overflow)?
-    } else {
-        let p = 10i128.checked_pow((-exp) as u32).ok_or_else(overflow)?;
-        if acc % p != 0 {
-            return Err(format!("numeric has more than {scale} fractional digits"));
-        }
-        acc / p
-    };
     Ok(if sign == 0x4000 { -unscaled } else { unscaled })
 }
 
@@ -396,6 +401,9 @@ mod tests {
             (4_500_000, 8),
             (10i128.pow(38) - 1, 0),
             (-(10i128.pow(37)), 5),
+            (10i128.pow(38) - 1, 10),
+            (-(10i128.pow(38) - 1), 10),
+            (1, 38),
         ] {
             let mut w = CopyBinaryWriter::default();
             w.numeric(unscaled, scale);

@@ -22,7 +22,7 @@ pub async fn run(a: DemoArgs) -> Result<()> {
     let local = LakeLocation::parse(&a.lake, &cwd)?;
     let started = Instant::now();
     println!(
-        "weir demo: a throwaway PostgreSQL 15, the in-repo S3 server, a generated marketplace (SF {scale}), the legacy mart for {}\n",
+        "weir demo: a throwaway PostgreSQL 15, the in-repo S3 server, a generated marketplace (SF {scale}), a Delta backfill, the legacy mart for {}\n",
         a.make
     );
 
@@ -70,6 +70,19 @@ pub async fn run(a: DemoArgs) -> Result<()> {
     println!("▸ generating the marketplace (SF {scale}, seed {}) with COPY BINARY", a.seed);
     let report = super::generate::generate(&db_url, scale, a.seed, false).await?;
     super::generate::print_report(&report, t.elapsed());
+
+    println!("▸ backfilling into the local lake {} (one snapshot, 2 workers, Delta)", local.url());
+    let lake = Lake::open(local.clone(), &s3_settings, false)?;
+    let sources = super::backfill::load_sources(None)?;
+    let opts = weir_ingest::BackfillOptions {
+        force: true,
+        slot: weir_ingest::SlotMode::Slot(weir_ingest::default_slot_name(lake.url().as_str())),
+        ..weir_ingest::BackfillOptions::default()
+    };
+    let t = Instant::now();
+    let reports = super::backfill::run_backfill(&db_url, &lake, &sources.tables, &opts, None).await?;
+    super::backfill::print_reports(&reports);
+    println!("  ✔ {} tables landed ({})", reports.len(), secs(t.elapsed()));
 
     let as_of = DateTime::from_timestamp_micros(weir_synth::HISTORY_END).expect("constant");
     let mart = step(

@@ -1,5 +1,6 @@
 //! Subcommand implementations: thin wiring of the library crates.
 
+pub mod backfill;
 mod demo;
 mod doctor;
 mod generate;
@@ -19,6 +20,7 @@ pub async fn run(cli: Cli) -> Result<()> {
     match cli.command {
         Command::Demo(a) => demo::run(a).await,
         Command::Generate(g) => generate::run(g, &cfg).await,
+        Command::Backfill(a) => backfill::run(a, &cfg).await,
         Command::Legacy(LegacyCmd::Build(a)) => legacy::run(a, &cfg).await,
         Command::Doctor(a) => doctor::run(a, &cfg).await,
         Command::Services(a) => services::run(a).await,

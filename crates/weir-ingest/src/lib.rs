@@ -1,0 +1,56 @@
+//! Weir's ingest engine: `weir backfill` lands PostgreSQL tables as Delta tables from one
+//! exported snapshot, with N parallel COPY BINARY workers decoding straight into Arrow,
+//! resumably (finished chunks are recorded in the lake) and with one Delta commit per table
+//! that records the snapshot's LSN for CDC.
+
+pub mod backfill;
+pub mod metrics;
+pub mod partition;
+pub mod plan;
+pub mod sources;
+pub mod state;
+
+pub use backfill::{BackfillOptions, Outcome, SlotMode, TableReport, backfill, default_slot_name};
+pub use metrics::{Metrics, TableCounters};
+pub use sources::{SourceTable, Sources};
+
+use weir_lake::{DeltaError, LakeStoreError};
+use weir_postgres::{DecodeError, PgError, TypeError};
+
+#[derive(Debug, thiserror::Error)]
+pub enum IngestError {
+    #[error(transparent)]
+    Pg(#[from] PgError),
+    #[error(transparent)]
+    Type(#[from] TypeError),
+    #[error(transparent)]
+    Decode(#[from] DecodeError),
+    #[error(transparent)]
+    Delta(#[from] DeltaError),
+    #[error(transparent)]
+    Lake(#[from] LakeStoreError),
+    #[error("malformed sources file {path}: {message}")]
+    Sources { path: String, message: String },
+    #[error("unknown table {table:?} (tables/sources.toml lists: {known})")]
+    UnknownTable { table: String, known: String },
+    #[error("table {table} does not exist in the source database")]
+    MissingTable { table: String },
+    #[error("{message}")]
+    Config { message: String },
+    #[error("backfill state: {message}")]
+    State { message: String },
+    #[error(
+        "table {table} is being backfilled into {lake} by another weir process right now; try again when it has finished"
+    )]
+    Busy { table: String, lake: String },
+    #[error(
+        "the source has wal_level={level}; CDC needs wal_level=logical (or pass --no-slot to backfill without a replication slot)"
+    )]
+    WalLevel { level: String },
+    #[error("table {table}, chunk {chunk}: writing Parquet: {message}")]
+    Write { table: String, chunk: u32, message: String },
+    #[error("table {table}: chunks {missing:?} have no manifest after the run; nothing was committed")]
+    Incomplete { table: String, missing: Vec<u32> },
+    #[error("background task failed: {0}")]
+    Task(String),
+}

@@ -32,6 +32,15 @@ enum Bench {
         #[arg(long, default_value_t = 3)]
         runs: u32,
     },
+    /// `weir backfill` of price_log (--jobs 2) vs psql `\copy price_log TO STDOUT (FORMAT binary)` into /dev/null.
+    Backfill {
+        #[arg(long, default_value_t = 10.0)]
+        scale: f64,
+        #[arg(long, default_value_t = 2)]
+        jobs: usize,
+        #[arg(long, default_value_t = 2)]
+        runs: u32,
+    },
 }
 
 fn main() -> Result<()> {
@@ -39,6 +48,7 @@ fn main() -> Result<()> {
     let rt = tokio::runtime::Builder::new_multi_thread().enable_all().build()?;
     match cli.bench {
         Bench::Generate { scale, seed, runs } => rt.block_on(generate(scale, seed, runs)),
+        Bench::Backfill { scale, jobs, runs } => rt.block_on(backfill(scale, jobs, runs)),
     }
 }
 
@@ -109,4 +119,82 @@ fn psql_cmd(psql: &Path, url: &str, command: &str) -> Result<()> {
         bail!("psql {command}: {}", String::from_utf8_lossy(&out.stderr).trim());
     }
     Ok(())
+}
+
+async fn backfill(scale: f64, jobs: usize, runs: u32) -> Result<()> {
+    let pg = tokio::task::spawn_blocking(PgCluster::start).await??;
+    let psql = pg.bindir().join("psql");
+    let db = pg.create_database("bench")?;
+    let t = Instant::now();
+    let report =
+        weir_synth::generate(&db, &GenerateOptions { scale, seed: 42, replace: false }, Arc::new(NoProgress)).await?;
+    let rows = report.rows("price_log");
+    println!("generated SF {scale} in {:.1} s: {rows} price_log rows", t.elapsed().as_secs_f64());
+    let sources = weir_ingest::Sources::parse(include_str!("../../tables/sources.toml"), "tables/sources.toml")?;
+    let tables = sources.select(Some(&["price_log".to_string()]))?;
+    let lake_dir = tempfile_dir(pg.data_dir())?;
+    let (mut weir_best, mut psql_best) = (f64::MAX, f64::MAX);
+    let hwm_before = vm_hwm_kb();
+    for run in 0..runs {
+        let lake = weir_lake::Lake::open(
+            weir_core::LakeLocation::Local { root: lake_dir.join(format!("lake{run}")) },
+            &weir_core::S3Settings::default(),
+            false,
+        )?;
+        let opts = weir_ingest::BackfillOptions { jobs, slot: weir_ingest::SlotMode::NoSlot, ..Default::default() };
+        let t = Instant::now();
+        let r = weir_ingest::backfill(&db, &lake, &tables, &opts, Arc::new(weir_ingest::Metrics::default())).await?;
+        let w = t.elapsed().as_secs_f64();
+        println!(
+            "run {run}: weir backfill --jobs {jobs}   {w:>8.3} s  {} rows, {} files, {:.1} MB Parquet",
+            r[0].rows,
+            r[0].files,
+            r[0].bytes as f64 / 1e6
+        );
+        weir_best = weir_best.min(w);
+        let t = Instant::now();
+        let out = Command::new(&psql)
+            .args([db.as_str(), "-v", "ON_ERROR_STOP=1", "-q", "-c", "\\copy price_log to stdout (format binary)"])
+            .stdout(std::process::Stdio::null())
+            .status()?;
+        if !out.success() {
+            bail!("psql copy failed");
+        }
+        let p = t.elapsed().as_secs_f64();
+        println!("run {run}: psql \\copy to /dev/null   {p:>8.3} s");
+        psql_best = psql_best.min(p);
+    }
+    println!();
+    println!("price_log at SF {scale} ({rows} rows), best of {runs}:");
+    println!(
+        "  weir backfill --jobs {jobs} (COPY BINARY → Arrow → Parquet zstd → one Delta commit): {weir_best:.3} s, {:.0} rows/s",
+        rows as f64 / weir_best
+    );
+    println!(
+        "  psql \\copy price_log to stdout (format binary) > /dev/null (single stream):        {psql_best:.3} s, {:.0} rows/s",
+        rows as f64 / psql_best
+    );
+    println!("  ratio weir/psql wall time: {:.2} (target ≤ 1)", weir_best / psql_best);
+    println!(
+        "  peak RSS of the bench process: {} MB (before the backfill runs: {} MB)",
+        vm_hwm_kb() / 1024,
+        hwm_before / 1024
+    );
+    Ok(())
+}
+
+fn tempfile_dir(near: &Path) -> Result<std::path::PathBuf> {
+    let dir = near.parent().context("cluster dir")?.join("lakes");
+    std::fs::create_dir_all(&dir)?;
+    Ok(dir)
+}
+
+/// Peak resident set size of this process (VmHWM), in KiB.
+fn vm_hwm_kb() -> u64 {
+    std::fs::read_to_string("/proc/self/status")
+        .ok()
+        .and_then(|s| {
+            s.lines().find(|l| l.starts_with("VmHWM:")).and_then(|l| l.split_whitespace().nth(1)?.parse().ok())
+        })
+        .unwrap_or(0)
 }

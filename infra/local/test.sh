@@ -6,4 +6,6 @@ set -euo pipefail
 cd "$(dirname "$0")/../.."
 bash infra/local/prereqs.sh
 export CARGO_TARGET_DIR="${CARGO_TARGET_DIR:-$HOME/.cache/weir/target}"
+WEIR_PYTHON="$(bash infra/local/pytools.sh)"
+export WEIR_PYTHON
 exec cargo test --workspace -- "$@"

@@ -6,11 +6,18 @@ use std::process::{Command, Output};
 use crate::common;
 
 fn weir(args: &[&str]) -> Output {
+    weir_env(args, &[])
+}
+
+fn weir_env(args: &[&str], env: &[(&str, &str)]) -> Output {
     Command::new(common::weir_bin())
         .args(args)
+        .env_remove("AWS_REGION")
+        .env_remove("AWS_DEFAULT_REGION")
         .env_remove("WEIR_PG_URL")
         .env_remove("WEIR_LAKE")
         .env_remove("WEIR_CONFIG")
+        .envs(env.iter().copied())
         .current_dir(std::env::temp_dir())
         .output()
         .expect("run weir")
@@ -18,7 +25,11 @@ fn weir(args: &[&str]) -> Output {
 
 /// Non-zero exit, exactly one line on stderr, containing every `needle`.
 fn fails_with(args: &[&str], needles: &[&str]) {
-    let out = weir(args);
+    fails_with_env(args, &[], needles)
+}
+
+fn fails_with_env(args: &[&str], env: &[(&str, &str)], needles: &[&str]) {
+    let out = weir_env(args, env);
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert!(!out.status.success(), "weir {args:?} should fail; stdout: {}", String::from_utf8_lossy(&out.stdout));
     assert_eq!(stderr.trim_end().lines().count(), 1, "weir {args:?}: one line expected, got:\n{stderr}");
@@ -33,7 +44,7 @@ fn help_lists_every_subcommand() {
     let out = weir(&["--help"]);
     assert!(out.status.success());
     let text = String::from_utf8_lossy(&out.stdout);
-    for sub in ["demo", "generate", "legacy", "doctor", "services", "s3-server"] {
+    for sub in ["demo", "generate", "backfill", "legacy", "doctor", "services", "s3-server"] {
         let line = text
             .lines()
             .find(|l| l.trim_start().starts_with(sub))
@@ -80,6 +91,24 @@ async fn bad_input_is_one_line_and_non_zero() {
     std::fs::write(&bad, "pg_url = [").unwrap();
     fails_with(&["--config", bad.to_str().unwrap(), "doctor"], &["malformed config", "weir.toml"]);
     fails_with(&["no-such-command"], &["no-such-command"]);
+    // backfill
+    let lake = format!("file://{}", dir.path().join("lake").display());
+    fails_with(
+        &["backfill", "--pg", &url, "--lake", &lake, "--tables", "listings,nope"],
+        &["unknown table \"nope\"", "price_log"],
+    );
+    fails_with_env(
+        &["backfill", "--pg", &url, "--lake", "s3://weir-lake/x"],
+        &[("AWS_REGION", "us-east-1")],
+        &["\"weir-lake\"", "us-east-1", "outside the EU", "--allow-non-eu"],
+    );
+    fails_with(&["backfill", "--pg", &url, "--lake", "ftp://x/y"], &["unsupported scheme \"ftp\""]);
+    fails_with(
+        &["backfill", "--pg", &url, "--lake", &lake, "--sources", bad.to_str().unwrap()],
+        &["malformed sources file", "weir.toml"],
+    );
+    fails_with(&["backfill", "--pg", &unreachable, "--lake", &lake], &["cannot connect to PostgreSQL"]);
+    assert!(!dir.path().join("lake").join("bronze").exists(), "nothing may be written on bad input");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

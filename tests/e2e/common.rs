@@ -21,36 +21,25 @@ pub async fn client(url: &str) -> tokio_postgres::Client {
     weir_postgres::connect(url).await.expect("connect")
 }
 
-/// The `weir` binary ($WEIR_BIN, or target/<profile>/weir next to this test binary), built
-/// once per test run with `cargo build --bin weir` so that it is never stale.
+/// The `weir` binary cargo built for this test run.
 pub fn weir_bin() -> PathBuf {
-    static BIN: std::sync::OnceLock<PathBuf> = std::sync::OnceLock::new();
-    BIN.get_or_init(|| {
-        if let Some(p) = std::env::var_os("WEIR_BIN") {
-            return PathBuf::from(p);
-        }
-        let exe = std::env::current_exe().expect("current exe");
-        let profile_dir = exe.parent().and_then(|d| d.parent()).expect("target/<profile>/deps").to_path_buf();
-        let cargo = std::env::var_os("CARGO").unwrap_or_else(|| "cargo".into());
-        let mut build = std::process::Command::new(cargo);
-        build.args(["build", "--quiet", "-p", "weir-cli", "--bin", "weir"]).current_dir(env!("CARGO_MANIFEST_DIR"));
-        if profile_dir.file_name().is_some_and(|n| n == "release") {
-            build.arg("--release");
-        }
-        if std::env::var_os("CARGO_TARGET_DIR").is_none()
-            && let Some(target) = profile_dir.parent()
-        {
-            build.env("CARGO_TARGET_DIR", target);
-        }
-        let status = build.status().expect("run cargo build --bin weir");
-        assert!(status.success(), "cargo build --bin weir failed");
-        let bin = profile_dir.join("weir");
-        assert!(bin.is_file(), "{} is missing after cargo build", bin.display());
-        bin
-    })
-    .clone()
+    PathBuf::from(env!("CARGO_BIN_EXE_weir"))
 }
 
 pub async fn scalar_i64(c: &tokio_postgres::Client, sql: &str) -> i64 {
     c.query_one(sql, &[]).await.unwrap_or_else(|e| panic!("{sql}: {e}")).get(0)
+}
+
+/// (column name, format_type) of a table, in column order.
+pub async fn column_types(c: &tokio_postgres::Client, table: &str) -> Vec<(String, String)> {
+    c.query(
+        "SELECT attname::text, format_type(atttypid, atttypmod) FROM pg_attribute
+         WHERE attrelid = $1::text::regclass AND attnum > 0 AND NOT attisdropped ORDER BY attnum",
+        &[&table],
+    )
+    .await
+    .unwrap()
+    .iter()
+    .map(|r| (r.get(0), r.get(1)))
+    .collect()
 }

@@ -47,17 +47,7 @@ async fn legacy_mart_matches_the_spec() {
     for slug in ["vw", "mercedes_benz"] {
         let r = weir_synth::build_legacy_mart(&mut c, slug, as_of).await.unwrap();
         assert_eq!(r.table, format!("ads_{slug}"));
-        let cols: Vec<(String, String)> = c
-            .query(
-                "SELECT attname::text, format_type(atttypid, atttypmod) FROM pg_attribute
-                 WHERE attrelid = $1::text::regclass AND attnum > 0 AND NOT attisdropped ORDER BY attnum",
-                &[&r.table],
-            )
-            .await
-            .unwrap()
-            .iter()
-            .map(|row| (row.get(0), row.get(1)))
-            .collect();
+        let cols: Vec<(String, String)> = common::column_types(&c, &r.table).await;
         let want: Vec<(String, String)> = SPEC.iter().map(|(a, b)| (a.to_string(), b.to_string())).collect();
         assert_eq!(cols, want, "{} columns", r.table);
         let listings = scalar_i64(

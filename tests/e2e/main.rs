@@ -5,6 +5,7 @@ mod backfill;
 mod cli;
 mod common;
 mod generator;
+mod interop;
 mod lakecheck;
 mod legacy;
 mod services;

@@ -26,7 +26,7 @@ pub enum IngestError {
     #[error(transparent)]
     Decode(#[from] DecodeError),
     #[error(transparent)]
-    Delta(#[from] DeltaError),
+    Delta(Box<DeltaError>),
     #[error(transparent)]
     Lake(#[from] LakeStoreError),
     #[error("malformed sources file {path}: {message}")]
@@ -53,4 +53,10 @@ pub enum IngestError {
     Incomplete { table: String, missing: Vec<u32> },
     #[error("background task failed: {0}")]
     Task(String),
+}
+
+impl From<DeltaError> for IngestError {
+    fn from(e: DeltaError) -> Self {
+        Self::Delta(Box::new(e))
+    }
 }

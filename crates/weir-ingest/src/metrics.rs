@@ -22,6 +22,8 @@ pub struct TableCounters {
     pub expected_rows: AtomicU64,
 }
 
+type Getter = fn(&TableCounters) -> &AtomicU64;
+
 /// All tables' counters.
 #[derive(Debug, Default)]
 pub struct Metrics {
@@ -37,7 +39,7 @@ impl Metrics {
     pub fn render(&self) -> String {
         let tables = self.tables.lock().unwrap_or_else(|p| p.into_inner());
         let mut out = String::new();
-        let series: [(&str, &str, fn(&TableCounters) -> &AtomicU64); 7] = [
+        let series: [(&str, &str, Getter); 7] = [
             ("weir_backfill_rows_total", "Rows landed", |c| &c.rows),
             ("weir_backfill_source_bytes_total", "COPY bytes read from PostgreSQL", |c| &c.source_bytes),
             ("weir_backfill_written_bytes_total", "Parquet bytes written", |c| &c.written_bytes),

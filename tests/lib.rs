@@ -1,1 +1,0 @@
-//! Helpers shared by Weir's end-to-end tests (the `e2e` test binary).

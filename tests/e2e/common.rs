@@ -30,16 +30,22 @@ pub async fn scalar_i64(c: &tokio_postgres::Client, sql: &str) -> i64 {
     c.query_one(sql, &[]).await.unwrap_or_else(|e| panic!("{sql}: {e}")).get(0)
 }
 
-/// (column name, format_type) of a table, in column order.
-pub async fn column_types(c: &tokio_postgres::Client, table: &str) -> Vec<(String, String)> {
+/// (name, pg_type.typname, format_type) of a table's columns, in column order.
+pub async fn column_info(c: &tokio_postgres::Client, table: &str) -> Vec<(String, String, String)> {
     c.query(
-        "SELECT attname::text, format_type(atttypid, atttypmod) FROM pg_attribute
-         WHERE attrelid = $1::text::regclass AND attnum > 0 AND NOT attisdropped ORDER BY attnum",
+        "SELECT a.attname::text, t.typname::text, format_type(a.atttypid, a.atttypmod)
+         FROM pg_attribute a JOIN pg_type t ON t.oid = a.atttypid
+         WHERE a.attrelid = $1::text::regclass AND a.attnum > 0 AND NOT a.attisdropped ORDER BY a.attnum",
         &[&table],
     )
     .await
     .unwrap()
     .iter()
-    .map(|r| (r.get(0), r.get(1)))
+    .map(|r| (r.get(0), r.get(1), r.get(2)))
     .collect()
+}
+
+/// (column name, format_type) of a table, in column order.
+pub async fn column_types(c: &tokio_postgres::Client, table: &str) -> Vec<(String, String)> {
+    column_info(c, table).await.into_iter().map(|(n, _, f)| (n, f)).collect()
 }

@@ -16,16 +16,7 @@ pub const NULL: &str = "∅";
 
 /// The table's columns (name, typname) in order.
 pub async fn pg_columns(c: &tokio_postgres::Client, table: &str) -> Vec<(String, String)> {
-    c.query(
-        "SELECT a.attname::text, t.typname::text FROM pg_attribute a JOIN pg_type t ON t.oid = a.atttypid
-         WHERE a.attrelid = $1::text::regclass AND a.attnum > 0 AND NOT a.attisdropped ORDER BY a.attnum",
-        &[&table],
-    )
-    .await
-    .unwrap()
-    .iter()
-    .map(|r| (r.get(0), r.get(1)))
-    .collect()
+    crate::common::column_info(c, table).await.into_iter().map(|(n, t, _)| (n, t)).collect()
 }
 
 /// Canonical rows of `SELECT … FROM table [where]`, sorted.

@@ -246,6 +246,29 @@ async fn types_land_exactly() {
         assert!(types.iter().any(|t| t == want), "{want} not in {types:?}");
     }
 
+    // The landed batches cross the Arrow Flight wire format unchanged (what `weir serve` will
+    // send): same schema, same values, for every type.
+    {
+        use futures::TryStreamExt;
+        let ctx = datafusion::prelude::SessionContext::new();
+        table.update_datafusion_session(&ctx.state()).unwrap();
+        ctx.register_table("probe", table.table_provider().await.unwrap()).unwrap();
+        let batches = ctx.sql("SELECT * FROM probe ORDER BY id").await.unwrap().collect().await.unwrap();
+        let input = futures::stream::iter(batches.clone().into_iter().map(Ok));
+        let encoded = arrow_flight::encode::FlightDataEncoderBuilder::new().build(input);
+        let decoded: Vec<_> =
+            arrow_flight::decode::FlightRecordBatchStream::new_from_flight_data(encoded.map_err(Into::into))
+                .try_collect()
+                .await
+                .unwrap();
+        assert_eq!(decoded.len(), batches.len());
+        for (a, b) in batches.iter().zip(&decoded) {
+            assert_eq!(a.schema().fields(), b.schema().fields());
+            assert_eq!(a, b);
+        }
+        assert_eq!(decoded.iter().map(|b| b.num_rows()).sum::<usize>(), 4);
+    }
+
     // Unsupported types: refused before anything is written.
     for (ddl, needle) in [
         ("CREATE TABLE bad1 (id int PRIMARY KEY, tags text[])", "bad1.tags"),

@@ -4,6 +4,7 @@
 mod backfill;
 mod cli;
 mod common;
+mod derive;
 mod generator;
 mod interop;
 mod lakecheck;

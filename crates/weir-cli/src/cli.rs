@@ -30,6 +30,10 @@ pub enum Command {
     Generate(GenerateCmd),
     /// Land the source tables as Delta tables from one consistent snapshot: parallel, resumable.
     Backfill(BackfillArgs),
+    /// Run the jobs in tables/jobs over the lake: silver entities and gold marts, incrementally.
+    Derive(DeriveArgs),
+    /// Compare a mart in the lake with the legacy table in PostgreSQL: counts, checksums, first differences.
+    Parity(ParityArgs),
     /// The legacy mart pipeline inside PostgreSQL, kept as the reference for parity.
     #[command(subcommand)]
     Legacy(LegacyCmd),
@@ -207,6 +211,66 @@ pub struct BackfillArgs {
     /// Serve Prometheus metrics on this address (e.g. 127.0.0.1:9184) while running.
     #[arg(long)]
     pub metrics_addr: Option<String>,
+    /// Accept an S3 bucket outside the EU.
+    #[arg(long)]
+    pub allow_non_eu: bool,
+}
+
+#[derive(Debug, Args)]
+#[command(group(clap::ArgGroup::new("makes").args(["make", "all_makes"])))]
+pub struct DeriveArgs {
+    /// Lake URI: file://path or s3://bucket/prefix (or WEIR_LAKE, or lake in weir.toml).
+    #[arg(long, env = "WEIR_LAKE")]
+    pub lake: Option<String>,
+    /// Only this job and the jobs it reads from (e.g. listing_price, ads).
+    #[arg(long)]
+    pub job: Option<String>,
+    /// Build the per-make marts of this make only.
+    #[arg(long)]
+    pub make: Option<String>,
+    /// Build the per-make marts of every make (the default).
+    #[arg(long)]
+    pub all_makes: bool,
+    /// The reference instant of the marts (days_online), e.g. 2026-07-01T00:00:00Z
+    /// (default: when the newest bronze table was committed).
+    #[arg(long)]
+    pub as_of: Option<String>,
+    /// Rebuild every selected job, changed or not.
+    #[arg(long)]
+    pub full: bool,
+    /// The jobs folder (default: tables/jobs when present, else the built-in copy).
+    #[arg(long)]
+    pub jobs_dir: Option<PathBuf>,
+    /// The sources file (default: tables/sources.toml when present, else the built-in copy).
+    #[arg(long)]
+    pub sources: Option<PathBuf>,
+    /// Parquet file target size in MiB.
+    #[arg(long, default_value_t = 128)]
+    pub target_file_mb: usize,
+    /// Accept an S3 bucket outside the EU.
+    #[arg(long)]
+    pub allow_non_eu: bool,
+}
+
+#[derive(Debug, Args)]
+pub struct ParityArgs {
+    #[command(flatten)]
+    pub pg: PgArg,
+    /// Lake URI: file://path or s3://bucket/prefix (or WEIR_LAKE, or lake in weir.toml).
+    #[arg(long, env = "WEIR_LAKE")]
+    pub lake: Option<String>,
+    /// The make whose mart is compared (gold.ads_<slug> against ads_<slug>).
+    #[arg(long)]
+    pub make: String,
+    /// The legacy table in PostgreSQL (default: ads_<slug>).
+    #[arg(long)]
+    pub legacy_table: Option<String>,
+    /// Require both sides to have been built as of this instant.
+    #[arg(long)]
+    pub as_of: Option<String>,
+    /// Differing rows shown per column.
+    #[arg(long, default_value_t = 5)]
+    pub show: usize,
     /// Accept an S3 bucket outside the EU.
     #[arg(long)]
     pub allow_non_eu: bool,

@@ -6,7 +6,7 @@ use arrow_schema::Schema as ArrowSchema;
 use deltalake::DeltaTable;
 use deltalake::kernel::engine::arrow_conversion::TryIntoKernel;
 use deltalake::kernel::transaction::{CommitBuilder, CommitProperties};
-use deltalake::kernel::{Action, Add, StructType};
+use deltalake::kernel::{Action, Add, StructType, new_metadata};
 use deltalake::protocol::{DeltaOperation, SaveMode};
 use futures::TryStreamExt;
 use serde_json::Value;
@@ -78,8 +78,18 @@ pub async fn commit_files(
         .await
         .map_err(delta_err(rel))?;
     let mut actions = removes;
-    actions.extend(adds.into_iter().map(Action::Add));
     let snapshot = table.snapshot().map_err(delta_err(rel))?;
+    // A new schema or partitioning (a job's definition changed): replace the metadata too.
+    let kernel: StructType = schema.try_into_kernel().map_err(|e| DeltaError::Delta {
+        table: rel.to_string(),
+        source: deltalake::DeltaTableError::Generic(e.to_string()),
+    })?;
+    if *snapshot.schema() != kernel || snapshot.metadata().partition_columns() != partition_columns {
+        let meta = new_metadata(&kernel, partition_columns, snapshot.metadata().configuration().clone())
+            .map_err(|e| delta_err(rel)(e.into()))?;
+        actions.push(Action::Metadata(meta));
+    }
+    actions.extend(adds.into_iter().map(Action::Add));
     let op = DeltaOperation::Write {
         mode: SaveMode::Overwrite,
         partition_by: Some(partition_columns.to_vec()),

@@ -2,9 +2,11 @@
 
 pub mod backfill;
 mod demo;
+pub mod derive;
 mod doctor;
 mod generate;
 mod legacy;
+mod parity;
 mod s3;
 mod services;
 
@@ -21,6 +23,8 @@ pub async fn run(cli: Cli) -> Result<()> {
         Command::Demo(a) => demo::run(a).await,
         Command::Generate(g) => generate::run(g, &cfg).await,
         Command::Backfill(a) => backfill::run(a, &cfg).await,
+        Command::Derive(a) => derive::run(a, &cfg).await,
+        Command::Parity(a) => parity::run(a, &cfg).await,
         Command::Legacy(LegacyCmd::Build(a)) => legacy::run(a, &cfg).await,
         Command::Doctor(a) => doctor::run(a, &cfg).await,
         Command::Services(a) => services::run(a).await,

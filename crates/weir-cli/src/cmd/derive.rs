@@ -1,0 +1,104 @@
+//! `weir derive`: the jobs of tables/jobs over the lake.
+
+use std::path::Path;
+use std::time::Instant;
+
+use anyhow::{Context, Result};
+use weir_core::{Config, LakeLocation, parse_timestamp};
+use weir_derive::{DeriveOptions, JobOutcome, JobReport, Jobs, MakeSelection};
+use weir_lake::Lake;
+
+use super::{secs, thousands};
+use crate::cli::DeriveArgs;
+
+/// The repository's tables/jobs, built in for use outside a checkout.
+const BUILTIN_JOBS: &[(&str, &str)] = &[
+    ("built-in tables/jobs/model.sql", include_str!("../../../../tables/jobs/model.sql")),
+    ("built-in tables/jobs/dealer.sql", include_str!("../../../../tables/jobs/dealer.sql")),
+    ("built-in tables/jobs/listing.sql", include_str!("../../../../tables/jobs/listing.sql")),
+    ("built-in tables/jobs/listing_price.sql", include_str!("../../../../tables/jobs/listing_price.sql")),
+    ("built-in tables/jobs/ads.sql", include_str!("../../../../tables/jobs/ads.sql")),
+];
+
+pub fn load_jobs(dir: Option<&Path>, bronze: &[String]) -> Result<Jobs> {
+    let default = Path::new("tables/jobs");
+    Ok(match dir {
+        Some(d) => weir_derive::load_dir(d, bronze)?,
+        None if default.is_dir() => weir_derive::load_dir(default, bronze)?,
+        None => weir_derive::jobs::from_texts(BUILTIN_JOBS, bronze)?,
+    })
+}
+
+pub async fn run(a: DeriveArgs, cfg: &Config) -> Result<()> {
+    let uri = a.lake.clone().unwrap_or_else(|| cfg.lake_or_default().to_string());
+    let lake =
+        Lake::open(LakeLocation::parse(&uri, &std::env::current_dir()?)?, &cfg.s3, a.allow_non_eu || cfg.allow_non_eu)?;
+    let sources = super::backfill::load_sources(a.sources.as_deref())?;
+    let bronze: Vec<String> = sources.tables.iter().map(|t| t.name.clone()).collect();
+    let jobs = load_jobs(a.jobs_dir.as_deref(), &bronze)?;
+    let makes = match a.make {
+        Some(m) => MakeSelection::One(weir_core::validate_slug(&m)?.to_string()),
+        None => MakeSelection::All,
+    };
+    let as_of_micros = match &a.as_of {
+        Some(t) => parse_timestamp(t)?.timestamp_micros(),
+        None => weir_derive::run::default_as_of(&lake, &bronze)
+            .await?
+            .context("the lake has no bronze tables yet: run `weir backfill` first")?,
+    };
+    let opts = DeriveOptions {
+        job: a.job.clone(),
+        makes,
+        as_of_micros,
+        full: a.full,
+        target_file_bytes: a.target_file_mb << 20,
+    };
+    println!("derive {} as of {}", lake.url(), show_micros(as_of_micros));
+    let reports = run_derive(&lake, &jobs, &bronze, &opts).await?;
+    print_reports(&reports);
+    Ok(())
+}
+
+pub fn show_micros(us: i64) -> String {
+    chrono::DateTime::from_timestamp_micros(us)
+        .map(|t| t.format("%Y-%m-%dT%H:%M:%S%.6fZ").to_string())
+        .unwrap_or_else(|| us.to_string())
+}
+
+pub async fn run_derive(lake: &Lake, jobs: &Jobs, bronze: &[String], opts: &DeriveOptions) -> Result<Vec<JobReport>> {
+    let started = Instant::now();
+    let spinner = indicatif::ProgressBar::new_spinner();
+    spinner.enable_steady_tick(std::time::Duration::from_millis(120));
+    let reports =
+        weir_derive::derive(lake, jobs, bronze, opts, |out| spinner.set_message(format!("building {out}"))).await;
+    spinner.finish_and_clear();
+    let reports = reports?;
+    tracing::info!(elapsed = ?started.elapsed(), "derive done");
+    Ok(reports)
+}
+
+pub fn print_reports(reports: &[JobReport]) {
+    let width = reports.iter().map(|r| r.output.len()).max().unwrap_or(10);
+    let mut built = 0;
+    for r in reports {
+        match &r.outcome {
+            JobOutcome::Built { version, rows, files, bytes, elapsed } => {
+                built += 1;
+                println!(
+                    "  {:width$}  built v{version}: {} rows, {} files, {:.1} MB in {} — {}",
+                    r.output,
+                    thousands(*rows),
+                    files,
+                    *bytes as f64 / 1e6,
+                    secs(*elapsed),
+                    r.reason
+                );
+            }
+            JobOutcome::UpToDate { version } => println!("  {:width$}  up to date (v{version})", r.output),
+            JobOutcome::View => println!("  {:width$}  view ({})", r.output, r.reason),
+        }
+    }
+    if built == 0 {
+        println!("nothing changed: every table is up to date");
+    }
+}

@@ -1,0 +1,378 @@
+//! Declarative jobs: one `.sql` file per job under `tables/jobs/`, a TOML header in `--!`
+//! comment lines, then one SELECT. The loader checks headers, sources and the DAG; SQL that
+//! does not plan is reported by the session with the same `file:line:` prefix.
+//!
+//! ```sql
+//! --! layer = "silver"                      # silver (entities) or gold (marts)
+//! --! key = ["listing_id"]                  # one row per key
+//! --! sources = ["bronze.price_log", "silver.model"]
+//! --! materialize = "table"                 # or "view" (planned into its readers, not stored)
+//! --! partition = ["make_id"]               # optional Delta partition columns
+//! --! per = "make"                          # optional: one output per make, ads_<slug>;
+//! --!                                       #   the SQL uses ${slug}; ${as_of} is the reference instant
+//! SELECT …
+//! ```
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::fmt;
+use std::path::{Path, PathBuf};
+
+use serde::Deserialize;
+
+#[derive(Debug, thiserror::Error)]
+#[error("{file}:{line}: {message}")]
+pub struct JobError {
+    pub file: String,
+    pub line: usize,
+    pub message: String,
+}
+
+impl JobError {
+    pub fn new(file: &Path, line: usize, message: impl Into<String>) -> Self {
+        JobError { file: file.display().to_string(), line, message: message.into() }
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Layer {
+    Silver,
+    Gold,
+}
+
+impl fmt::Display for Layer {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(match self {
+            Layer::Silver => "silver",
+            Layer::Gold => "gold",
+        })
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, Default)]
+#[serde(rename_all = "lowercase")]
+pub enum Materialize {
+    #[default]
+    Table,
+    View,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Per {
+    Make,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct Header {
+    layer: Layer,
+    key: Vec<String>,
+    sources: Vec<String>,
+    #[serde(default)]
+    materialize: Materialize,
+    #[serde(default)]
+    partition: Vec<String>,
+    per: Option<Per>,
+    #[serde(default)]
+    description: Option<String>,
+}
+
+/// One job, as declared.
+#[derive(Debug, Clone)]
+pub struct Job {
+    /// The file stem: `listing_price`, `ads` (a per-make job's outputs are `ads_<slug>`).
+    pub name: String,
+    pub file: PathBuf,
+    pub layer: Layer,
+    pub key: Vec<String>,
+    /// `bronze.<table>`, `silver.<job>`.
+    pub sources: Vec<String>,
+    pub materialize: Materialize,
+    pub partition: Vec<String>,
+    pub per: Option<Per>,
+    pub description: Option<String>,
+    /// The SELECT, placeholders unexpanded.
+    pub sql: String,
+    /// 1-based line of the file where the SQL starts.
+    pub sql_line: usize,
+    /// A fingerprint of the file: a changed definition is rebuilt.
+    pub fingerprint: String,
+}
+
+impl Job {
+    /// The relation this job produces, e.g. `silver.listing` or (per make) `gold.ads_vw`.
+    pub fn output(&self, slug: Option<&str>) -> String {
+        match slug {
+            Some(s) => format!("{}.{}_{s}", self.layer, self.name),
+            None => format!("{}.{}", self.layer, self.name),
+        }
+    }
+
+    pub fn uses_as_of(&self) -> bool {
+        self.sql.contains("${as_of}")
+    }
+
+    /// The SQL with `${slug}` and `${as_of}` expanded.
+    pub fn expand(&self, slug: Option<&str>, as_of_micros: i64) -> String {
+        let mut sql = self.sql.replace("${as_of}", &format!("to_timestamp_micros({as_of_micros}) AT TIME ZONE 'UTC'"));
+        if let Some(s) = slug {
+            sql = sql.replace("${slug}", s);
+        }
+        sql
+    }
+
+    /// Maps a line of the SQL body (1-based, as parsers report) to the file's line.
+    pub fn file_line(&self, sql_line: usize) -> usize {
+        self.sql_line + sql_line.saturating_sub(1)
+    }
+}
+
+/// The jobs of a folder in dependency order.
+#[derive(Debug, Clone)]
+pub struct Jobs {
+    pub ordered: Vec<Job>,
+}
+
+impl Jobs {
+    pub fn get(&self, name: &str) -> Option<&Job> {
+        self.ordered.iter().find(|j| j.name == name)
+    }
+
+    /// `name` and everything it reads from, transitively, in dependency order.
+    pub fn upstream_of(&self, name: &str) -> Vec<&Job> {
+        let mut want: BTreeSet<String> = BTreeSet::from([name.to_string()]);
+        for job in self.ordered.iter().rev() {
+            if want.contains(&job.name) {
+                for s in &job.sources {
+                    if let Some(("silver" | "gold", n)) = s.split_once('.') {
+                        want.insert(n.to_string());
+                    }
+                }
+            }
+        }
+        self.ordered.iter().filter(|j| want.contains(&j.name)).collect()
+    }
+}
+
+fn fingerprint(text: &str) -> String {
+    // FNV-1a 64: stable across builds and platforms.
+    let mut h: u64 = 0xcbf2_9ce4_8422_2325;
+    for b in text.bytes() {
+        h ^= u64::from(b);
+        h = h.wrapping_mul(0x0100_0000_01b3);
+    }
+    format!("{h:016x}")
+}
+
+/// Parses one job file's text.
+pub fn parse_job(file: &Path, text: &str) -> Result<Job, JobError> {
+    let name = file
+        .file_stem()
+        .and_then(|s| s.to_str())
+        .ok_or_else(|| JobError::new(file, 1, "the file name is not a job name"))?
+        .to_string();
+    if weir_core::validate_slug(&name).is_err() {
+        return Err(JobError::new(file, 1, format!("job name {name:?} must be lower-case ascii, digits and _")));
+    }
+    let mut header = String::new();
+    let mut sql_line = 0;
+    for (i, line) in text.lines().enumerate() {
+        if let Some(rest) = line.strip_prefix("--!") {
+            header.push_str(rest);
+            header.push('\n');
+        } else {
+            // Header lines must come first; keep counting lines so TOML errors map.
+            header.push('\n');
+            if sql_line == 0 && !line.trim().is_empty() && !line.trim_start().starts_with("--") {
+                sql_line = i + 1;
+            }
+        }
+    }
+    if sql_line == 0 {
+        return Err(JobError::new(file, text.lines().count().max(1), "no SQL after the header"));
+    }
+    let h: Header = toml::from_str(&header).map_err(|e| {
+        let line = e.span().map(|s| header[..s.start].matches('\n').count() + 1).unwrap_or(1);
+        JobError::new(file, line, format!("header: {}", e.message()))
+    })?;
+    let header_line = |key: &str| {
+        text.lines().position(|l| l.starts_with("--!") && l[3..].trim_start().starts_with(key)).map_or(1, |i| i + 1)
+    };
+    if h.key.is_empty() {
+        return Err(JobError::new(file, header_line("key"), "key must name at least one column"));
+    }
+    if h.sources.is_empty() {
+        return Err(JobError::new(file, header_line("sources"), "sources must name at least one table"));
+    }
+    let sql_text: String = text.lines().skip(sql_line - 1).collect::<Vec<_>>().join("\n");
+    if h.per.is_some() && !sql_text.contains("${slug}") {
+        return Err(JobError::new(file, header_line("per"), "per = \"make\" but the SQL never uses ${slug}"));
+    }
+    if h.per.is_none() && sql_text.contains("${slug}") {
+        return Err(JobError::new(file, sql_line, "the SQL uses ${slug} but the header has no per = \"make\""));
+    }
+    if h.materialize == Materialize::View && (!h.partition.is_empty() || h.per.is_some()) {
+        return Err(JobError::new(
+            file,
+            header_line("materialize"),
+            "a view has no partitions and no per-make outputs",
+        ));
+    }
+    Ok(Job {
+        name,
+        file: file.to_path_buf(),
+        layer: h.layer,
+        key: h.key,
+        sources: h.sources,
+        materialize: h.materialize,
+        partition: h.partition,
+        per: h.per,
+        description: h.description,
+        sql: sql_text.trim_end().trim_end_matches(';').to_string(),
+        sql_line,
+        fingerprint: fingerprint(text),
+    })
+}
+
+/// Loads every `*.sql` under `dir`, checks sources against `bronze` (the source tables) and
+/// the other jobs, and orders the DAG. Cycles and unknown sources are errors naming the file.
+pub fn load_dir(dir: &Path, bronze: &[String]) -> Result<Jobs, JobError> {
+    let entries =
+        std::fs::read_dir(dir).map_err(|e| JobError::new(dir, 0, format!("cannot read the jobs folder: {e}")))?;
+    let mut files: Vec<PathBuf> = entries
+        .filter_map(|e| e.ok().map(|e| e.path()))
+        .filter(|p| p.extension().is_some_and(|x| x == "sql"))
+        .collect();
+    files.sort();
+    if files.is_empty() {
+        return Err(JobError::new(dir, 0, "no job files (*.sql)"));
+    }
+    let mut jobs = Vec::new();
+    for f in &files {
+        let text = std::fs::read_to_string(f).map_err(|e| JobError::new(f, 0, format!("cannot read: {e}")))?;
+        jobs.push(parse_job(f, &text)?);
+    }
+    order(jobs, bronze)
+}
+
+/// Loads jobs from (name, text) pairs, e.g. a copy built into the binary.
+pub fn from_texts(files: &[(&str, &str)], bronze: &[String]) -> Result<Jobs, JobError> {
+    let jobs = files.iter().map(|(f, t)| parse_job(Path::new(f), t)).collect::<Result<Vec<_>, _>>()?;
+    order(jobs, bronze)
+}
+
+/// Checks sources and sorts the jobs so every job comes after what it reads.
+pub fn order(jobs: Vec<Job>, bronze: &[String]) -> Result<Jobs, JobError> {
+    let mut by_name: BTreeMap<String, Job> = BTreeMap::new();
+    for j in jobs {
+        if let Some(other) = by_name.get(&j.name) {
+            return Err(JobError::new(
+                &j.file,
+                1,
+                format!("job {} is also defined in {}", j.name, other.file.display()),
+            ));
+        }
+        by_name.insert(j.name.clone(), j);
+    }
+    for j in by_name.values() {
+        for s in &j.sources {
+            let line = j.sql_line.min(
+                std::fs::read_to_string(&j.file)
+                    .ok()
+                    .and_then(|t| t.lines().position(|l| l.contains(s.as_str())).map(|i| i + 1))
+                    .unwrap_or(1),
+            );
+            let ok = match s.split_once('.') {
+                Some(("bronze", t)) => bronze.iter().any(|b| b == t),
+                Some(("silver" | "gold", n)) => match by_name.get(n) {
+                    Some(dep) if dep.per.is_some() => {
+                        return Err(JobError::new(
+                            &j.file,
+                            line,
+                            format!("source {s} is a per-make job; it cannot be read by another job"),
+                        ));
+                    }
+                    Some(dep) => s.starts_with(&format!("{}.", dep.layer)),
+                    None => false,
+                },
+                _ => false,
+            };
+            if !ok {
+                return Err(JobError::new(
+                    &j.file,
+                    line,
+                    format!(
+                        "unknown source {s} (bronze tables: {}; jobs: {})",
+                        bronze.join(", "),
+                        by_name.values().map(|d| d.output(None)).collect::<Vec<_>>().join(", ")
+                    ),
+                ));
+            }
+        }
+    }
+    // Kahn's algorithm, alphabetical among the ready ones.
+    let deps = |j: &Job| -> BTreeSet<String> {
+        j.sources
+            .iter()
+            .filter_map(|s| s.split_once('.'))
+            .filter(|(l, _)| *l != "bronze")
+            .map(|(_, n)| n.to_string())
+            .collect()
+    };
+    let mut done: BTreeSet<String> = BTreeSet::new();
+    let mut ordered = Vec::new();
+    while done.len() < by_name.len() {
+        let ready: Vec<String> = by_name
+            .values()
+            .filter(|j| !done.contains(&j.name) && deps(j).iter().all(|d| done.contains(d)))
+            .map(|j| j.name.clone())
+            .collect();
+        if ready.is_empty() {
+            let stuck: Vec<&Job> = by_name.values().filter(|j| !done.contains(&j.name)).collect();
+            let first = stuck[0];
+            let names: Vec<&str> = stuck.iter().map(|j| j.name.as_str()).collect();
+            return Err(JobError::new(&first.file, 1, format!("dependency cycle among jobs {}", names.join(", "))));
+        }
+        for n in ready {
+            done.insert(n.clone());
+            ordered.push(by_name[&n].clone());
+        }
+    }
+    Ok(Jobs { ordered })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn job(name: &str, sources: &[&str]) -> Job {
+        let text = format!(
+            "--! layer = \"silver\"\n--! key = [\"id\"]\n--! sources = [{}]\nSELECT 1 AS id\n",
+            sources.iter().map(|s| format!("\"{s}\"")).collect::<Vec<_>>().join(", ")
+        );
+        parse_job(Path::new(&format!("/nonexistent/{name}.sql")), &text).unwrap()
+    }
+
+    #[test]
+    fn orders_by_dependency_and_rejects_cycles_and_unknown_sources() {
+        let bronze = vec!["t".to_string()];
+        let jobs = order(vec![job("b", &["silver.a"]), job("a", &["bronze.t"])], &bronze).unwrap();
+        let names: Vec<&str> = jobs.ordered.iter().map(|j| j.name.as_str()).collect();
+        assert_eq!(names, ["a", "b"]);
+        let e = order(vec![job("a", &["silver.b"]), job("b", &["silver.a"])], &bronze).unwrap_err();
+        assert!(e.to_string().contains("dependency cycle among jobs a, b"), "{e}");
+        let e = order(vec![job("a", &["bronze.nope"])], &bronze).unwrap_err();
+        assert!(e.to_string().contains("unknown source bronze.nope"), "{e}");
+    }
+
+    #[test]
+    fn header_errors_name_the_line() {
+        let text = "--! layer = \"silver\"\n--! key = [\"id\"]\n--! sources = [\"bronze.t\"]\n--! materialise = \"view\"\nSELECT 1\n";
+        let e = parse_job(Path::new("x.sql"), text).unwrap_err();
+        assert_eq!(e.line, 4, "{e}");
+        assert!(e.to_string().starts_with("x.sql:4: header: unknown field `materialise`"), "{e}");
+        let e = parse_job(Path::new("x.sql"), "--! layer = \"silver\"\n").unwrap_err();
+        assert!(e.to_string().contains("no SQL after the header"), "{e}");
+    }
+}

@@ -1,0 +1,405 @@
+//! `weir derive`: runs the job DAG over the lake. A table job is rebuilt only when its
+//! definition, an input's version, or (if it reads it) the as-of instant changed since the
+//! commit that produced it; the state it was built from is recorded in that commit.
+
+use std::collections::BTreeMap;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use arrow::datatypes::SchemaRef;
+use datafusion::catalog::MemTable;
+use datafusion::dataframe::DataFrame;
+use deltalake::parquet::basic::{Compression, ZstdLevel};
+use deltalake::parquet::file::properties::{EnabledStatistics, WriterProperties};
+use deltalake::writer::{DeltaWriter, RecordBatchWriter};
+use futures::StreamExt;
+use serde_json::{Value, json};
+use weir_lake::Lake;
+
+use crate::jobs::{Job, Jobs, Materialize, Per};
+use crate::session::LakeSession;
+use crate::{DeriveError, JobError, df_err};
+
+/// Commit metadata key holding the state a derived table was built from.
+pub const STATE_KEY: &str = "weir.derive";
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum MakeSelection {
+    All,
+    One(String),
+}
+
+#[derive(Debug, Clone)]
+pub struct DeriveOptions {
+    /// Only this job and what it reads.
+    pub job: Option<String>,
+    pub makes: MakeSelection,
+    /// The reference instant, µs since the epoch (UTC).
+    pub as_of_micros: i64,
+    /// Rebuild every selected job.
+    pub full: bool,
+    pub target_file_bytes: usize,
+}
+
+#[derive(Debug, Clone)]
+pub enum JobOutcome {
+    Built { version: i64, rows: u64, files: usize, bytes: u64, elapsed: Duration },
+    UpToDate { version: i64 },
+    View,
+}
+
+#[derive(Debug, Clone)]
+pub struct JobReport {
+    /// `silver.listing_price`, `gold.ads_vw`.
+    pub output: String,
+    pub outcome: JobOutcome,
+    /// Why it was (re)built, or why not.
+    pub reason: String,
+}
+
+/// One unit of work: a job, for one make when it is per make.
+struct Unit<'a> {
+    job: &'a Job,
+    slug: Option<String>,
+}
+
+impl Unit<'_> {
+    fn output(&self) -> String {
+        self.job.output(self.slug.as_deref())
+    }
+}
+
+/// Runs the DAG. Every selected job's SQL is planned before anything is written, so a broken
+/// job stops the run with its file and line and changes nothing.
+pub async fn derive(
+    lake: &Lake,
+    jobs: &Jobs,
+    bronze: &[String],
+    opts: &DeriveOptions,
+    mut on_start: impl FnMut(&str),
+) -> Result<Vec<JobReport>, DeriveError> {
+    let selected: Vec<&Job> = match &opts.job {
+        Some(name) => {
+            if jobs.get(name).is_none() {
+                let all: Vec<&str> = jobs.ordered.iter().map(|j| j.name.as_str()).collect();
+                return Err(DeriveError::UnknownJob(name.clone(), all.join(", ")));
+            }
+            jobs.upstream_of(name)
+        }
+        None => jobs.ordered.iter().collect(),
+    };
+    let mut session = LakeSession::open(lake, bronze).await?;
+    for job in &selected {
+        for s in &job.sources {
+            if let Some(("bronze", t)) = s.split_once('.')
+                && !session.versions.contains_key(s)
+            {
+                return Err(DeriveError::MissingBronze(t.to_string()));
+            }
+        }
+    }
+    let slugs =
+        if selected.iter().any(|j| j.per.is_some()) { make_slugs(&session, &opts.makes).await? } else { vec![] };
+    let mut units = Vec::new();
+    for job in &selected {
+        match job.per {
+            Some(Per::Make) => units.extend(slugs.iter().map(|s| Unit { job, slug: Some(s.clone()) })),
+            None => units.push(Unit { job, slug: None }),
+        }
+    }
+
+    // Register what already exists, then plan everything (placeholders stand in for outputs
+    // that do not exist yet).
+    for u in &units {
+        if u.job.materialize == Materialize::Table {
+            session.register_delta(lake, &u.output()).await?;
+        }
+    }
+    for u in &units {
+        let df = plan(&session, u, opts.as_of_micros).await?;
+        if u.job.materialize == Materialize::View || !session.versions.contains_key(&u.output()) {
+            let schema: SchemaRef = Arc::new(df.schema().as_arrow().clone());
+            let empty = MemTable::try_new(schema, vec![vec![]]).map_err(df_err("a placeholder"))?;
+            session.replace(&u.output(), Arc::new(empty))?;
+        }
+    }
+
+    // Tokens of what each relation is: tables by version, views by definition and inputs.
+    let mut tokens: BTreeMap<String, String> =
+        session.versions.iter().map(|(k, v)| (k.clone(), format!("v{v}"))).collect();
+    let mut reports = Vec::new();
+    for u in &units {
+        let out = u.output();
+        let inputs: BTreeMap<String, String> = u
+            .job
+            .sources
+            .iter()
+            .map(|s| (s.clone(), tokens.get(s).cloned().unwrap_or_else(|| "none".into())))
+            .collect();
+        let mut state = json!({ "definition": u.job.fingerprint, "inputs": inputs });
+        if u.job.uses_as_of() {
+            state["as_of_micros"] = json!(opts.as_of_micros);
+        }
+        if let Some(s) = &u.slug {
+            state["slug"] = json!(s);
+        }
+        match u.job.materialize {
+            Materialize::View => {
+                let df = plan(&session, u, opts.as_of_micros).await?;
+                session.replace(&out, df.into_view())?;
+                tokens.insert(out.clone(), format!("view:{}", state));
+                reports.push(JobReport {
+                    output: out,
+                    outcome: JobOutcome::View,
+                    reason: "planned into its readers".into(),
+                });
+            }
+            Materialize::Table => {
+                let rel = out.replace('.', "/");
+                let table = weir_lake::open_table(lake, &rel).await?;
+                let previous = match weir_lake::last_commit_info(&table, &rel).await? {
+                    Some(info) => {
+                        info.get(STATE_KEY).and_then(|v| v.as_str()).and_then(|s| serde_json::from_str::<Value>(s).ok())
+                    }
+                    None => None,
+                };
+                let reason = why_rebuild(previous.as_ref(), &state, opts.full);
+                let Some(reason) = reason else {
+                    let version = table.version().map_or(0, |v| v as i64);
+                    tokens.insert(out.clone(), format!("v{version}"));
+                    reports.push(JobReport {
+                        output: out,
+                        outcome: JobOutcome::UpToDate { version },
+                        reason: "inputs and definition unchanged".into(),
+                    });
+                    continue;
+                };
+                on_start(&out);
+                let t = Instant::now();
+                let df = plan(&session, u, opts.as_of_micros).await?;
+                let (rows, files, bytes, version) = write(lake, table, &rel, u.job, df, &state, opts).await?;
+                session.register_delta(lake, &out).await?;
+                tokens.insert(out.clone(), format!("v{version}"));
+                reports.push(JobReport {
+                    output: out,
+                    outcome: JobOutcome::Built { version, rows, files, bytes, elapsed: t.elapsed() },
+                    reason,
+                });
+            }
+        }
+    }
+    Ok(reports)
+}
+
+/// The default as-of instant: when the newest of the bronze tables was committed (µs), so a
+/// rerun over unchanged data is the same build.
+pub async fn default_as_of(lake: &Lake, bronze: &[String]) -> Result<Option<i64>, DeriveError> {
+    let mut newest = None;
+    for t in bronze {
+        let rel = format!("bronze/{t}");
+        let table = weir_lake::open_table(lake, &rel).await?;
+        if table.version().is_none() {
+            continue;
+        }
+        let mut history = table
+            .history(Some(1))
+            .await
+            .map_err(|e| DeriveError::Write { table: rel.clone(), message: e.to_string() })?;
+        if let Some(ms) = history.next().and_then(|c| c.timestamp) {
+            newest = newest.max(Some(ms * 1000));
+        }
+    }
+    Ok(newest)
+}
+
+/// None when `state` equals what the table was built from; else a short reason.
+fn why_rebuild(previous: Option<&Value>, state: &Value, full: bool) -> Option<String> {
+    if full {
+        return Some("--full".into());
+    }
+    let Some(prev) = previous else { return Some("first build".into()) };
+    if prev == state {
+        return None;
+    }
+    let mut why = Vec::new();
+    if prev["definition"] != state["definition"] {
+        why.push("its definition changed".to_string());
+    }
+    if let (Some(a), Some(b)) = (prev["inputs"].as_object(), state["inputs"].as_object()) {
+        for (k, v) in b {
+            match a.get(k) {
+                Some(old) if old == v => {}
+                Some(old) => why.push(format!("{k} {} → {}", short(old), short(v))),
+                None => why.push(format!("{k} is a new input")),
+            }
+        }
+    }
+    if prev.get("as_of_micros") != state.get("as_of_micros") {
+        why.push("the as-of instant changed".into());
+    }
+    if why.is_empty() {
+        why.push("its recorded state differs".into());
+    }
+    Some(why.join(", "))
+}
+
+fn short(v: &Value) -> String {
+    let s = v.as_str().unwrap_or_default();
+    if s.starts_with("view:") { "(view changed)".into() } else { s.to_string() }
+}
+
+async fn make_slugs(session: &LakeSession, sel: &MakeSelection) -> Result<Vec<String>, DeriveError> {
+    let batches = session
+        .ctx
+        .sql("SELECT slug FROM bronze.makes ORDER BY make_id")
+        .await
+        .map_err(df_err("listing makes"))?
+        .collect()
+        .await
+        .map_err(df_err("listing makes"))?;
+    let mut all = Vec::new();
+    for b in &batches {
+        let col = arrow::compute::cast(b.column(0), &arrow::datatypes::DataType::Utf8)
+            .map_err(|e| df_err("listing makes")(e.into()))?;
+        let col = arrow::array::AsArray::as_string::<i32>(&col);
+        all.extend(col.iter().flatten().map(str::to_string));
+    }
+    match sel {
+        MakeSelection::All => Ok(all),
+        MakeSelection::One(s) if all.contains(s) => Ok(vec![s.clone()]),
+        MakeSelection::One(s) => Err(DeriveError::UnknownMake(s.clone(), all.join(", "))),
+    }
+}
+
+/// Plans a unit's SQL; an error names the job file and the line.
+async fn plan(session: &LakeSession, u: &Unit<'_>, as_of_micros: i64) -> Result<DataFrame, DeriveError> {
+    let sql = u.job.expand(u.slug.as_deref(), as_of_micros);
+    session.ctx.sql(&sql).await.map_err(|e| plan_error(u.job, &e))
+}
+
+fn plan_error(job: &Job, e: &datafusion::error::DataFusionError) -> DeriveError {
+    let text = e.to_string().replace('\n', " ");
+    // sqlparser reports "at Line: N, Column: M" relative to the SQL body.
+    let line = text
+        .split("Line: ")
+        .nth(1)
+        .and_then(|r| r.split(|c: char| !c.is_ascii_digit()).next())
+        .and_then(|n| n.parse::<usize>().ok())
+        .map(|n| job.file_line(n))
+        .or_else(|| named_line(job, &text))
+        .unwrap_or(job.sql_line);
+    DeriveError::Job(JobError::new(&job.file, line, format!("the SQL does not plan: {text}")))
+}
+
+/// The schema a derived table is stored with: DataFusion's string views as plain strings,
+/// and every column nullable (plans do not promise nullability consistently between the
+/// logical and the physical schema; the job's key is what is declared).
+fn storage_schema(s: &arrow::datatypes::Schema) -> SchemaRef {
+    use arrow::datatypes::{DataType, Field};
+    let fields: Vec<Field> = s
+        .fields()
+        .iter()
+        .map(|f| {
+            let t = match f.data_type() {
+                DataType::Utf8View | DataType::LargeUtf8 => DataType::Utf8,
+                DataType::BinaryView | DataType::LargeBinary => DataType::Binary,
+                t => t.clone(),
+            };
+            Field::new(f.name(), t, true)
+        })
+        .collect();
+    Arc::new(arrow::datatypes::Schema::new(fields))
+}
+
+fn to_storage(
+    schema: &SchemaRef,
+    batch: arrow::record_batch::RecordBatch,
+) -> Result<arrow::record_batch::RecordBatch, arrow::error::ArrowError> {
+    let cols = batch
+        .columns()
+        .iter()
+        .zip(schema.fields())
+        .map(
+            |(c, f)| {
+                if c.data_type() == f.data_type() { Ok(c.clone()) } else { arrow::compute::cast(c, f.data_type()) }
+            },
+        )
+        .collect::<Result<Vec<_>, _>>()?;
+    arrow::record_batch::RecordBatch::try_new(schema.clone(), cols)
+}
+
+/// For errors without a position ("No field named x", "table 'y' not found"): the first
+/// line of the SQL that mentions the name.
+fn named_line(job: &Job, text: &str) -> Option<usize> {
+    let name = ["No field named ", "table '", "Invalid function '"].iter().find_map(|m| {
+        let rest = text.split(m).nth(1)?;
+        let token: String = rest
+            .trim_start_matches(['"', '\''])
+            .chars()
+            .take_while(|c| c.is_alphanumeric() || *c == '_' || *c == '.')
+            .collect();
+        let token = token.trim_end_matches('.');
+        Some(token.rsplit('.').next().unwrap_or_default().to_string())
+    })?;
+    if name.is_empty() {
+        return None;
+    }
+    job.sql.lines().position(|l| l.contains(&name)).map(|i| job.file_line(i + 1))
+}
+
+async fn write(
+    lake: &Lake,
+    table: deltalake::DeltaTable,
+    rel: &str,
+    job: &Job,
+    df: DataFrame,
+    state: &Value,
+    opts: &DeriveOptions,
+) -> Result<(u64, usize, u64, i64), DeriveError> {
+    let schema = storage_schema(df.schema().as_arrow());
+    for p in &job.partition {
+        if schema.field_with_name(p).is_err() {
+            return Err(JobError::new(&job.file, 1, format!("partition column {p} is not in the output")).into());
+        }
+    }
+    for k in &job.key {
+        if schema.field_with_name(k).is_err() {
+            return Err(JobError::new(&job.file, 1, format!("key column {k} is not in the output")).into());
+        }
+    }
+    let werr = |m: String| DeriveError::Write { table: rel.to_string(), message: m };
+    let props = WriterProperties::builder()
+        .set_compression(Compression::ZSTD(ZstdLevel::try_new(3).expect("valid level")))
+        .set_statistics_enabled(EnabledStatistics::Page)
+        .build();
+    let partition = if job.partition.is_empty() { None } else { Some(job.partition.clone()) };
+    let mut writer = RecordBatchWriter::try_new(
+        lake.table_url(rel).as_str(),
+        schema.clone(),
+        partition,
+        Some(lake.storage_options().clone()),
+    )
+    .map_err(|e| werr(e.to_string()))?
+    .with_writer_properties(props);
+    let mut stream = df.execute_stream().await.map_err(df_err(format!("running {}", job.file.display())))?;
+    let mut adds = Vec::new();
+    let mut rows = 0u64;
+    while let Some(batch) = stream.next().await {
+        let batch = batch.map_err(df_err(format!("running {}", job.file.display())))?;
+        let batch = to_storage(&schema, batch).map_err(|e| werr(e.to_string()))?;
+        rows += batch.num_rows() as u64;
+        writer.write(batch).await.map_err(|e| werr(e.to_string()))?;
+        if writer.buffer_len() >= opts.target_file_bytes {
+            adds.extend(writer.flush().await.map_err(|e| werr(e.to_string()))?);
+        }
+    }
+    adds.extend(writer.flush().await.map_err(|e| werr(e.to_string()))?);
+    let files = adds.len();
+    let bytes: u64 = adds.iter().map(|a| a.size as u64).sum();
+    let mut meta = std::collections::HashMap::new();
+    meta.insert(STATE_KEY.to_string(), Value::String(state.to_string()));
+    meta.insert("weir.derive.rows".to_string(), json!(rows));
+    meta.insert("weir.derive.key".to_string(), json!(job.key));
+    let version = weir_lake::commit_files(table, rel, &schema, &job.partition, adds, meta).await?;
+    Ok((rows, files, bytes, version))
+}

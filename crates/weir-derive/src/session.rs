@@ -1,0 +1,76 @@
+//! A DataFusion session over a lake: `bronze.*`, `silver.*`, `gold.*` schemas backed by the
+//! Delta tables, PostgreSQL-exact functions, decimals for numeric literals.
+
+use std::collections::BTreeMap;
+use std::sync::Arc;
+
+use datafusion::catalog::{MemorySchemaProvider, TableProvider};
+use datafusion::prelude::{SessionConfig, SessionContext};
+use deltalake::DeltaTable;
+use weir_lake::Lake;
+
+use crate::{DeriveError, df_err, functions};
+
+pub struct LakeSession {
+    pub ctx: SessionContext,
+    /// Delta version of every registered table, by `layer.name`.
+    pub versions: BTreeMap<String, i64>,
+}
+
+impl std::fmt::Debug for LakeSession {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("LakeSession").field("versions", &self.versions).finish()
+    }
+}
+
+/// The session configuration every Weir query uses: `1.35962` is numeric (a decimal), as in
+/// PostgreSQL, not a float.
+pub fn session_context() -> Result<SessionContext, DeriveError> {
+    let config = SessionConfig::new()
+        .set_bool("datafusion.sql_parser.parse_float_as_decimal", true)
+        .with_information_schema(true);
+    let mut ctx = SessionContext::new_with_config(config);
+    functions::register(&mut ctx).map_err(df_err("registering Weir's functions"))?;
+    let catalog = ctx.catalog("datafusion").expect("the default catalog exists");
+    for layer in ["bronze", "silver", "gold"] {
+        catalog.register_schema(layer, Arc::new(MemorySchemaProvider::new())).map_err(df_err("registering schemas"))?;
+    }
+    Ok(ctx)
+}
+
+impl LakeSession {
+    /// A session with every landed table of `bronze` registered.
+    pub async fn open(lake: &Lake, bronze: &[String]) -> Result<Self, DeriveError> {
+        let mut s = LakeSession { ctx: session_context()?, versions: BTreeMap::new() };
+        for t in bronze {
+            s.register_delta(lake, &format!("bronze.{t}")).await?;
+        }
+        Ok(s)
+    }
+
+    /// Opens `layer.name` (stored at `<lake>/<layer>/<name>`) and registers it when it exists.
+    /// Returns its version, None when there is no table yet.
+    pub async fn register_delta(&mut self, lake: &Lake, name: &str) -> Result<Option<i64>, DeriveError> {
+        let rel = name.replace('.', "/");
+        let table = weir_lake::open_table(lake, &rel).await?;
+        let Some(version) = table.version().map(|v| v as i64) else { return Ok(None) };
+        let provider = provider(&self.ctx, &table, name).await?;
+        self.replace(name, provider)?;
+        self.versions.insert(name.to_string(), version);
+        Ok(Some(version))
+    }
+
+    /// Registers (or re-registers) a provider under `layer.name`.
+    pub fn replace(&self, name: &str, provider: Arc<dyn TableProvider>) -> Result<(), DeriveError> {
+        let _ = self.ctx.deregister_table(name);
+        self.ctx.register_table(name, provider).map_err(df_err(format!("registering {name}")))?;
+        Ok(())
+    }
+}
+
+async fn provider(ctx: &SessionContext, table: &DeltaTable, name: &str) -> Result<Arc<dyn TableProvider>, DeriveError> {
+    table
+        .update_datafusion_session(&ctx.state())
+        .map_err(|e| DeriveError::Write { table: name.to_string(), message: e.to_string() })?;
+    table.table_provider().await.map_err(df_err(format!("reading {name}")))
+}

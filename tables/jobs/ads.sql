@@ -1,0 +1,45 @@
+--! layer = "gold"
+--! description = "The mart ads_<slug>: one row per listing of the make, the legacy mart's 30 columns."
+--! key = ["listing_id"]
+--! sources = ["silver.listing", "silver.listing_price", "silver.model", "silver.dealer", "bronze.makes"]
+--! per = "make"
+SELECT l.listing_id,
+       l.country,
+       mk.name AS make,
+       mo.name AS model,
+       mo.segment,
+       mo.body_type,
+       l.dealer_id,
+       d.kind AS seller_kind,
+       l.fuel,
+       l.gearbox,
+       l.first_registration,
+       l.registration_year,
+       l.mileage_km,
+       l.power_kw,
+       l.power_hp,
+       l.title,
+       l.zip,
+       p.price_first_eur,
+       p.price_last_eur,
+       p.price_min_eur,
+       p.price_max_eur,
+       CAST(coalesce(p.price_rows - 1, 0) AS INT) AS price_changes,
+       p.first_price_at,
+       p.last_price_at,
+       l.created_at,
+       l.updated_at,
+       l.deleted_at,
+       l.is_active,
+       -- UTC calendar days: (coalesce(deleted_at, as_of) AT TIME ZONE 'UTC')::date - (created_at AT TIME ZONE 'UTC')::date
+       CAST(CAST(CAST(coalesce(l.deleted_at, ${as_of}) AS DATE) AS INT)
+            - CAST(CAST(l.created_at AS DATE) AS INT) AS INT) AS days_online,
+       -- PostgreSQL numeric division (pg_div), round half away from zero; must fit numeric(6,2)
+       fit_numeric(CASE WHEN p.price_first_eur > 0
+                        THEN round(100 * (p.price_first_eur - p.price_last_eur) / p.price_first_eur, 2) END,
+                   6, 2, 'price_drop_pct of listing_id', l.listing_id) AS price_drop_pct
+FROM silver.listing l
+JOIN bronze.makes mk ON mk.make_id = l.make_id AND mk.slug = '${slug}'
+LEFT JOIN silver.model mo ON mo.model_id = l.model_id
+LEFT JOIN silver.dealer d ON d.dealer_id = l.dealer_id
+LEFT JOIN silver.listing_price p ON p.listing_id = l.listing_id

@@ -41,6 +41,16 @@ enum Bench {
         #[arg(long, default_value_t = 2)]
         runs: u32,
     },
+    /// `weir derive` of ads_<make> from bronze vs DuckDB (PyPI) on the same Parquet files vs the
+    /// legacy PostgreSQL build; then Weir's re-derive after a taxonomy change.
+    Derive {
+        #[arg(long, default_value_t = 10.0)]
+        scale: f64,
+        #[arg(long, default_value = "vw")]
+        make: String,
+        #[arg(long, default_value_t = 2)]
+        runs: u32,
+    },
 }
 
 fn main() -> Result<()> {
@@ -49,6 +59,7 @@ fn main() -> Result<()> {
     match cli.bench {
         Bench::Generate { scale, seed, runs } => rt.block_on(generate(scale, seed, runs)),
         Bench::Backfill { scale, jobs, runs } => rt.block_on(backfill(scale, jobs, runs)),
+        Bench::Derive { scale, make, runs } => rt.block_on(derive(scale, &make, runs)),
     }
 }
 
@@ -197,4 +208,146 @@ fn vm_hwm_kb() -> u64 {
             s.lines().find(|l| l.starts_with("VmHWM:")).and_then(|l| l.split_whitespace().nth(1)?.parse().ok())
         })
         .unwrap_or(0)
+}
+
+/// The Python with DuckDB: $WEIR_TOOLS/pyvenv (created by infra/local/pytools.sh), duckdb
+/// installed into it on first use.
+fn duckdb_python() -> Result<std::path::PathBuf> {
+    let out = Command::new("bash").arg("infra/local/pytools.sh").output().context("running infra/local/pytools.sh")?;
+    if !out.status.success() {
+        bail!("infra/local/pytools.sh: {}", String::from_utf8_lossy(&out.stderr).trim());
+    }
+    let python = std::path::PathBuf::from(String::from_utf8_lossy(&out.stdout).trim());
+    let has = Command::new(&python).args(["-c", "import duckdb"]).status()?.success();
+    if !has {
+        let pip = python.with_file_name("pip");
+        let ok = Command::new(pip).args(["install", "-q", "--disable-pip-version-check", "duckdb==2.0.0"]).status()?;
+        if !ok.success() {
+            bail!("cannot install duckdb==2.0.0 from PyPI");
+        }
+    }
+    Ok(python)
+}
+
+async fn derive(scale: f64, make: &str, runs: u32) -> Result<()> {
+    let python = duckdb_python()?;
+    let pg = tokio::task::spawn_blocking(PgCluster::start).await??;
+    let db = pg.create_database("bench")?;
+    let t = Instant::now();
+    weir_synth::generate(&db, &GenerateOptions { scale, seed: 42, replace: false }, Arc::new(NoProgress)).await?;
+    println!("generated SF {scale} in {:.1} s", t.elapsed().as_secs_f64());
+    let sources = weir_ingest::Sources::parse(include_str!("../../tables/sources.toml"), "tables/sources.toml")?;
+    let bronze: Vec<String> = sources.tables.iter().map(|t| t.name.clone()).collect();
+    let lake_dir = tempfile_dir(pg.data_dir())?.join("lake");
+    let lake =
+        weir_lake::Lake::open(weir_core::LakeLocation::Local { root: lake_dir.clone() }, &Default::default(), false)?;
+    let opts = weir_ingest::BackfillOptions { slot: weir_ingest::SlotMode::NoSlot, ..Default::default() };
+    let t = Instant::now();
+    weir_ingest::backfill(&db, &lake, &sources.tables, &opts, Arc::new(weir_ingest::Metrics::default())).await?;
+    println!("backfilled every table in {:.1} s", t.elapsed().as_secs_f64());
+    let jobs = weir_derive::load_dir(Path::new("tables/jobs"), &bronze)?;
+    let as_of = chrono::DateTime::from_timestamp_micros(weir_synth::HISTORY_END).context("as_of")?;
+    let derive_opts = |full: bool| weir_derive::DeriveOptions {
+        job: Some("ads".into()),
+        makes: weir_derive::MakeSelection::One(make.to_string()),
+        as_of_micros: as_of.timestamp_micros(),
+        full,
+        target_file_bytes: 128 << 20,
+    };
+    let mut client = weir_postgres::connect(&db).await?;
+    let (mut legacy, mut weir, mut duck) = (f64::MAX, f64::MAX, f64::MAX);
+    for run in 0..runs {
+        let t = Instant::now();
+        let r = weir_synth::build_legacy_mart(&mut client, make, as_of).await?;
+        let s = t.elapsed().as_secs_f64();
+        println!("run {run}: legacy PostgreSQL build       {s:>8.3} s  {} rows", r.rows);
+        legacy = legacy.min(s);
+
+        let t = Instant::now();
+        let reports = weir_derive::derive(&lake, &jobs, &bronze, &derive_opts(true), |_| {}).await?;
+        let s = t.elapsed().as_secs_f64();
+        let built: Vec<String> = reports
+            .iter()
+            .filter_map(|r| match r.outcome {
+                weir_derive::JobOutcome::Built { rows, elapsed, .. } => {
+                    Some(format!("{} {rows} rows {:.2} s", r.output, elapsed.as_secs_f64()))
+                }
+                _ => None,
+            })
+            .collect();
+        println!("run {run}: weir derive --full (from bronze) {s:>8.3} s  {}", built.join(", "));
+        weir = weir.min(s);
+    }
+    let rows = bench_parity(&client, &lake, make, as_of.timestamp_micros()).await?;
+    println!("parity: gold.ads_{make} identical to the legacy ads_{make} ({rows} rows)");
+
+    let out = Command::new(&python)
+        .arg("benches/py/duckdb_mart.py")
+        .arg(&lake_dir)
+        .arg(make)
+        .arg(as_of.format("%Y-%m-%dT%H:%M:%SZ").to_string())
+        .arg(runs.to_string())
+        .output()
+        .context("running benches/py/duckdb_mart.py")?;
+    if !out.status.success() {
+        bail!("duckdb: {}", String::from_utf8_lossy(&out.stderr).trim());
+    }
+    for (run, line) in String::from_utf8_lossy(&out.stdout).lines().enumerate() {
+        let mut w = line.split_whitespace().skip(1);
+        let s: f64 = w.next().context("duckdb output")?.parse()?;
+        println!("run {run}: duckdb (same Parquet files)      {s:>8.3} s  {} rows", w.next().unwrap_or("?"));
+        duck = duck.min(s);
+    }
+
+    // A taxonomy change: one of the make's models renamed, another moved segment; only
+    // `models` is landed again.
+    client
+        .batch_execute(&format!(
+            "UPDATE models SET name = name || ' Neo', updated_at = now()
+              WHERE model_id = (SELECT min(model_id) FROM models JOIN makes USING (make_id) WHERE slug = '{make}');
+             UPDATE models SET segment = segment || ' (moved)', updated_at = now()
+              WHERE model_id = (SELECT max(model_id) FROM models JOIN makes USING (make_id) WHERE slug = '{make}');"
+        ))
+        .await?;
+    let models = sources.select(Some(&["models".to_string()]))?;
+    let force = weir_ingest::BackfillOptions { force: true, ..opts.clone() };
+    let t = Instant::now();
+    weir_ingest::backfill(&db, &lake, &models, &force, Arc::new(weir_ingest::Metrics::default())).await?;
+    let models_s = t.elapsed().as_secs_f64();
+    let t = Instant::now();
+    let reports = weir_derive::derive(&lake, &jobs, &bronze, &derive_opts(false), |_| {}).await?;
+    let taxonomy = t.elapsed().as_secs_f64();
+    let rebuilt: Vec<&str> = reports
+        .iter()
+        .filter(|r| matches!(r.outcome, weir_derive::JobOutcome::Built { .. }))
+        .map(|r| r.output.as_str())
+        .collect();
+    println!(
+        "taxonomy change: backfill of models {models_s:.3} s, weir derive {taxonomy:.3} s (rebuilt {})",
+        rebuilt.join(", ")
+    );
+    let t = Instant::now();
+    weir_synth::build_legacy_mart(&mut client, make, as_of).await?;
+    let legacy_after = t.elapsed().as_secs_f64();
+    bench_parity(&client, &lake, make, as_of.timestamp_micros()).await?;
+    println!("parity after the taxonomy change: identical (legacy rebuild took {legacy_after:.3} s)");
+
+    println!();
+    println!("ads_{make} at SF {scale}, best of {runs}:");
+    println!("  (a) weir derive --full from bronze (all entities + the mart): {weir:.3} s");
+    println!("  (b) duckdb, the mart from the same Parquet files:              {duck:.3} s");
+    println!("  (c) legacy PostgreSQL build:                                   {legacy:.3} s");
+    println!("  (d) weir re-derive after a taxonomy change:                     {taxonomy:.3} s");
+    println!("  (a)/(b) = {:.2} (target ≤ 1); (d)/(c) = {:.2} % (target ≤ 1 %)", weir / duck, 100.0 * taxonomy / legacy);
+    Ok(())
+}
+
+async fn bench_parity(c: &tokio_postgres::Client, lake: &weir_lake::Lake, make: &str, as_of: i64) -> Result<u64> {
+    let opts =
+        weir_derive::ParityOptions { slug: make.to_string(), legacy_table: None, show: 3, expect_as_of: Some(as_of) };
+    let r = weir_derive::parity(c, lake, &opts).await?;
+    if !r.identical() {
+        bail!("parity failed:\n{}", r.render());
+    }
+    Ok(r.legacy_rows)
 }

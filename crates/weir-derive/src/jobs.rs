@@ -9,7 +9,8 @@
 //! --! materialize = "table"                 # or "view" (planned into its readers, not stored)
 //! --! partition = ["make_id"]               # optional Delta partition columns
 //! --! per = "make"                          # optional: one output per make, ads_<slug>;
-//! --!                                       #   the SQL uses ${slug}; ${as_of} is the reference instant
+//! --!                                       #   the SQL uses ${slug} (and may use ${make_id})
+//! SELECT …                                  # ${as_of}: the reference instant, a timestamptz
 //! SELECT …
 //! ```
 
@@ -113,11 +114,11 @@ impl Job {
         self.sql.contains("${as_of}")
     }
 
-    /// The SQL with `${slug}` and `${as_of}` expanded.
-    pub fn expand(&self, slug: Option<&str>, as_of_micros: i64) -> String {
+    /// The SQL with `${slug}`, `${make_id}` and `${as_of}` expanded.
+    pub fn expand(&self, make: Option<(&str, i64)>, as_of_micros: i64) -> String {
         let mut sql = self.sql.replace("${as_of}", &format!("to_timestamp_micros({as_of_micros}) AT TIME ZONE 'UTC'"));
-        if let Some(s) = slug {
-            sql = sql.replace("${slug}", s);
+        if let Some((slug, id)) = make {
+            sql = sql.replace("${slug}", slug).replace("${make_id}", &id.to_string());
         }
         sql
     }
@@ -209,8 +210,8 @@ pub fn parse_job(file: &Path, text: &str) -> Result<Job, JobError> {
     if h.per.is_some() && !sql_text.contains("${slug}") {
         return Err(JobError::new(file, header_line("per"), "per = \"make\" but the SQL never uses ${slug}"));
     }
-    if h.per.is_none() && sql_text.contains("${slug}") {
-        return Err(JobError::new(file, sql_line, "the SQL uses ${slug} but the header has no per = \"make\""));
+    if h.per.is_none() && (sql_text.contains("${slug}") || sql_text.contains("${make_id}")) {
+        return Err(JobError::new(file, sql_line, "the SQL uses ${slug} or ${make_id} but the header has no per = \"make\""));
     }
     if h.materialize == Materialize::View && (!h.partition.is_empty() || h.per.is_some()) {
         return Err(JobError::new(

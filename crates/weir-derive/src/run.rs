@@ -60,12 +60,13 @@ pub struct JobReport {
 /// One unit of work: a job, for one make when it is per make.
 struct Unit<'a> {
     job: &'a Job,
-    slug: Option<String>,
+    /// (slug, make_id) for a per-make job.
+    make: Option<(String, i64)>,
 }
 
 impl Unit<'_> {
     fn output(&self) -> String {
-        self.job.output(self.slug.as_deref())
+        self.job.output(self.make.as_ref().map(|m| m.0.as_str()))
     }
 }
 
@@ -103,8 +104,8 @@ pub async fn derive(
     let mut units = Vec::new();
     for job in &selected {
         match job.per {
-            Some(Per::Make) => units.extend(slugs.iter().map(|s| Unit { job, slug: Some(s.clone()) })),
-            None => units.push(Unit { job, slug: None }),
+            Some(Per::Make) => units.extend(slugs.iter().map(|m| Unit { job, make: Some(m.clone()) })),
+            None => units.push(Unit { job, make: None }),
         }
     }
 
@@ -140,7 +141,7 @@ pub async fn derive(
         if u.job.uses_as_of() {
             state["as_of_micros"] = json!(opts.as_of_micros);
         }
-        if let Some(s) = &u.slug {
+        if let Some((s, _)) = &u.make {
             state["slug"] = json!(s);
         }
         match u.job.materialize {
@@ -248,10 +249,11 @@ fn short(v: &Value) -> String {
     if s.starts_with("view:") { "(view changed)".into() } else { s.to_string() }
 }
 
-async fn make_slugs(session: &LakeSession, sel: &MakeSelection) -> Result<Vec<String>, DeriveError> {
+/// (slug, make_id) of the selected makes.
+async fn make_slugs(session: &LakeSession, sel: &MakeSelection) -> Result<Vec<(String, i64)>, DeriveError> {
     let batches = session
         .ctx
-        .sql("SELECT slug FROM bronze.makes ORDER BY make_id")
+        .sql("SELECT slug, CAST(make_id AS BIGINT) AS id FROM bronze.makes ORDER BY id")
         .await
         .map_err(df_err("listing makes"))?
         .collect()
@@ -262,18 +264,24 @@ async fn make_slugs(session: &LakeSession, sel: &MakeSelection) -> Result<Vec<St
         let col = arrow::compute::cast(b.column(0), &arrow::datatypes::DataType::Utf8)
             .map_err(|e| df_err("listing makes")(e.into()))?;
         let col = arrow::array::AsArray::as_string::<i32>(&col);
-        all.extend(col.iter().flatten().map(str::to_string));
+        let ids = arrow::array::AsArray::as_primitive::<arrow::datatypes::Int64Type>(b.column(1));
+        all.extend(col.iter().zip(ids.iter()).filter_map(|(s, id)| Some((s?.to_string(), id?))));
     }
     match sel {
         MakeSelection::All => Ok(all),
-        MakeSelection::One(s) if all.contains(s) => Ok(vec![s.clone()]),
-        MakeSelection::One(s) => Err(DeriveError::UnknownMake(s.clone(), all.join(", "))),
+        MakeSelection::One(s) => match all.iter().find(|(a, _)| a == s) {
+            Some(m) => Ok(vec![m.clone()]),
+            None => {
+                let names: Vec<&str> = all.iter().map(|(a, _)| a.as_str()).collect();
+                Err(DeriveError::UnknownMake(s.clone(), names.join(", ")))
+            }
+        },
     }
 }
 
 /// Plans a unit's SQL; an error names the job file and the line.
 async fn plan(session: &LakeSession, u: &Unit<'_>, as_of_micros: i64) -> Result<DataFrame, DeriveError> {
-    let sql = u.job.expand(u.slug.as_deref(), as_of_micros);
+    let sql = u.job.expand(u.make.as_ref().map(|(s, id)| (s.as_str(), *id)), as_of_micros);
     session.ctx.sql(&sql).await.map_err(|e| plan_error(u.job, &e))
 }
 

@@ -50,6 +50,22 @@ enum Bench {
         make: String,
         #[arg(long, default_value_t = 2)]
         runs: u32,
+        /// Keep the lake in this folder (default: a temporary folder).
+        #[arg(long)]
+        lake_dir: Option<std::path::PathBuf>,
+    },
+    /// One SQL statement over an existing lake's tables (bronze.*, silver.*, gold.*), timed,
+    /// with EXPLAIN ANALYZE: for trying a job's SQL before changing it.
+    Query {
+        #[arg(long)]
+        lake_dir: std::path::PathBuf,
+        /// The statement, or @file.
+        #[arg(long)]
+        sql: String,
+        #[arg(long, default_value_t = 3)]
+        runs: u32,
+        #[arg(long)]
+        explain: bool,
     },
 }
 
@@ -59,7 +75,8 @@ fn main() -> Result<()> {
     match cli.bench {
         Bench::Generate { scale, seed, runs } => rt.block_on(generate(scale, seed, runs)),
         Bench::Backfill { scale, jobs, runs } => rt.block_on(backfill(scale, jobs, runs)),
-        Bench::Derive { scale, make, runs } => rt.block_on(derive(scale, &make, runs)),
+        Bench::Derive { scale, make, runs, lake_dir } => rt.block_on(derive(scale, &make, runs, lake_dir)),
+        Bench::Query { lake_dir, sql, runs, explain } => rt.block_on(query(&lake_dir, &sql, runs, explain)),
     }
 }
 
@@ -229,7 +246,51 @@ fn duckdb_python() -> Result<std::path::PathBuf> {
     Ok(python)
 }
 
-async fn derive(scale: f64, make: &str, runs: u32) -> Result<()> {
+async fn query(lake_dir: &Path, sql: &str, runs: u32, explain: bool) -> Result<()> {
+    let sql = match sql.strip_prefix('@') {
+        Some(f) => std::fs::read_to_string(f).with_context(|| format!("reading {f}"))?,
+        None => sql.to_string(),
+    };
+    let lake = weir_lake::Lake::open(
+        weir_core::LakeLocation::Local { root: lake_dir.to_path_buf() },
+        &Default::default(),
+        false,
+    )?;
+    let sources = weir_ingest::Sources::parse(include_str!("../../tables/sources.toml"), "tables/sources.toml")?;
+    let bronze: Vec<String> = sources.tables.iter().map(|t| t.name.clone()).collect();
+    let mut session = weir_derive::LakeSession::open(&lake, &bronze).await?;
+    for t in ["silver/listing_price", "silver/model"] {
+        session.register_delta(&lake, &t.replace('/', ".")).await?;
+    }
+    // Leading statements (SET …;) run once; the last one is timed.
+    let mut parts: Vec<&str> = sql.split(';').map(str::trim).filter(|s| !s.is_empty()).collect();
+    let sql = parts.pop().context("no SQL")?.to_string();
+    for setup in parts {
+        session.ctx.sql(setup).await?.collect().await?;
+    }
+    for run in 0..runs {
+        let t = Instant::now();
+        let batches = session.ctx.sql(&sql).await?.collect().await?;
+        let rows: usize = batches.iter().map(|b| b.num_rows()).sum();
+        println!("run {run}: {:.3} s, {rows} rows", t.elapsed().as_secs_f64());
+    }
+    if explain {
+        let batches = session.ctx.sql(&format!("EXPLAIN ANALYZE {sql}")).await?.collect().await?;
+        for b in &batches {
+            let plan = arrow_cast_string(b.column(1));
+            for p in plan {
+                println!("{p}");
+            }
+        }
+    }
+    Ok(())
+}
+
+fn arrow_cast_string(col: &dyn datafusion_array::Array) -> Vec<String> {
+    (0..col.len()).map(|i| datafusion_array::display_value(col, i)).collect()
+}
+
+async fn derive(scale: f64, make: &str, runs: u32, keep: Option<std::path::PathBuf>) -> Result<()> {
     let python = duckdb_python()?;
     let pg = tokio::task::spawn_blocking(PgCluster::start).await??;
     let db = pg.create_database("bench")?;
@@ -238,7 +299,10 @@ async fn derive(scale: f64, make: &str, runs: u32) -> Result<()> {
     println!("generated SF {scale} in {:.1} s", t.elapsed().as_secs_f64());
     let sources = weir_ingest::Sources::parse(include_str!("../../tables/sources.toml"), "tables/sources.toml")?;
     let bronze: Vec<String> = sources.tables.iter().map(|t| t.name.clone()).collect();
-    let lake_dir = tempfile_dir(pg.data_dir())?.join("lake");
+    let lake_dir = match keep {
+        Some(d) => d,
+        None => tempfile_dir(pg.data_dir())?.join("lake"),
+    };
     let lake =
         weir_lake::Lake::open(weir_core::LakeLocation::Local { root: lake_dir.clone() }, &Default::default(), false)?;
     let opts = weir_ingest::BackfillOptions { slot: weir_ingest::SlotMode::NoSlot, ..Default::default() };
@@ -338,7 +402,11 @@ async fn derive(scale: f64, make: &str, runs: u32) -> Result<()> {
     println!("  (b) duckdb, the mart from the same Parquet files:              {duck:.3} s");
     println!("  (c) legacy PostgreSQL build:                                   {legacy:.3} s");
     println!("  (d) weir re-derive after a taxonomy change:                     {taxonomy:.3} s");
-    println!("  (a)/(b) = {:.2} (target ≤ 1); (d)/(c) = {:.2} % (target ≤ 1 %)", weir / duck, 100.0 * taxonomy / legacy);
+    println!(
+        "  (a)/(b) = {:.2} (target ≤ 1); (d)/(c) = {:.2} % (target ≤ 1 %)",
+        weir / duck,
+        100.0 * taxonomy / legacy
+    );
     Ok(())
 }
 
@@ -350,4 +418,12 @@ async fn bench_parity(c: &tokio_postgres::Client, lake: &weir_lake::Lake, make: 
         bail!("parity failed:\n{}", r.render());
     }
     Ok(r.legacy_rows)
+}
+
+mod datafusion_array {
+    pub use arrow::array::Array;
+
+    pub fn display_value(col: &dyn Array, i: usize) -> String {
+        arrow::util::display::array_value_to_string(col, i).unwrap_or_default()
+    }
 }

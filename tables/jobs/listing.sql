@@ -1,8 +1,8 @@
 --! layer = "silver"
---! description = "The listing entity: current state plus the columns derived from it alone."
+--! description = "The listing entity: current state plus the columns derived from it alone. A view: a projection is cheaper to recompute than to store."
 --! key = ["listing_id"]
 --! sources = ["bronze.listings"]
---! partition = ["make_id"]
+--! materialize = "view"
 SELECT listing_id,
        country,
        make_id,

@@ -1,8 +1,7 @@
 --! layer = "silver"
---! description = "The price log folded once per listing, in EUR (spec: EUR value of a price_log row)."
+--! description = "The price log folded once per listing, in EUR (spec: EUR value of a price_log row). Reads only the log and the rates: listing updates and taxonomy changes leave it alone."
 --! key = ["listing_id"]
---! sources = ["bronze.price_log", "bronze.fx_rates", "bronze.listings"]
---! partition = ["make_id"]
+--! sources = ["bronze.price_log", "bronze.fx_rates"]
 WITH p AS (
     SELECT p.listing_id,
            p.changed_at,
@@ -14,15 +13,13 @@ WITH p AS (
            ON f.currency = p.currency
           AND f.day = CAST(p.changed_at AS DATE)
 )
-SELECT l.make_id,
-       p.listing_id,
-       CAST(first_value(p.eur ORDER BY p.changed_at) AS DECIMAL(12, 2)) AS price_first_eur,
-       CAST(last_value(p.eur ORDER BY p.changed_at) AS DECIMAL(12, 2)) AS price_last_eur,
+SELECT p.listing_id,
+       CAST(first_by(p.eur, p.changed_at) AS DECIMAL(12, 2)) AS price_first_eur,
+       CAST(last_by(p.eur, p.changed_at) AS DECIMAL(12, 2)) AS price_last_eur,
        CAST(min(p.eur) AS DECIMAL(12, 2)) AS price_min_eur,
        CAST(max(p.eur) AS DECIMAL(12, 2)) AS price_max_eur,
        CAST(count(*) AS INT) AS price_rows,
        min(p.changed_at) AS first_price_at,
        max(p.changed_at) AS last_price_at
 FROM p
-JOIN bronze.listings l ON l.listing_id = p.listing_id
-GROUP BY l.make_id, p.listing_id
+GROUP BY p.listing_id

@@ -131,3 +131,54 @@ async fn lake_checks_pass_on_local_and_s3() {
     let err = Lake::open(LakeLocation::S3 { bucket: "lake".into(), prefix: String::new() }, &us, false).unwrap_err();
     assert!(err.to_string().contains("us-east-1") && err.to_string().contains("--allow-non-eu"), "{err}");
 }
+
+/// Without a configured region, an S3 lake's region is the one the bucket reports
+/// (GetBucketLocation, SigV4-signed): an EU bucket opens, a non-EU one is refused naming the
+/// region and the flag, through the library and through `weir doctor`.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn region_comes_from_the_bucket() {
+    for (region, eu) in [("eu-north-1", true), ("us-west-2", false)] {
+        let dir = tempfile::tempdir().unwrap();
+        let mut cfg = S3ServerConfig::local(dir.path());
+        cfg.buckets = vec!["lake".into()];
+        cfg.region = region.into();
+        let server = S3Server::start(cfg).await.unwrap();
+        let s3 = S3Settings {
+            endpoint: Some(server.endpoint()),
+            region: None,
+            access_key_id: Some(weir_testkit::DEFAULT_ACCESS_KEY.into()),
+            secret_access_key: Some(weir_testkit::DEFAULT_SECRET_KEY.into()),
+            session_token: None,
+            allow_http: Some(true),
+        };
+        assert_eq!(weir_lake::store::bucket_region("lake", &s3).await.unwrap(), region);
+        let loc = LakeLocation::S3 { bucket: "lake".into(), prefix: "w".into() };
+        let opened = Lake::open_resolving(loc.clone(), &s3, false).await;
+        let out = std::process::Command::new(crate::common::weir_bin())
+            .args(["doctor", "--lake", "s3://lake/w"])
+            .env("AWS_ENDPOINT_URL", server.endpoint())
+            .env("AWS_ACCESS_KEY_ID", weir_testkit::DEFAULT_ACCESS_KEY)
+            .env("AWS_SECRET_ACCESS_KEY", weir_testkit::DEFAULT_SECRET_KEY)
+            .env("AWS_ALLOW_HTTP", "true")
+            .env_remove("AWS_REGION")
+            .env_remove("AWS_DEFAULT_REGION")
+            .env_remove("WEIR_LAKE")
+            .output()
+            .unwrap();
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        if eu {
+            assert!(opened.is_ok(), "{:?}", opened.err());
+            assert!(out.status.success(), "{stderr}");
+        } else {
+            let err = opened.unwrap_err().to_string();
+            assert!(err.contains(region) && err.contains("--allow-non-eu"), "{err}");
+            assert!(!out.status.success());
+            assert!(stderr.contains(region) && stderr.contains("--allow-non-eu"), "{stderr}");
+            assert!(Lake::open_resolving(loc, &s3, true).await.is_ok());
+        }
+        // A wrong secret: the question itself is refused, and the error says what to set.
+        let bad = S3Settings { secret_access_key: Some("wrong".into()), ..s3.clone() };
+        let err = weir_lake::store::bucket_region("lake", &bad).await.unwrap_err().to_string();
+        assert!(err.contains("\"lake\"") && err.contains("AWS_REGION") && err.contains("403"), "{err}");
+    }
+}

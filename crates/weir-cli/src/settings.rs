@@ -34,3 +34,11 @@ pub fn parse_scale(s: &str) -> Result<f64> {
     weir_synth::generate::listing_count(v)?;
     Ok(v)
 }
+
+/// The lake from the flag (clap already applied WEIR_LAKE) or the config, opened; an S3
+/// bucket without a configured region is asked for its location.
+pub async fn open_lake(flag: Option<&str>, cfg: &Config, allow_non_eu: bool) -> Result<weir_lake::Lake> {
+    let uri = flag.unwrap_or_else(|| cfg.lake_or_default());
+    let location = weir_core::LakeLocation::parse(uri, &std::env::current_dir()?)?;
+    Ok(weir_lake::Lake::open_resolving(location, &cfg.s3, allow_non_eu || cfg.allow_non_eu).await?)
+}

@@ -115,6 +115,22 @@ pub fn check_eu_region(bucket: &str, region: Option<&str>, allow_non_eu: bool) -
     }
 }
 
+/// The region in a GetBucketLocation answer: empty means us-east-1, "EU" means eu-west-1.
+pub fn parse_bucket_location(xml: &str) -> String {
+    let inner = xml
+        .split("<LocationConstraint")
+        .nth(1)
+        .and_then(|r| r.split_once('>'))
+        .map(|(attrs, rest)| if attrs.ends_with('/') { "" } else { rest.split('<').next().unwrap_or("") })
+        .unwrap_or("")
+        .trim();
+    match inner {
+        "" => "us-east-1".to_string(),
+        "EU" => "eu-west-1".to_string(),
+        r => r.to_string(),
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -152,5 +168,20 @@ mod tests {
         assert!(check_eu_region("b", Some("eu-central-2"), false).is_err(), "Zurich is not in the EU");
         assert!(check_eu_region("b", Some("us-east-1"), true).is_ok());
         assert!(check_eu_region("b", None, false).is_err());
+    }
+
+    #[test]
+    fn location_answers() {
+        let ns = "xmlns=\"http://s3.amazonaws.com/doc/2006-03-01/\"";
+        assert_eq!(
+            parse_bucket_location(&format!("<LocationConstraint {ns}>eu-central-1</LocationConstraint>")),
+            "eu-central-1"
+        );
+        assert_eq!(parse_bucket_location(&format!("<LocationConstraint {ns}/>")), "us-east-1");
+        assert_eq!(parse_bucket_location(&format!("<LocationConstraint {ns}></LocationConstraint>")), "us-east-1");
+        assert_eq!(
+            parse_bucket_location("<?xml version=\"1.0\"?><LocationConstraint>EU</LocationConstraint>"),
+            "eu-west-1"
+        );
     }
 }

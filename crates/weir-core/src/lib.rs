@@ -10,5 +10,5 @@ pub mod time;
 
 pub use config::{Config, ConfigError, S3Settings};
 pub use ident::{IdentError, validate_slug};
-pub use lake::{EU_REGIONS, LakeError, LakeLocation, check_eu_region, is_eu_region};
+pub use lake::{EU_REGIONS, LakeError, LakeLocation, check_eu_region, is_eu_region, parse_bucket_location};
 pub use time::{TimeError, parse_date, parse_timestamp};

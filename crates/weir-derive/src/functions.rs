@@ -37,6 +37,8 @@ const DIV_PRECISION: u8 = 76;
 pub fn register(ctx: &mut SessionContext) -> Result<()> {
     ctx.register_udf(pg_div());
     ctx.register_udf(fit_numeric());
+    ctx.register_udaf(crate::aggregates::first_by());
+    ctx.register_udaf(crate::aggregates::last_by());
     datafusion::execution::FunctionRegistry::register_expr_planner(ctx, Arc::new(PgArithmetic))?;
     Ok(())
 }

@@ -211,7 +211,11 @@ pub fn parse_job(file: &Path, text: &str) -> Result<Job, JobError> {
         return Err(JobError::new(file, header_line("per"), "per = \"make\" but the SQL never uses ${slug}"));
     }
     if h.per.is_none() && (sql_text.contains("${slug}") || sql_text.contains("${make_id}")) {
-        return Err(JobError::new(file, sql_line, "the SQL uses ${slug} or ${make_id} but the header has no per = \"make\""));
+        return Err(JobError::new(
+            file,
+            sql_line,
+            "the SQL uses ${slug} or ${make_id} but the header has no per = \"make\"",
+        ));
     }
     if h.materialize == Materialize::View && (!h.partition.is_empty() || h.per.is_some()) {
         return Err(JobError::new(

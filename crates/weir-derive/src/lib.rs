@@ -2,6 +2,7 @@
 //! lake's bronze Delta tables and land silver (entities) and gold (marts) Delta tables,
 //! incrementally; PostgreSQL-exact numerics; and `weir parity` against the legacy mart.
 
+pub mod aggregates;
 pub mod functions;
 pub mod jobs;
 pub mod parity;

@@ -16,6 +16,8 @@ pub enum LakeStoreError {
     Location(#[from] LakeError),
     #[error("cannot open lake {url}: {message}")]
     Open { url: String, message: String },
+    #[error("cannot learn the region of bucket {bucket:?} (set s3.region in weir.toml or AWS_REGION): {message}")]
+    Region { bucket: String, message: String },
 }
 
 /// An opened lake.
@@ -33,7 +35,72 @@ impl std::fmt::Debug for Lake {
     }
 }
 
+/// The region an S3 bucket reports (GetBucketLocation, signed with SigV4 when credentials
+/// are configured). Against AWS itself without credentials, the unsigned HeadBucket answer.
+pub async fn bucket_region(bucket: &str, s3: &S3Settings) -> Result<String, LakeStoreError> {
+    use object_store::aws::{AwsAuthorizer, AwsCredential};
+    use object_store::client::{HttpConnector, HttpRequestBody, ReqwestConnector};
+
+    let err = |message: String| LakeStoreError::Region { bucket: bucket.to_string(), message };
+    let (Some(key), Some(secret)) = (&s3.access_key_id, &s3.secret_access_key) else {
+        if s3.endpoint.is_some() {
+            return Err(err(
+                "no credentials to ask the endpoint with (AWS_ACCESS_KEY_ID, AWS_SECRET_ACCESS_KEY)".into()
+            ));
+        }
+        return object_store::aws::resolve_bucket_region(bucket, &client_options())
+            .await
+            .map_err(|e| err(e.to_string()));
+    };
+    let endpoint = s3.endpoint.clone().unwrap_or_else(|| "https://s3.amazonaws.com".to_string());
+    let url = format!("{}/{bucket}?location", endpoint.trim_end_matches('/'));
+    let client = ReqwestConnector::default()
+        .connect(&client_options().with_allow_http(allow_http(s3)))
+        .map_err(|e| err(e.to_string()))?;
+    let mut request = http::Request::builder()
+        .method("GET")
+        .uri(&url)
+        .body(HttpRequestBody::empty())
+        .map_err(|e| err(format!("bad endpoint {endpoint:?}: {e}")))?;
+    let credential = AwsCredential { key_id: key.clone(), secret_key: secret.clone(), token: s3.session_token.clone() };
+    // GetBucketLocation may be asked of any region; us-east-1 is the one every endpoint accepts.
+    AwsAuthorizer::new(&credential, "s3", "us-east-1").authorize(&mut request, None);
+    let response = client.execute(request).await.map_err(|e| err(format!("GET {url}: {e}")))?;
+    let status = response.status();
+    let body = response.into_body().bytes().await.map_err(|e| err(format!("GET {url}: {e}")))?;
+    let text = String::from_utf8_lossy(&body);
+    if !status.is_success() {
+        let code = text.split("<Code>").nth(1).and_then(|r| r.split('<').next()).unwrap_or("");
+        return Err(err(format!("GET {url}: HTTP {status} {code}")));
+    }
+    Ok(weir_core::parse_bucket_location(&text))
+}
+
+fn client_options() -> object_store::ClientOptions {
+    object_store::ClientOptions::new()
+        .with_connect_timeout(std::time::Duration::from_secs(5))
+        .with_timeout(std::time::Duration::from_secs(20))
+}
+
 impl Lake {
+    /// Opens the lake; for an `s3://` lake without a configured region, the bucket's reported
+    /// region decides (see [`bucket_region`]).
+    pub async fn open_resolving(
+        location: LakeLocation,
+        s3: &S3Settings,
+        allow_non_eu: bool,
+    ) -> Result<Self, LakeStoreError> {
+        if let LakeLocation::S3 { bucket, .. } = &location
+            && s3.region.is_none()
+        {
+            let region = bucket_region(bucket, s3).await?;
+            tracing::info!(bucket, region, "region from the bucket's location");
+            let s3 = S3Settings { region: Some(region), ..s3.clone() };
+            return Self::open(location, &s3, allow_non_eu);
+        }
+        Self::open(location, s3, allow_non_eu)
+    }
+
     /// Opens the lake. An `s3://` lake must name an EU region (config or `AWS_REGION`) unless
     /// `allow_non_eu`; a local lake's folder is created when missing.
     pub fn open(location: LakeLocation, s3: &S3Settings, allow_non_eu: bool) -> Result<Self, LakeStoreError> {

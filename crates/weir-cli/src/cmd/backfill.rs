@@ -6,7 +6,7 @@ use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result};
 use indicatif::{MultiProgress, ProgressBar, ProgressStyle};
-use weir_core::{Config, LakeLocation};
+use weir_core::Config;
 use weir_ingest::{BackfillOptions, Metrics, Outcome, SlotMode, Sources, TableReport};
 use weir_lake::Lake;
 
@@ -16,9 +16,7 @@ use crate::settings;
 
 pub async fn run(a: BackfillArgs, cfg: &Config) -> Result<()> {
     let url = settings::pg_url(a.pg.pg.as_deref(), cfg)?;
-    let uri = a.lake.clone().unwrap_or_else(|| cfg.lake_or_default().to_string());
-    let lake =
-        Lake::open(LakeLocation::parse(&uri, &std::env::current_dir()?)?, &cfg.s3, a.allow_non_eu || cfg.allow_non_eu)?;
+    let lake = settings::open_lake(a.lake.as_deref(), cfg, a.allow_non_eu).await?;
     let sources = load_sources(a.sources.as_deref())?;
     let tables = sources.select(a.tables.as_deref())?;
     let slot = match (a.no_slot, a.slot) {

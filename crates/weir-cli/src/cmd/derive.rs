@@ -4,7 +4,7 @@ use std::path::Path;
 use std::time::Instant;
 
 use anyhow::{Context, Result};
-use weir_core::{Config, LakeLocation, parse_timestamp};
+use weir_core::{Config, parse_timestamp};
 use weir_derive::{DeriveOptions, JobOutcome, JobReport, Jobs, MakeSelection};
 use weir_lake::Lake;
 
@@ -30,9 +30,7 @@ pub fn load_jobs(dir: Option<&Path>, bronze: &[String]) -> Result<Jobs> {
 }
 
 pub async fn run(a: DeriveArgs, cfg: &Config) -> Result<()> {
-    let uri = a.lake.clone().unwrap_or_else(|| cfg.lake_or_default().to_string());
-    let lake =
-        Lake::open(LakeLocation::parse(&uri, &std::env::current_dir()?)?, &cfg.s3, a.allow_non_eu || cfg.allow_non_eu)?;
+    let lake = crate::settings::open_lake(a.lake.as_deref(), cfg, a.allow_non_eu).await?;
     let sources = super::backfill::load_sources(a.sources.as_deref())?;
     let bronze: Vec<String> = sources.tables.iter().map(|t| t.name.clone()).collect();
     let jobs = load_jobs(a.jobs_dir.as_deref(), &bronze)?;

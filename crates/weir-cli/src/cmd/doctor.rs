@@ -1,13 +1,11 @@
 use anyhow::{Result, bail};
-use weir_core::{Config, LakeLocation};
+use weir_core::Config;
 use weir_lake::Lake;
 
 use crate::cli::DoctorArgs;
 
 pub async fn run(a: DoctorArgs, cfg: &Config) -> Result<()> {
-    let uri = a.lake.clone().unwrap_or_else(|| cfg.lake_or_default().to_string());
-    let cwd = std::env::current_dir()?;
-    let lake = Lake::open(LakeLocation::parse(&uri, &cwd)?, &cfg.s3, a.allow_non_eu || cfg.allow_non_eu)?;
+    let lake = crate::settings::open_lake(a.lake.as_deref(), cfg, a.allow_non_eu).await?;
     println!("lake {}", lake.url());
     if !report(&lake).await {
         bail!("lake {} failed its checks", lake.url());

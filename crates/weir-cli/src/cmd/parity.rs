@@ -1,18 +1,15 @@
 //! `weir parity`: gold.ads_<slug> in the lake against the legacy ads_<slug> in PostgreSQL.
 
 use anyhow::{Result, bail};
-use weir_core::{Config, LakeLocation, parse_timestamp};
+use weir_core::{Config, parse_timestamp};
 use weir_derive::ParityOptions;
-use weir_lake::Lake;
 
 use crate::cli::ParityArgs;
 use crate::settings;
 
 pub async fn run(a: ParityArgs, cfg: &Config) -> Result<()> {
     let url = settings::pg_url(a.pg.pg.as_deref(), cfg)?;
-    let uri = a.lake.clone().unwrap_or_else(|| cfg.lake_or_default().to_string());
-    let lake =
-        Lake::open(LakeLocation::parse(&uri, &std::env::current_dir()?)?, &cfg.s3, a.allow_non_eu || cfg.allow_non_eu)?;
+    let lake = settings::open_lake(a.lake.as_deref(), cfg, a.allow_non_eu).await?;
     let expect_as_of = a.as_of.as_deref().map(parse_timestamp).transpose()?.map(|t| t.timestamp_micros());
     let client = weir_postgres::connect(&url).await?;
     let opts = ParityOptions { slug: a.make.clone(), legacy_table: a.legacy_table.clone(), show: a.show, expect_as_of };

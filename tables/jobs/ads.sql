@@ -42,6 +42,6 @@ FROM silver.listing l
 JOIN bronze.makes mk ON mk.make_id = l.make_id AND mk.slug = '${slug}'
 LEFT JOIN silver.model mo ON mo.model_id = l.model_id
 LEFT JOIN silver.dealer d ON d.dealer_id = l.dealer_id
-LEFT JOIN silver.listing_price p ON p.listing_id = l.listing_id
--- ${make_id}: the slug's make_id, a literal the scan of the listings can filter on
+LEFT JOIN silver.listing_price p ON p.listing_id = l.listing_id AND p.make_id = ${make_id}
+-- ${make_id}: the slug's make_id, a literal that prunes listing_price to the make's partition
 WHERE l.make_id = ${make_id}

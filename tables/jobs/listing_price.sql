@@ -1,7 +1,8 @@
 --! layer = "silver"
---! description = "The price log folded once per listing, in EUR (spec: EUR value of a price_log row). Reads only the log and the rates: listing updates and taxonomy changes leave it alone."
+--! description = "The price log folded once per listing, in EUR (spec: EUR value of a price_log row), partitioned by make: a one-make derive folds only that make's prices."
 --! key = ["listing_id"]
---! sources = ["bronze.price_log", "bronze.fx_rates"]
+--! sources = ["bronze.price_log", "bronze.fx_rates", "bronze.listings"]
+--! partition = ["make_id"]
 WITH p AS (
     SELECT p.listing_id,
            p.changed_at,
@@ -13,7 +14,8 @@ WITH p AS (
            ON f.currency = p.currency
           AND f.day = CAST(p.changed_at AS DATE)
 )
-SELECT p.listing_id,
+SELECT l.make_id,
+       p.listing_id,
        CAST(first_by(p.eur, p.changed_at) AS DECIMAL(12, 2)) AS price_first_eur,
        CAST(last_by(p.eur, p.changed_at) AS DECIMAL(12, 2)) AS price_last_eur,
        CAST(min(p.eur) AS DECIMAL(12, 2)) AS price_min_eur,
@@ -22,4 +24,5 @@ SELECT p.listing_id,
        min(p.changed_at) AS first_price_at,
        max(p.changed_at) AS last_price_at
 FROM p
-GROUP BY p.listing_id
+JOIN bronze.listings l ON l.listing_id = p.listing_id
+GROUP BY l.make_id, p.listing_id

@@ -85,7 +85,9 @@ async fn assert_parity(url: &str, lake: &Lake, slugs: &[String], when: &str) {
         rows += r.legacy_rows;
     }
     let total = common::scalar_i64(&c, "SELECT count(*) FROM listings").await;
-    assert_eq!(rows as i64, total, "{when}: the marts together hold every listing");
+    if slugs.len() > 1 {
+        assert_eq!(rows as i64, total, "{when}: the marts together hold every listing");
+    }
 }
 
 /// Parity is exact for every make on generated data with the hard cases, after days of
@@ -123,6 +125,16 @@ async fn marts_equal_the_legacy_marts() {
             .unwrap();
         backfill(&url, &lake, None).await;
         legacy_all(&url).await;
+        if i == 1 {
+            // One make first: only its partition of the folded price log is rebuilt.
+            let (ok, out, err) = derive(dir.path(), &["--make", "vw"]);
+            assert!(ok, "{out}\n{err}");
+            let o = outcomes(&out);
+            assert_eq!(o.get("silver.listing_price").map(String::as_str), Some("built"), "{out}");
+            assert!(out.contains("make_id=") && out.contains(" only: "), "a partition rebuild says so:\n{out}");
+            assert_eq!(o.keys().filter(|k| k.starts_with("gold.")).count(), 1, "{out}");
+            assert_parity(&url, &lake, &["vw".to_string()], &format!("after day {date}, vw alone")).await;
+        }
         let (ok, out, err) = derive(dir.path(), &[]);
         assert!(ok, "{out}\n{err}");
         assert_eq!(outcomes(&out).get("silver.listing_price").map(String::as_str), Some("built"), "{out}");

@@ -231,9 +231,7 @@ pub async fn parity(pg: &Client, lake: &Lake, opts: &ParityOptions) -> Result<Pa
     let table = weir_lake::open_table(lake, &lake_name.replace('.', "/")).await?;
     let lake_as_of = weir_lake::last_commit_info(&table, &lake_name)
         .await?
-        .and_then(|m| m.get(crate::run::STATE_KEY).and_then(|v| v.as_str()).map(str::to_string))
-        .and_then(|s| serde_json::from_str::<serde_json::Value>(&s).ok())
-        .and_then(|v| v["as_of_micros"].as_i64());
+        .and_then(|m| crate::run::recorded_as_of(m.get(crate::run::STATE_KEY)));
     let df = session.ctx.table(lake_name.as_str()).await.map_err(df_err(format!("reading {lake_name}")))?;
     let lake_cols: Vec<(String, DataType)> =
         df.schema().fields().iter().map(|f| (f.name().clone(), f.data_type().clone())).collect();

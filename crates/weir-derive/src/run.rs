@@ -62,6 +62,8 @@ struct Unit<'a> {
     job: &'a Job,
     /// (slug, make_id) for a per-make job.
     make: Option<(String, i64)>,
+    /// For a table partitioned by make_id in a one-make run: only that make's partition.
+    scope: Option<i64>,
 }
 
 impl Unit<'_> {
@@ -99,13 +101,20 @@ pub async fn derive(
             }
         }
     }
-    let slugs =
-        if selected.iter().any(|j| j.per.is_some()) { make_slugs(&session, &opts.makes).await? } else { vec![] };
+    let one_make = matches!(opts.makes, MakeSelection::One(_));
+    let slugs = if one_make || selected.iter().any(|j| j.per.is_some()) {
+        make_slugs(&session, &opts.makes).await?
+    } else {
+        vec![]
+    };
     let mut units = Vec::new();
     for job in &selected {
         match job.per {
-            Some(Per::Make) => units.extend(slugs.iter().map(|m| Unit { job, make: Some(m.clone()) })),
-            None => units.push(Unit { job, make: None }),
+            Some(Per::Make) => units.extend(slugs.iter().map(|m| Unit { job, make: Some(m.clone()), scope: None })),
+            None => {
+                let scoped = one_make && job.materialize == Materialize::Table && job.partition == [MAKE_ID];
+                units.push(Unit { job, make: None, scope: slugs.first().filter(|_| scoped).map(|m| m.1) })
+            }
         }
     }
 
@@ -158,13 +167,21 @@ pub async fn derive(
             Materialize::Table => {
                 let rel = out.replace('.', "/");
                 let table = weir_lake::open_table(lake, &rel).await?;
-                let previous = match weir_lake::last_commit_info(&table, &rel).await? {
-                    Some(info) => {
-                        info.get(STATE_KEY).and_then(|v| v.as_str()).and_then(|s| serde_json::from_str::<Value>(s).ok())
-                    }
-                    None => None,
+                let stored = match weir_lake::last_commit_info(&table, &rel).await? {
+                    Some(info) => StoredState::parse(info.get(STATE_KEY)),
+                    None => StoredState::default(),
                 };
-                let reason = why_rebuild(previous.as_ref(), &state, opts.full);
+                let built_from = stored.built_from(u.scope);
+                let reason =
+                    if built_from.is_none() && u.scope.is_none() && !stored.partitions.is_empty() && !opts.full {
+                        Some(format!("{MAKE_ID} partitions were rebuilt alone since the last whole build"))
+                    } else {
+                        why_rebuild(built_from.as_ref(), &state, opts.full)
+                    }
+                    .map(|r| match u.scope {
+                        Some(id) => format!("{MAKE_ID}={id} only: {r}"),
+                        None => r,
+                    });
                 let Some(reason) = reason else {
                     let version = table.version().map_or(0, |v| v as i64);
                     tokens.insert(out.clone(), format!("v{version}"));
@@ -178,7 +195,8 @@ pub async fn derive(
                 on_start(&out);
                 let t = Instant::now();
                 let df = plan(&session, u, opts.as_of_micros).await?;
-                let (rows, files, bytes, version) = write(lake, table, &rel, u.job, df, &state, opts).await?;
+                let recorded = stored.with(u.scope, state.clone());
+                let (rows, files, bytes, version) = write(lake, table, &rel, u, df, &recorded, opts).await?;
                 session.register_delta(lake, &out).await?;
                 tokens.insert(out.clone(), format!("v{version}"));
                 reports.push(JobReport {
@@ -190,6 +208,54 @@ pub async fn derive(
         }
     }
     Ok(reports)
+}
+
+const MAKE_ID: &str = "make_id";
+
+/// What a derived table was built from, as recorded in its last commit: the state of the
+/// last whole-table build, and of each partition rebuilt alone since.
+#[derive(Debug, Default, Clone)]
+struct StoredState {
+    all: Option<Value>,
+    partitions: serde_json::Map<String, Value>,
+}
+
+impl StoredState {
+    fn parse(v: Option<&Value>) -> Self {
+        let Some(v) = v.and_then(|v| v.as_str()).and_then(|s| serde_json::from_str::<Value>(s).ok()) else {
+            return Self::default();
+        };
+        StoredState {
+            all: v.get("all").filter(|a| !a.is_null()).cloned(),
+            partitions: v.get("partitions").and_then(|p| p.as_object()).cloned().unwrap_or_default(),
+        }
+    }
+
+    /// The state the whole table (None) or one partition was built from, if it is uniform.
+    fn built_from(&self, scope: Option<i64>) -> Option<Value> {
+        match scope {
+            None if self.partitions.is_empty() => self.all.clone(),
+            None => None,
+            Some(id) => self.partitions.get(&id.to_string()).cloned().or_else(|| self.all.clone()),
+        }
+    }
+
+    /// The record after building the whole table (None) or one partition from `state`.
+    fn with(&self, scope: Option<i64>, state: Value) -> Value {
+        match scope {
+            None => json!({ "all": state, "partitions": {} }),
+            Some(id) => {
+                let mut partitions = self.partitions.clone();
+                partitions.insert(id.to_string(), state);
+                json!({ "all": self.all, "partitions": partitions })
+            }
+        }
+    }
+}
+
+/// The as-of instant a whole-table build recorded (µs), if it read one.
+pub fn recorded_as_of(state: Option<&Value>) -> Option<i64> {
+    StoredState::parse(state).all?.get("as_of_micros")?.as_i64()
 }
 
 /// The default as-of instant: when the newest of the bronze tables was committed (µs), so a
@@ -279,10 +345,17 @@ async fn make_slugs(session: &LakeSession, sel: &MakeSelection) -> Result<Vec<(S
     }
 }
 
-/// Plans a unit's SQL; an error names the job file and the line.
+/// Plans a unit's SQL; an error names the job file and the line. A scoped unit keeps only
+/// its partition's rows (the filter is pushed down through the plan by DataFusion).
 async fn plan(session: &LakeSession, u: &Unit<'_>, as_of_micros: i64) -> Result<DataFrame, DeriveError> {
     let sql = u.job.expand(u.make.as_ref().map(|(s, id)| (s.as_str(), *id)), as_of_micros);
-    session.ctx.sql(&sql).await.map_err(|e| plan_error(u.job, &e))
+    let df = session.ctx.sql(&sql).await.map_err(|e| plan_error(u.job, &e))?;
+    match u.scope {
+        None => Ok(df),
+        Some(id) => df
+            .filter(datafusion::prelude::col(MAKE_ID).eq(datafusion::prelude::lit(id)))
+            .map_err(|e| plan_error(u.job, &e)),
+    }
 }
 
 fn plan_error(job: &Job, e: &datafusion::error::DataFusionError) -> DeriveError {
@@ -359,11 +432,12 @@ async fn write(
     lake: &Lake,
     table: deltalake::DeltaTable,
     rel: &str,
-    job: &Job,
+    u: &Unit<'_>,
     df: DataFrame,
     state: &Value,
     opts: &DeriveOptions,
 ) -> Result<(u64, usize, u64, i64), DeriveError> {
+    let job = u.job;
     let schema = storage_schema(df.schema().as_arrow());
     for p in &job.partition {
         if schema.field_with_name(p).is_err() {
@@ -408,6 +482,8 @@ async fn write(
     meta.insert(STATE_KEY.to_string(), Value::String(state.to_string()));
     meta.insert("weir.derive.rows".to_string(), json!(rows));
     meta.insert("weir.derive.key".to_string(), json!(job.key));
-    let version = weir_lake::commit_files(table, rel, &schema, &job.partition, adds, meta).await?;
+    let value = u.scope.map(|id| id.to_string());
+    let partition = value.as_deref().map(|v| (MAKE_ID, v));
+    let version = weir_lake::commit_files(table, rel, &schema, &job.partition, adds, meta, partition).await?;
     Ok((rows, files, bytes, version))
 }

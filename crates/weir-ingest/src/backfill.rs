@@ -324,7 +324,8 @@ pub async fn backfill(
         let table = weir_lake::open_table(lake, &t.bronze_path()).await?;
         let partition_cols: Vec<String> = t.partition_column().into_iter().collect();
         let version =
-            weir_lake::commit_files(table, &t.bronze_path(), &work.schema, &partition_cols, adds, metadata).await?;
+            weir_lake::commit_files(table, &t.bronze_path(), &work.schema, &partition_cols, adds, metadata, None)
+                .await?;
         let seconds = match (
             *work.first_start.lock().unwrap_or_else(|p| p.into_inner()),
             *work.last_end.lock().unwrap_or_else(|p| p.into_inner()),

@@ -44,9 +44,10 @@ pub async fn last_commit_info(table: &DeltaTable, rel: &str) -> Result<Option<Ha
 }
 
 /// Commits `adds` as the table's content in one commit: creates the table (schema and
-/// partitioning) when it does not exist, otherwise replaces every current file (overwrite).
-/// Returns the new version. A concurrent writer that commits first makes this fail, never
-/// corrupt: the commit file is written with put-if-absent.
+/// partitioning) when it does not exist, otherwise replaces every current file (overwrite),
+/// or with `partition` (`column = value`) only that partition's files. Returns the new
+/// version. A concurrent writer that commits first makes this fail, never corrupt: the
+/// commit file is written with put-if-absent.
 pub async fn commit_files(
     table: DeltaTable,
     rel: &str,
@@ -54,6 +55,7 @@ pub async fn commit_files(
     partition_columns: &[String],
     adds: Vec<Add>,
     metadata: HashMap<String, Value>,
+    partition: Option<(&str, &str)>,
 ) -> Result<i64, DeltaError> {
     let props = CommitProperties::default().with_metadata(metadata.clone());
     if table.version().is_none() {
@@ -71,8 +73,12 @@ pub async fn commit_files(
             .map_err(|source| classify(rel, source))?;
         return Ok(created.version().unwrap_or(0) as i64);
     }
+    let filters = match partition {
+        Some((c, v)) => vec![deltalake::PartitionFilter::try_from((c, "=", v)).map_err(delta_err(rel))?],
+        None => vec![],
+    };
     let removes: Vec<Action> = table
-        .get_active_add_actions_by_partitions(&[])
+        .get_active_add_actions_by_partitions(&filters)
         .map_ok(|f| Action::Remove(f.remove_action(true)))
         .try_collect()
         .await
@@ -93,7 +99,7 @@ pub async fn commit_files(
     let op = DeltaOperation::Write {
         mode: SaveMode::Overwrite,
         partition_by: Some(partition_columns.to_vec()),
-        predicate: None,
+        predicate: partition.map(|(c, v)| format!("{c} = {v}")),
     };
     let done = CommitBuilder::default()
         .with_actions(actions)

@@ -49,3 +49,10 @@ pub async fn column_info(c: &tokio_postgres::Client, table: &str) -> Vec<(String
 pub async fn column_types(c: &tokio_postgres::Client, table: &str) -> Vec<(String, String)> {
     column_info(c, table).await.into_iter().map(|(n, _, f)| (n, f)).collect()
 }
+
+/// The Python with the PyPI tools (deltalake, pyarrow, ADBC), set by ./infra/local/test.sh.
+pub fn python() -> String {
+    std::env::var("WEIR_PYTHON").unwrap_or_else(|_| {
+        panic!("WEIR_PYTHON is not set: run the tests through ./infra/local/test.sh, which installs the Python tools (infra/local/pytools.sh)")
+    })
+}

@@ -8,12 +8,6 @@ use weir_ingest::{BackfillOptions, Metrics, Sources};
 use crate::backfill::lakes;
 use crate::common;
 
-fn python() -> String {
-    std::env::var("WEIR_PYTHON").unwrap_or_else(|_| {
-        panic!("WEIR_PYTHON is not set: run the tests through ./infra/local/test.sh, which installs deltalake and pyarrow (infra/local/pytools.sh)")
-    })
-}
-
 /// The pyarrow type a PostgreSQL column must arrive as.
 fn expected_type(format_type: &str) -> String {
     if let Some(ps) = format_type.strip_prefix("numeric(").and_then(|r| r.strip_suffix(')')) {
@@ -36,7 +30,7 @@ fn expected_type(format_type: &str) -> String {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn python_deltalake_reads_every_table() {
-    let py = python();
+    let py = common::python();
     let (lakes, server, _dir) = lakes().await;
     let (_pg, url) = common::marketplace(0.01, 21).await;
     let c = common::client(&url).await;

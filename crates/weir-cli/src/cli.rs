@@ -34,6 +34,8 @@ pub enum Command {
     Derive(DeriveArgs),
     /// Compare a mart in the lake with the legacy table in PostgreSQL: counts, checksums, first differences.
     Parity(ParityArgs),
+    /// Serve every lake table and view over Arrow Flight SQL (ADBC, pyarrow, JDBC clients).
+    Serve(ServeArgs),
     /// The legacy mart pipeline inside PostgreSQL, kept as the reference for parity.
     #[command(subcommand)]
     Legacy(LegacyCmd),
@@ -271,6 +273,28 @@ pub struct ParityArgs {
     /// Differing rows shown per column.
     #[arg(long, default_value_t = 5)]
     pub show: usize,
+    /// Accept an S3 bucket outside the EU.
+    #[arg(long)]
+    pub allow_non_eu: bool,
+}
+
+#[derive(Debug, Args)]
+pub struct ServeArgs {
+    /// Lake URI: file://path or s3://bucket/prefix (or WEIR_LAKE, or lake in weir.toml).
+    #[arg(long, env = "WEIR_LAKE")]
+    pub lake: Option<String>,
+    /// Address to listen on (port 0 picks a free one and prints it).
+    #[arg(long, default_value = "127.0.0.1:50051")]
+    pub addr: String,
+    /// Per-query memory limit in MiB (default: serve.memory_limit_mb in weir.toml, else 1024).
+    #[arg(long)]
+    pub memory_limit_mb: Option<usize>,
+    /// How often, at most, the table list is re-read (new Delta versions show up after this).
+    #[arg(long, default_value_t = 1000)]
+    pub refresh_ms: u64,
+    /// The jobs folder whose views are served (default: tables/jobs when present, else the built-in copy).
+    #[arg(long)]
+    pub jobs_dir: Option<PathBuf>,
     /// Accept an S3 bucket outside the EU.
     #[arg(long)]
     pub allow_non_eu: bool,

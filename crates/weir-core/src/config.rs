@@ -26,6 +26,41 @@ pub struct Config {
     pub allow_non_eu: bool,
     #[serde(default)]
     pub s3: S3Settings,
+    #[serde(default)]
+    pub serve: ServeSettings,
+}
+
+/// `weir serve`: who may connect, and how much a query may use.
+#[derive(Debug, Clone, Default, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct ServeSettings {
+    /// Users for the Flight handshake (basic auth → a bearer token).
+    #[serde(default)]
+    pub users: Vec<ServeUser>,
+    /// Bearer tokens accepted without a handshake (`WEIR_SERVE_TOKEN` adds one).
+    #[serde(default)]
+    pub tokens: Vec<String>,
+    /// Accept clients without credentials. Off unless set.
+    #[serde(default)]
+    pub anonymous: bool,
+    /// Per-query memory limit in MiB (default 1024); a query over it fails, it never spills.
+    pub memory_limit_mb: Option<usize>,
+    /// TLS certificate and key (PEM) paths; both or neither.
+    pub tls_cert: Option<String>,
+    pub tls_key: Option<String>,
+}
+
+#[derive(Clone, Default, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct ServeUser {
+    pub name: String,
+    pub password: String,
+}
+
+impl std::fmt::Debug for ServeUser {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("ServeUser").field("name", &self.name).field("password", &"<redacted>").finish()
+    }
 }
 
 /// S3 connection settings; the standard AWS variables override them.
@@ -100,6 +135,9 @@ impl Config {
         }
         if let Some(v) = get("AWS_ALLOW_HTTP") {
             s3.allow_http = Some(parse_bool("AWS_ALLOW_HTTP", &v)?);
+        }
+        if let Some(v) = get("WEIR_SERVE_TOKEN") {
+            self.serve.tokens.push(v);
         }
         Ok(self)
     }

@@ -8,7 +8,7 @@ pub mod ident;
 pub mod lake;
 pub mod time;
 
-pub use config::{Config, ConfigError, S3Settings};
+pub use config::{Config, ConfigError, S3Settings, ServeSettings, ServeUser};
 pub use ident::{IdentError, validate_slug};
 pub use lake::{EU_REGIONS, LakeError, LakeLocation, check_eu_region, is_eu_region, parse_bucket_location};
 pub use time::{TimeError, parse_date, parse_timestamp};

@@ -23,15 +23,39 @@ impl std::fmt::Debug for LakeSession {
     }
 }
 
+/// The catalog every Weir session exposes; gold tables are also in its default schema
+/// `public` under their bare names when served.
+pub const CATALOG: &str = "weir";
+
 /// The session configuration every Weir query uses: `1.35962` is numeric (a decimal), as in
 /// PostgreSQL, not a float.
 pub fn session_context() -> Result<SessionContext, DeriveError> {
+    session_context_limited(None)
+}
+
+/// [`session_context`] with a memory limit for the whole session (bytes): a query over it
+/// fails with "Resources exhausted"; nothing spills to disk.
+pub fn session_context_limited(memory_limit: Option<usize>) -> Result<SessionContext, DeriveError> {
     let config = SessionConfig::new()
         .set_bool("datafusion.sql_parser.parse_float_as_decimal", true)
+        .with_default_catalog_and_schema(CATALOG, "public")
         .with_information_schema(true);
-    let mut ctx = SessionContext::new_with_config(config);
+    let mut ctx = match memory_limit {
+        None => SessionContext::new_with_config(config),
+        Some(bytes) => {
+            let runtime = datafusion::execution::runtime_env::RuntimeEnvBuilder::new()
+                .with_memory_limit(bytes, 1.0)
+                .with_disk_manager_builder(
+                    datafusion::execution::disk_manager::DiskManagerBuilder::default()
+                        .with_mode(datafusion::execution::disk_manager::DiskManagerMode::Disabled),
+                )
+                .build_arc()
+                .map_err(df_err("building the query runtime"))?;
+            SessionContext::new_with_config_rt(config, runtime)
+        }
+    };
     functions::register(&mut ctx).map_err(df_err("registering Weir's functions"))?;
-    let catalog = ctx.catalog("datafusion").expect("the default catalog exists");
+    let catalog = ctx.catalog(CATALOG).expect("the default catalog exists");
     for layer in ["bronze", "silver", "gold"] {
         catalog.register_schema(layer, Arc::new(MemorySchemaProvider::new())).map_err(df_err("registering schemas"))?;
     }

@@ -8,6 +8,7 @@ mod generate;
 mod legacy;
 mod parity;
 mod s3;
+mod serve;
 mod services;
 
 use std::time::{Duration, Instant};
@@ -25,6 +26,7 @@ pub async fn run(cli: Cli) -> Result<()> {
         Command::Backfill(a) => backfill::run(a, &cfg).await,
         Command::Derive(a) => derive::run(a, &cfg).await,
         Command::Parity(a) => parity::run(a, &cfg).await,
+        Command::Serve(a) => serve::run(a, &cfg).await,
         Command::Legacy(LegacyCmd::Build(a)) => legacy::run(a, &cfg).await,
         Command::Doctor(a) => doctor::run(a, &cfg).await,
         Command::Services(a) => services::run(a).await,

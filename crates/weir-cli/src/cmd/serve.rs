@@ -1,0 +1,54 @@
+//! `weir serve`: the Flight SQL server over the lake.
+
+use std::io::Write;
+use std::time::Duration;
+
+use anyhow::{Context, Result, bail};
+use weir_core::Config;
+
+use crate::cli::ServeArgs;
+
+pub async fn run(a: ServeArgs, cfg: &Config) -> Result<()> {
+    let lake = crate::settings::open_lake(a.lake.as_deref(), cfg, a.allow_non_eu).await?;
+    let sources = super::backfill::load_sources(None)?;
+    let bronze: Vec<String> = sources.tables.iter().map(|t| t.name.clone()).collect();
+    let jobs = super::derive::load_jobs(a.jobs_dir.as_deref(), &bronze)?;
+    let auth = weir_flight::Auth::new(&cfg.serve)?;
+    let memory_mb = a.memory_limit_mb.or(cfg.serve.memory_limit_mb).unwrap_or(1024);
+    let tls = match (&cfg.serve.tls_cert, &cfg.serve.tls_key) {
+        (Some(c), Some(k)) => Some((
+            std::fs::read(c).with_context(|| format!("cannot read serve.tls_cert {c}"))?,
+            std::fs::read(k).with_context(|| format!("cannot read serve.tls_key {k}"))?,
+        )),
+        (None, None) => None,
+        _ => bail!("serve.tls_cert and serve.tls_key go together: set both or neither"),
+    };
+    let scheme = if tls.is_some() { "grpc+tls" } else { "grpc" };
+    let opts = weir_flight::ServeOptions {
+        addr: a.addr.clone(),
+        memory_limit_bytes: memory_mb << 20,
+        refresh: Duration::from_millis(a.refresh_ms),
+        tls,
+    };
+    let catalog = weir_flight::Catalog::new(lake.clone(), jobs, opts.refresh, opts.memory_limit_bytes);
+    let lake_url = lake.url();
+    weir_flight::serve(
+        catalog,
+        auth,
+        &opts,
+        |bound| {
+            println!("weir serve: Flight SQL on {scheme}://{bound} over {lake_url} (memory limit {memory_mb} MiB per query)");
+            let _ = std::io::stdout().flush();
+        },
+        async {
+            let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()).ok();
+            tokio::select! {
+                _ = tokio::signal::ctrl_c() => {}
+                _ = async { match term.as_mut() { Some(t) => { t.recv().await; } None => std::future::pending().await } } => {}
+            }
+            eprintln!("weir serve: stopping");
+        },
+    )
+    .await?;
+    Ok(())
+}

@@ -1,0 +1,162 @@
+//! The catalog `weir serve` answers from: every Delta table under `<lake>/{bronze,silver,gold}`
+//! and the view jobs of `tables/jobs`, refreshed at most every `refresh` so that new Delta
+//! versions become visible without a restart.
+
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use datafusion::arrow::datatypes::SchemaRef;
+use datafusion::catalog::TableProvider;
+use datafusion::prelude::SessionContext;
+use deltalake::DeltaTable;
+use object_store::ObjectStore;
+use weir_derive::{Jobs, Materialize};
+use weir_lake::Lake;
+
+use crate::ServeError;
+
+pub const LAYERS: [&str; 3] = ["bronze", "silver", "gold"];
+
+/// One table or view as listed by GetTables.
+#[derive(Debug, Clone)]
+pub struct Entry {
+    pub schema: String,
+    pub name: String,
+    pub kind: &'static str,
+    pub arrow_schema: SchemaRef,
+}
+
+struct Snapshot {
+    taken: Instant,
+    tables: Vec<(String, String, DeltaTable, Arc<dyn TableProvider>)>,
+}
+
+pub struct Catalog {
+    lake: Lake,
+    jobs: Jobs,
+    refresh: Duration,
+    memory_limit: usize,
+    snapshot: tokio::sync::Mutex<Option<Arc<Snapshot>>>,
+}
+
+impl std::fmt::Debug for Catalog {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Catalog").field("lake", &self.lake).field("refresh", &self.refresh).finish()
+    }
+}
+
+impl Catalog {
+    pub fn new(lake: Lake, jobs: Jobs, refresh: Duration, memory_limit: usize) -> Self {
+        Catalog { lake, jobs, refresh, memory_limit, snapshot: tokio::sync::Mutex::new(None) }
+    }
+
+    pub fn memory_limit(&self) -> usize {
+        self.memory_limit
+    }
+
+    /// The tables as of now (re-read when older than the refresh interval).
+    async fn snapshot(&self) -> Result<Arc<Snapshot>, ServeError> {
+        let mut guard = self.snapshot.lock().await;
+        if let Some(s) = guard.as_ref()
+            && s.taken.elapsed() < self.refresh
+        {
+            return Ok(s.clone());
+        }
+        let ctx = SessionContext::new();
+        let mut tables = Vec::new();
+        for layer in LAYERS {
+            for name in self.list(layer).await? {
+                let rel = format!("{layer}/{name}");
+                let table =
+                    weir_lake::open_table(&self.lake, &rel).await.map_err(|e| ServeError::Lake(e.to_string()))?;
+                if table.version().is_none() {
+                    continue;
+                }
+                table.update_datafusion_session(&ctx.state()).map_err(|e| ServeError::Lake(format!("{rel}: {e}")))?;
+                let provider = table.table_provider().await.map_err(|e| ServeError::Lake(format!("{rel}: {e}")))?;
+                tables.push((layer.to_string(), name, table, provider));
+            }
+        }
+        let snap = Arc::new(Snapshot { taken: Instant::now(), tables });
+        *guard = Some(snap.clone());
+        Ok(snap)
+    }
+
+    /// Table folders directly under a layer.
+    async fn list(&self, layer: &str) -> Result<Vec<String>, ServeError> {
+        let store = self.lake.store();
+        let prefix = self.lake.path(layer);
+        let listing = match store.list_with_delimiter(Some(&prefix)).await {
+            Ok(l) => l,
+            Err(object_store::Error::NotFound { .. }) => return Ok(vec![]),
+            Err(e) => return Err(ServeError::Lake(format!("listing {layer}: {e}"))),
+        };
+        let mut names: Vec<String> =
+            listing.common_prefixes.iter().filter_map(|p| p.filename().map(str::to_string)).collect();
+        names.sort();
+        Ok(names)
+    }
+
+    /// A fresh session for one query: every table under `layer.name` (gold ones also under
+    /// their bare names), the view jobs, Weir's functions and the memory limit.
+    pub async fn session(&self) -> Result<SessionContext, ServeError> {
+        let snap = self.snapshot().await?;
+        let ctx = weir_derive::session::session_context_limited(Some(self.memory_limit))
+            .map_err(|e| ServeError::Lake(e.to_string()))?;
+        for (layer, name, table, provider) in &snap.tables {
+            table.update_datafusion_session(&ctx.state()).map_err(|e| ServeError::Lake(e.to_string()))?;
+            ctx.register_table(format!("{layer}.{name}").as_str(), provider.clone())?;
+            if layer == "gold" {
+                ctx.register_table(name.as_str(), provider.clone())?;
+            }
+        }
+        for job in self.jobs.ordered.iter().filter(|j| j.materialize == Materialize::View) {
+            let out = job.output(None);
+            // A view whose sources are not all in the lake yet is left out.
+            let Ok(df) = ctx.sql(&job.expand(None, 0)).await else { continue };
+            // The job's view wins over a table left under its name by an older definition.
+            ctx.deregister_table(out.as_str())?;
+            ctx.register_table(out.as_str(), df.into_view())?;
+        }
+        Ok(ctx)
+    }
+
+    /// Every table and view, for GetTables.
+    pub async fn entries(&self) -> Result<Vec<Entry>, ServeError> {
+        let ctx = self.session().await?;
+        let snap = self.snapshot().await?;
+        let views: Vec<String> =
+            self.jobs.ordered.iter().filter(|j| j.materialize == Materialize::View).map(|j| j.output(None)).collect();
+        let mut out = Vec::new();
+        for (layer, name, _, provider) in &snap.tables {
+            if views.contains(&format!("{layer}.{name}")) {
+                continue;
+            }
+            out.push(Entry {
+                schema: layer.clone(),
+                name: name.clone(),
+                kind: "TABLE",
+                arrow_schema: provider.schema(),
+            });
+            if layer == "gold" {
+                out.push(Entry {
+                    schema: "public".into(),
+                    name: name.clone(),
+                    kind: "TABLE",
+                    arrow_schema: provider.schema(),
+                });
+            }
+        }
+        for job in self.jobs.ordered.iter().filter(|j| j.materialize == Materialize::View) {
+            if let Ok(t) = ctx.table(job.output(None).as_str()).await {
+                out.push(Entry {
+                    schema: job.layer.to_string(),
+                    name: job.name.clone(),
+                    kind: "VIEW",
+                    arrow_schema: Arc::new(t.schema().as_arrow().clone()),
+                });
+            }
+        }
+        Ok(out)
+    }
+}

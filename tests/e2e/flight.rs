@@ -1,0 +1,195 @@
+//! `weir serve` with real Flight SQL clients from PyPI (the ADBC Flight SQL driver and
+//! pyarrow.flight): the mart reads back with PostgreSQL's rows, prepared statements take
+//! parameters, the catalog lists every table, credentials are enforced, a new Delta version
+//! shows up without a restart, and the per-query memory limit gives a clear error.
+
+use std::io::{BufRead, BufReader};
+use std::process::{Child, Command, Stdio};
+use std::sync::Arc;
+
+use serde_json::Value;
+use weir_core::{LakeLocation, S3Settings};
+use weir_ingest::{BackfillOptions, Metrics, SlotMode, Sources};
+use weir_lake::Lake;
+
+use crate::common;
+
+const AS_OF: &str = "2026-07-01T00:00:00Z";
+
+struct Server {
+    child: Child,
+    port: u16,
+}
+
+impl Drop for Server {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+fn serve(lake_dir: &std::path::Path, config: &std::path::Path, extra: &[&str]) -> Server {
+    let mut child = Command::new(common::weir_bin())
+        .current_dir(env!("CARGO_MANIFEST_DIR").to_string() + "/../..")
+        .args(["--config", config.to_str().unwrap(), "serve", "--addr", "127.0.0.1:0", "--refresh-ms", "100"])
+        .args(["--lake", &format!("file://{}", lake_dir.display())])
+        .args(extra)
+        .stdout(Stdio::piped())
+        .stderr(Stdio::inherit())
+        .spawn()
+        .unwrap();
+    let mut line = String::new();
+    BufReader::new(child.stdout.take().unwrap()).read_line(&mut line).unwrap();
+    let port = line
+        .split("127.0.0.1:")
+        .nth(1)
+        .and_then(|r| r.split(|c: char| !c.is_ascii_digit()).next())
+        .and_then(|p| p.parse().ok())
+        .unwrap_or_else(|| panic!("no address in {line:?}"));
+    Server { child, port }
+}
+
+fn client(mode: &str, port: u16, arg: Option<&str>) -> Value {
+    let mut cmd = Command::new(common::python());
+    cmd.arg(concat!(env!("CARGO_MANIFEST_DIR"), "/../../tests/e2e/flight_client.py")).arg(mode).arg(port.to_string());
+    if let Some(a) = arg {
+        cmd.arg(a);
+    }
+    let out = cmd.output().unwrap();
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(out.status.success(), "{mode}: {stdout}\n{}", String::from_utf8_lossy(&out.stderr));
+    serde_json::from_str(stdout.lines().last().unwrap_or_default()).unwrap_or_else(|e| panic!("{e}: {stdout}"))
+}
+
+async fn derive_vw(lake: &Lake) {
+    let sources = Sources::parse(include_str!("../../tables/sources.toml"), "sources.toml").unwrap();
+    let bronze: Vec<String> = sources.tables.iter().map(|t| t.name.clone()).collect();
+    let root = std::path::PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../../tables/jobs");
+    let jobs = weir_derive::load_dir(&root, &bronze).unwrap();
+    let opts = weir_derive::DeriveOptions {
+        job: Some("ads".into()),
+        makes: weir_derive::MakeSelection::One("vw".into()),
+        as_of_micros: weir_core::parse_timestamp(AS_OF).unwrap().timestamp_micros(),
+        full: false,
+        target_file_bytes: 64 << 20,
+    };
+    weir_derive::derive(lake, &jobs, &bronze, &opts, |_| {}).await.unwrap();
+}
+
+async fn backfill(url: &str, lake: &Lake, only: Option<&[String]>) {
+    let sources = Sources::parse(include_str!("../../tables/sources.toml"), "sources.toml").unwrap();
+    let opts = BackfillOptions { force: true, slot: SlotMode::NoSlot, ..Default::default() };
+    weir_ingest::backfill(url, lake, &sources.select(only).unwrap(), &opts, Arc::new(Metrics::default()))
+        .await
+        .unwrap();
+}
+
+/// (listing_id, title, price_last_eur, last_price_at, is_active, days_online, country) from PostgreSQL.
+async fn pg_rows(c: &tokio_postgres::Client) -> Vec<Value> {
+    c.query(
+        "SELECT json_build_array(listing_id, title, price_last_eur::text,
+                to_char(last_price_at AT TIME ZONE 'UTC', 'YYYY-MM-DD\"T\"HH24:MI:SS.US') || '+00:00',
+                is_active, days_online, country)::text
+         FROM ads_vw ORDER BY listing_id",
+        &[],
+    )
+    .await
+    .unwrap()
+    .iter()
+    .map(|r| serde_json::from_str(r.get::<_, &str>(0)).unwrap())
+    .collect()
+}
+
+/// Python renders a timestamp at a whole second without the fraction; so does this.
+fn normalize(rows: &[Value]) -> Vec<Value> {
+    rows.iter()
+        .map(|r| {
+            let mut r = r.clone();
+            if let Some(ts) = r[3].as_str() {
+                r[3] = Value::String(ts.replace(".000000+00:00", "+00:00"));
+            }
+            r
+        })
+        .collect()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn flight_sql_clients_read_the_marts() {
+    let (_pg, url) = common::marketplace(0.05, 11).await;
+    let dir = tempfile::tempdir().unwrap();
+    let lake =
+        Lake::open(LakeLocation::Local { root: dir.path().join("lake") }, &S3Settings::default(), false).unwrap();
+    backfill(&url, &lake, None).await;
+    let mut c = common::client(&url).await;
+    weir_synth::build_legacy_mart(&mut c, "vw", weir_core::parse_timestamp(AS_OF).unwrap()).await.unwrap();
+    derive_vw(&lake).await;
+
+    let config = dir.path().join("weir.toml");
+    std::fs::write(&config, "[serve]\nusers = [{ name = \"analyst\", password = \"s3cret\" }]\n").unwrap();
+    let server = serve(&dir.path().join("lake"), &config, &[]);
+    let r = client("read", server.port, None);
+
+    // The mart, through both clients, row for row as in PostgreSQL.
+    let want = normalize(&pg_rows(&c).await);
+    assert!(want.len() > 100, "{}", want.len());
+    for key in ["adbc_rows", "pyarrow_rows"] {
+        let got = normalize(r[key].as_array().unwrap());
+        assert_eq!(got.len(), want.len(), "{key}");
+        let diff: Vec<_> = got.iter().zip(&want).filter(|(a, b)| a != b).take(3).collect();
+        assert!(diff.is_empty(), "{key}: {diff:?}");
+    }
+    assert_eq!(r["adbc_types"]["price_last_eur"], "decimal128(12, 2)");
+    assert_eq!(r["adbc_types"]["last_price_at"], "timestamp[us, tz=UTC]");
+    assert_eq!(r["adbc_types"]["registration_year"], "int16");
+    // A prepared statement with parameters.
+    let n = common::scalar_i64(&c, "SELECT count(*) FROM ads_vw WHERE listing_id <= 500 AND country = 'DE'").await;
+    assert_eq!(r["prepared_count"].as_i64(), Some(n));
+    // The catalog: every layer, the views, the bare mart name.
+    for key in ["adbc_tables", "pyarrow_tables"] {
+        let tables: Vec<&str> = r[key].as_array().unwrap().iter().filter_map(Value::as_str).collect();
+        for t in [
+            "bronze.price_log",
+            "silver.listing_price",
+            "silver.listing",
+            "silver.dealer",
+            "gold.ads_vw",
+            "public.ads_vw",
+        ] {
+            assert!(tables.contains(&t), "{key}: {t} missing from {tables:?}");
+        }
+    }
+    // Errors reach the client with the server's message; credentials are enforced.
+    assert!(r["bad_sql_error"].as_str().unwrap_or_default().contains("no_such_column"), "{r}");
+    let wrong = r["wrong_password_error"].as_str().unwrap_or_default().to_lowercase();
+    assert!(wrong.contains("unauthenticated") && wrong.contains("wrong user or password"), "{wrong}");
+    let none = r["no_token_error"].as_str().unwrap_or_default().to_lowercase();
+    assert!(none.contains("authentication required"), "{none}");
+
+    // A new Delta version is visible without a restart.
+    let id = common::scalar_i64(&c, "SELECT min(listing_id) FROM ads_vw WHERE listing_id > 20").await;
+    c.execute("UPDATE listings SET title = 'Über-neu ✨ \t tab' WHERE listing_id = $1", &[&id]).await.unwrap();
+    backfill(&url, &lake, Some(&["listings".to_string()])).await;
+    derive_vw(&lake).await;
+    std::thread::sleep(std::time::Duration::from_millis(300));
+    let t = client("title", server.port, Some(&id.to_string()));
+    assert_eq!(t["title"], "Über-neu ✨ \t tab");
+    drop(server);
+
+    // The per-query memory limit: a clear error, not a crash; the server keeps serving.
+    let small = serve(&dir.path().join("lake"), &config, &["--memory-limit-mb", "1"]);
+    let m = client("memory", small.port, None);
+    let err = m["memory_error"].as_str().unwrap_or_default();
+    assert!(err.contains("memory limit of 1 MiB"), "{m}");
+    let again = client("title", small.port, Some(&id.to_string()));
+    assert_eq!(again["title"], "Über-neu ✨ \t tab");
+
+    // No way to connect configured: refused at start, naming the settings.
+    std::fs::write(&config, "[serve]\n").unwrap();
+    let out = Command::new(common::weir_bin())
+        .args(["--config", config.to_str().unwrap(), "serve", "--addr", "127.0.0.1:0"])
+        .args(["--lake", &format!("file://{}", dir.path().join("lake").display())])
+        .output()
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success() && stderr.contains("serve.users") && stderr.lines().count() == 1, "{stderr}");
+}

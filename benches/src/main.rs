@@ -54,6 +54,19 @@ enum Bench {
         #[arg(long)]
         lake_dir: Option<std::path::PathBuf>,
     },
+    /// `weir serve`: pyarrow.flight DoGet of ads_<make> (MB/s) and point lookups by listing_id
+    /// over Flight SQL (p50/p95), vs psql `\copy ads_<make> to stdout (format binary)` and the
+    /// heap table's primary-key lookup, in the same run.
+    Serve {
+        #[arg(long, default_value_t = 10.0)]
+        scale: f64,
+        #[arg(long, default_value = "vw")]
+        make: String,
+        #[arg(long, default_value_t = 3)]
+        runs: u32,
+        #[arg(long, default_value_t = 200)]
+        lookups: u32,
+    },
     /// One SQL statement over an existing lake's tables (bronze.*, silver.*, gold.*), timed,
     /// with EXPLAIN ANALYZE: for trying a job's SQL before changing it.
     Query {
@@ -76,6 +89,7 @@ fn main() -> Result<()> {
         Bench::Generate { scale, seed, runs } => rt.block_on(generate(scale, seed, runs)),
         Bench::Backfill { scale, jobs, runs } => rt.block_on(backfill(scale, jobs, runs)),
         Bench::Derive { scale, make, runs, lake_dir } => rt.block_on(derive(scale, &make, runs, lake_dir)),
+        Bench::Serve { scale, make, runs, lookups } => rt.block_on(serve(scale, &make, runs, lookups)),
         Bench::Query { lake_dir, sql, runs, explain } => rt.block_on(query(&lake_dir, &sql, runs, explain)),
     }
 }
@@ -433,4 +447,144 @@ mod datafusion_array {
     pub fn display_value(col: &dyn Array, i: usize) -> String {
         arrow::util::display::array_value_to_string(col, i).unwrap_or_default()
     }
+}
+
+async fn serve(scale: f64, make: &str, runs: u32, lookups: u32) -> Result<()> {
+    let python = duckdb_python()?;
+    let pg = tokio::task::spawn_blocking(PgCluster::start).await??;
+    let db = pg.create_database("bench")?;
+    weir_synth::generate(&db, &GenerateOptions { scale, seed: 42, replace: false }, Arc::new(NoProgress)).await?;
+    let sources = weir_ingest::Sources::parse(include_str!("../../tables/sources.toml"), "tables/sources.toml")?;
+    let bronze: Vec<String> = sources.tables.iter().map(|t| t.name.clone()).collect();
+    let lake_dir = tempfile_dir(pg.data_dir())?.join("lake");
+    let lake =
+        weir_lake::Lake::open(weir_core::LakeLocation::Local { root: lake_dir.clone() }, &Default::default(), false)?;
+    let opts = weir_ingest::BackfillOptions { slot: weir_ingest::SlotMode::NoSlot, ..Default::default() };
+    weir_ingest::backfill(&db, &lake, &sources.tables, &opts, Arc::new(weir_ingest::Metrics::default())).await?;
+    let jobs = weir_derive::load_dir(Path::new("tables/jobs"), &bronze)?;
+    let as_of = chrono::DateTime::from_timestamp_micros(weir_synth::HISTORY_END).context("as_of")?;
+    let dopts = weir_derive::DeriveOptions {
+        job: Some("ads".into()),
+        makes: weir_derive::MakeSelection::One(make.to_string()),
+        as_of_micros: as_of.timestamp_micros(),
+        full: false,
+        target_file_bytes: 128 << 20,
+    };
+    weir_derive::derive(&lake, &jobs, &bronze, &dopts, |_| {}).await?;
+    let mut client = weir_postgres::connect(&db).await?;
+    weir_synth::build_legacy_mart(&mut client, make, as_of).await?;
+    // The lookups: ids of the mart, spread evenly (the same ids for both sides).
+    let all: Vec<i64> = client
+        .query(&format!("SELECT listing_id FROM ads_{make} ORDER BY listing_id"), &[])
+        .await?
+        .iter()
+        .map(|r| r.get(0))
+        .collect();
+    let step = (all.len() / lookups.max(1) as usize).max(1);
+    let ids: Vec<i64> = all.iter().step_by(step).take(lookups as usize).copied().collect();
+
+    let settings = weir_core::ServeSettings {
+        users: vec![weir_core::ServeUser { name: "bench".into(), password: "bench".into() }],
+        ..Default::default()
+    };
+    let sopts = weir_flight::ServeOptions {
+        addr: "127.0.0.1:0".into(),
+        memory_limit_bytes: 2 << 30,
+        refresh: Duration::from_secs(5),
+        tls: None,
+    };
+    let catalog = weir_flight::Catalog::new(lake.clone(), jobs, sopts.refresh, sopts.memory_limit_bytes);
+    let (tx, rx) = tokio::sync::oneshot::channel();
+    let auth = weir_flight::Auth::new(&settings)?;
+    tokio::spawn(async move {
+        let _ = weir_flight::serve(
+            catalog,
+            auth,
+            &sopts,
+            |a| {
+                let _ = tx.send(a);
+            },
+            std::future::pending(),
+        )
+        .await;
+    });
+    let addr = rx.await?;
+    let out = Command::new(&python)
+        .arg("benches/py/flight_read.py")
+        .args([addr.port().to_string(), "bench".into(), "bench".into(), runs.to_string()])
+        .arg(ids.iter().map(i64::to_string).collect::<Vec<_>>().join(","))
+        .output()
+        .context("running benches/py/flight_read.py")?;
+    if !out.status.success() {
+        bail!("flight_read.py: {}", String::from_utf8_lossy(&out.stderr).trim());
+    }
+    let (mut best, mut rows, mut bytes) = (f64::MAX, 0u64, 0u64);
+    let mut lat: Vec<f64> = vec![];
+    for line in String::from_utf8_lossy(&out.stdout).lines() {
+        if let Some(rest) = line.strip_prefix("{\"full\": ") {
+            let secs: f64 = rest.split(',').next().unwrap_or("0").trim().parse()?;
+            let num = |k: &str| -> u64 {
+                line.split(&format!("\"{k}\": "))
+                    .nth(1)
+                    .and_then(|r| r.split(['}', ',']).next())
+                    .and_then(|v| v.trim().parse().ok())
+                    .unwrap_or(0)
+            };
+            println!(
+                "flight DoGet of ads_{make}: {secs:.3} s, {} rows, {:.1} MB",
+                num("rows"),
+                num("bytes") as f64 / 1e6
+            );
+            if secs < best {
+                (best, rows, bytes) = (secs, num("rows"), num("bytes"));
+            }
+        } else if let Some(rest) = line.strip_prefix("{\"lookups_ms\": [") {
+            lat = rest.trim_end_matches("]}").split(',').filter_map(|v| v.trim().parse().ok()).collect();
+        }
+    }
+    let psql = pg.bindir().join("psql");
+    let mut copy_best = f64::MAX;
+    for _ in 0..runs {
+        let t = Instant::now();
+        let ok = Command::new(&psql)
+            .args([db.as_str(), "-q", "-c", &format!("\\copy ads_{make} to stdout (format binary)")])
+            .stdout(std::process::Stdio::null())
+            .status()?;
+        if !ok.success() {
+            bail!("psql copy failed");
+        }
+        copy_best = copy_best.min(t.elapsed().as_secs_f64());
+    }
+    let stmt = client.prepare(&format!("SELECT * FROM ads_{make} WHERE listing_id = $1")).await?;
+    let mut pg_lat = vec![];
+    for id in &ids {
+        let t = Instant::now();
+        client.query(&stmt, &[id]).await?;
+        pg_lat.push(t.elapsed().as_secs_f64() * 1000.0);
+    }
+    let pct = |v: &mut Vec<f64>, p: f64| {
+        v.sort_by(|a, b| a.total_cmp(b));
+        v.get(((v.len() as f64 - 1.0) * p).round() as usize).copied().unwrap_or(f64::NAN)
+    };
+    println!();
+    println!("ads_{make} at SF {scale} ({rows} rows), best of {runs}:");
+    println!(
+        "  Flight DoGet with pyarrow (SELECT * FROM ads_{make}): {best:.3} s, {:.1} MB/s, {:.0} rows/s",
+        bytes as f64 / 1e6 / best,
+        rows as f64 / best
+    );
+    println!(
+        "  psql \\copy ads_{make} to stdout (format binary) > /dev/null: {copy_best:.3} s, {:.0} rows/s",
+        rows as f64 / copy_best
+    );
+    println!("  ratio Flight/psql wall: {:.2}", best / copy_best);
+    println!(
+        "  point lookup by listing_id ({} ids of the mart): Flight SQL (GetFlightInfo + DoGet) p50 {:.1} ms p95 {:.1} ms; PostgreSQL primary key (prepared) p50 {:.2} ms p95 {:.2} ms",
+        ids.len(),
+        pct(&mut lat, 0.5),
+        pct(&mut lat, 0.95),
+        pct(&mut pg_lat, 0.5),
+        pct(&mut pg_lat, 0.95)
+    );
+    Ok(())
 }

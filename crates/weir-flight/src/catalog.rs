@@ -6,7 +6,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use datafusion::arrow::datatypes::SchemaRef;
-use datafusion::catalog::TableProvider;
+use datafusion::catalog::{CatalogProvider, TableProvider};
 use datafusion::prelude::SessionContext;
 use deltalake::DeltaTable;
 use object_store::ObjectStore;
@@ -29,6 +29,8 @@ pub struct Entry {
 struct Snapshot {
     taken: Instant,
     tables: Vec<(String, String, DeltaTable, Arc<dyn TableProvider>)>,
+    /// Tables and planned views, shared by every query's session until the next refresh.
+    catalog: Arc<dyn CatalogProvider>,
 }
 
 pub struct Catalog {
@@ -77,9 +79,35 @@ impl Catalog {
                 tables.push((layer.to_string(), name, table, provider));
             }
         }
-        let snap = Arc::new(Snapshot { taken: Instant::now(), tables });
+        let catalog = self.build_catalog(&tables).await?;
+        let snap = Arc::new(Snapshot { taken: Instant::now(), tables, catalog });
         *guard = Some(snap.clone());
         Ok(snap)
+    }
+
+    /// The `weir` catalog for a set of tables: `layer.name`, gold also under bare names, and
+    /// the view jobs planned over them.
+    async fn build_catalog(
+        &self,
+        tables: &[(String, String, DeltaTable, Arc<dyn TableProvider>)],
+    ) -> Result<Arc<dyn CatalogProvider>, ServeError> {
+        let ctx = weir_derive::session::session_context().map_err(|e| ServeError::Lake(e.to_string()))?;
+        for (layer, name, table, provider) in tables {
+            table.update_datafusion_session(&ctx.state()).map_err(|e| ServeError::Lake(e.to_string()))?;
+            ctx.register_table(format!("{layer}.{name}").as_str(), provider.clone())?;
+            if layer == "gold" {
+                ctx.register_table(name.as_str(), provider.clone())?;
+            }
+        }
+        for job in self.jobs.ordered.iter().filter(|j| j.materialize == Materialize::View) {
+            let out = job.output(None);
+            // A view whose sources are not all in the lake yet is left out.
+            let Ok(df) = ctx.sql(&job.expand(None, 0)).await else { continue };
+            // The job's view wins over a table left under its name by an older definition.
+            ctx.deregister_table(out.as_str())?;
+            ctx.register_table(out.as_str(), df.into_view())?;
+        }
+        ctx.catalog(weir_derive::session::CATALOG).ok_or_else(|| ServeError::Lake("no catalog".into()))
     }
 
     /// Table folders directly under a layer.
@@ -97,26 +125,14 @@ impl Catalog {
         Ok(names)
     }
 
-    /// A fresh session for one query: every table under `layer.name` (gold ones also under
-    /// their bare names), the view jobs, Weir's functions and the memory limit.
+    /// A fresh session for one query (its own memory limit) over the shared catalog.
     pub async fn session(&self) -> Result<SessionContext, ServeError> {
         let snap = self.snapshot().await?;
         let ctx = weir_derive::session::session_context_limited(Some(self.memory_limit))
             .map_err(|e| ServeError::Lake(e.to_string()))?;
-        for (layer, name, table, provider) in &snap.tables {
+        ctx.register_catalog(weir_derive::session::CATALOG, snap.catalog.clone());
+        for (_, _, table, _) in &snap.tables {
             table.update_datafusion_session(&ctx.state()).map_err(|e| ServeError::Lake(e.to_string()))?;
-            ctx.register_table(format!("{layer}.{name}").as_str(), provider.clone())?;
-            if layer == "gold" {
-                ctx.register_table(name.as_str(), provider.clone())?;
-            }
-        }
-        for job in self.jobs.ordered.iter().filter(|j| j.materialize == Materialize::View) {
-            let out = job.output(None);
-            // A view whose sources are not all in the lake yet is left out.
-            let Ok(df) = ctx.sql(&job.expand(None, 0)).await else { continue };
-            // The job's view wins over a table left under its name by an older definition.
-            ctx.deregister_table(out.as_str())?;
-            ctx.register_table(out.as_str(), df.into_view())?;
         }
         Ok(ctx)
     }

@@ -138,6 +138,16 @@ pub async fn run(a: DemoArgs) -> Result<()> {
         secs(t.elapsed())
     );
 
+    let (flight_rows, flight_sum) = step(
+        "serving the lake over Arrow Flight SQL and reading ads_vw back with a Flight SQL client",
+        flight_check(&lake, &jobs, &mart.table),
+        |(url, n, sum): &(String, i64, String)| {
+            format!("{url}: SELECT count(*), sum(price_last_eur) FROM {} → {n} rows, {sum}", mart.table)
+        },
+    )
+    .await
+    .map(|(_, n, s)| (n, s))?;
+
     let row = c
         .query_one(
             &format!(
@@ -160,6 +170,10 @@ pub async fn run(a: DemoArgs) -> Result<()> {
         thousands(no_price as u64),
         days.unwrap_or_default()
     );
+    if flight_rows != n || flight_sum != sum {
+        anyhow::bail!("Flight SQL returned {flight_rows} rows / {flight_sum}, PostgreSQL {n} / {sum}");
+    }
+    println!("over Flight SQL: the same {} rows and sum", thousands(flight_rows as u64));
     println!("done in {}", secs(started.elapsed()));
 
     if a.keep {
@@ -200,4 +214,66 @@ pub async fn run(a: DemoArgs) -> Result<()> {
         println!("  kill {}", child.id());
     }
     Ok(())
+}
+
+/// Serves the lake in-process on a free port and reads the mart back through Flight SQL
+/// (handshake with a throwaway user, a statement, DoGet). Returns (url, rows, sum as text).
+async fn flight_check(lake: &Lake, jobs: &weir_derive::Jobs, table: &str) -> Result<(String, i64, String)> {
+    use arrow::array::{Array, AsArray};
+    use arrow_flight::sql::client::FlightSqlServiceClient;
+    use futures::TryStreamExt;
+
+    let password = uuid_like();
+    let settings = weir_core::ServeSettings {
+        users: vec![weir_core::ServeUser { name: "demo".into(), password: password.clone() }],
+        ..Default::default()
+    };
+    let auth = weir_flight::Auth::new(&settings)?;
+    let opts = weir_flight::ServeOptions {
+        addr: "127.0.0.1:0".into(),
+        memory_limit_bytes: 512 << 20,
+        refresh: std::time::Duration::from_secs(1),
+        tls: None,
+    };
+    let catalog = weir_flight::Catalog::new(lake.clone(), jobs.clone(), opts.refresh, opts.memory_limit_bytes);
+    let (bound_tx, bound_rx) = tokio::sync::oneshot::channel();
+    let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();
+    let server = tokio::spawn(async move {
+        weir_flight::serve(
+            catalog,
+            auth,
+            &opts,
+            |a| {
+                let _ = bound_tx.send(a);
+            },
+            async {
+                let _ = stop_rx.await;
+            },
+        )
+        .await
+    });
+    let addr = bound_rx.await.context("the Flight server did not start")?;
+    let url = format!("grpc://{addr}");
+    let channel = tonic::transport::Endpoint::from_shared(format!("http://{addr}"))?.connect().await?;
+    let mut client = FlightSqlServiceClient::new(channel);
+    client.handshake("demo", &password).await?;
+    let info = client
+        .execute(format!("SELECT count(*) AS n, CAST(sum(price_last_eur) AS VARCHAR) AS s FROM {table}"), None)
+        .await?;
+    let ticket = info.endpoint.first().and_then(|e| e.ticket.clone()).context("no ticket")?;
+    let batches: Vec<arrow::array::RecordBatch> = client.do_get(ticket).await?.try_collect().await?;
+    let _ = stop_tx.send(());
+    server.await??;
+    let b = batches.first().context("no rows from Flight")?;
+    let n = b.column(0).as_primitive::<arrow::datatypes::Int64Type>().value(0);
+    let s = arrow::compute::cast(b.column(1), &arrow::datatypes::DataType::Utf8)?;
+    let s = s.as_string::<i32>();
+    let sum = if s.is_null(0) { "0".to_string() } else { s.value(0).to_string() };
+    Ok((url, n, sum))
+}
+
+/// A throwaway password (time and process id; it lives as long as the demo).
+fn uuid_like() -> String {
+    let t = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_nanos()).unwrap_or(0);
+    format!("{:x}{:x}", t, std::process::id())
 }

@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # System packages Weir needs to build and test: protoc (lance's build scripts), PostgreSQL 15
-# server and client binaries (the throwaway clusters), python3 with venv (tool venvs).
+# server and client binaries (the throwaway clusters), python3 with venv (tool venvs), openssl
+# (the TLS test makes a self-signed certificate).
 # Installs what is missing with apt-get when run as root; otherwise says what to install.
 set -euo pipefail
 missing=()
@@ -9,6 +10,7 @@ command -v protoc >/dev/null || missing+=(protobuf-compiler)
 command -v psql >/dev/null || missing+=(postgresql-client-15)
 command -v cc >/dev/null || missing+=(gcc)
 python3 -c 'import venv, ensurepip' 2>/dev/null || missing+=(python3-venv)
+command -v openssl >/dev/null || missing+=(openssl)
 if [ ${#missing[@]} -gt 0 ]; then
   if [ "$(id -u)" != 0 ]; then
     echo "weir needs: ${missing[*]} (sudo apt-get install -y ${missing[*]})" >&2

@@ -183,6 +183,35 @@ async fn flight_sql_clients_read_the_marts() {
     let again = client("title", small.port, Some(&id.to_string()));
     assert_eq!(again["title"], "Über-neu ✨ \t tab");
 
+    drop(small);
+
+    // TLS: a self-signed certificate (openssl), trusted by the client.
+    let (cert, key) = (dir.path().join("cert.pem"), dir.path().join("key.pem"));
+    let made = Command::new("openssl")
+        .args(["req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "1", "-subj", "/CN=localhost"])
+        .args(["-addext", "subjectAltName=DNS:localhost,IP:127.0.0.1"])
+        .arg("-keyout")
+        .arg(&key)
+        .arg("-out")
+        .arg(&cert)
+        .output()
+        .unwrap();
+    assert!(made.status.success(), "{}", String::from_utf8_lossy(&made.stderr));
+    let tls_config = dir.path().join("tls.toml");
+    std::fs::write(
+        &tls_config,
+        format!(
+            "[serve]\nusers = [{{ name = \"analyst\", password = \"s3cret\" }}]\ntls_cert = \"{}\"\ntls_key = \"{}\"\n",
+            cert.display(),
+            key.display()
+        ),
+    )
+    .unwrap();
+    let tls = serve(&dir.path().join("lake"), &tls_config, &[]);
+    let t = client("tls", tls.port, Some(cert.to_str().unwrap()));
+    assert_eq!(t["count"].as_i64(), Some(want.len() as i64), "{t}");
+    drop(tls);
+
     // No way to connect configured: refused at start, naming the settings.
     std::fs::write(&config, "[serve]\n").unwrap();
     let out = Command::new(common::weir_bin())

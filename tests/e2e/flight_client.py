@@ -5,6 +5,7 @@ usage: flight_client.py MODE PORT [ARG]
             mart and the table list with hand-encoded Flight SQL commands; bad credentials
   title ID  ADBC: the title of one listing in ads_vw
   memory    ADBC: a query that needs more than the server's memory limit
+  tls CERT  pyarrow.flight over TLS, trusting CERT: count(*) of ads_vw
 Prints one JSON object. Leaves with os._exit (see read_delta.py).
 """
 import json
@@ -114,6 +115,14 @@ elif mode == "title":
         cur = conn.cursor()
         cur.execute("SELECT title FROM ads_vw WHERE listing_id = ?", parameters=(int(sys.argv[3]),))
         out["title"] = cur.fetch_arrow_table().column("title")[0].as_py()
+elif mode == "tls":
+    certs = open(sys.argv[3], "rb").read()
+    client = flight.FlightClient(f"grpc+tls://127.0.0.1:{port}", tls_root_certs=certs)
+    header = client.authenticate_basic_token(USER.encode(), PASSWORD.encode())
+    opts = flight.FlightCallOptions(headers=[header])
+    query = command("CommandStatementQuery", field(1, b"SELECT count(*) AS n FROM ads_vw"))
+    info = client.get_flight_info(flight.FlightDescriptor.for_command(query), opts)
+    out["count"] = client.do_get(info.endpoints[0].ticket, opts).read_all().column("n")[0].as_py()
 elif mode == "memory":
     try:
         with adbc() as conn:

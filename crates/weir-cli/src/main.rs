@@ -31,6 +31,9 @@ fn main() {
         }
     };
     init_tracing(cli.verbose);
+    // Two rustls crypto providers are compiled in (ring and aws-lc-rs, from different
+    // crates), so rustls cannot choose one on its own; every TLS use in this process gets ring.
+    let _ = rustls::crypto::ring::default_provider().install_default();
     let runtime = match tokio::runtime::Builder::new_multi_thread().enable_all().build() {
         Ok(r) => r,
         Err(e) => {

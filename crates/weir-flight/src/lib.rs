@@ -57,6 +57,10 @@ pub async fn serve(
         .max_encoding_message_size(64 << 20);
     let mut builder = tonic::transport::Server::builder();
     if let Some((cert, key)) = &opts.tls {
+        // rustls is built with two crypto providers in this dependency set (ring and
+        // aws-lc-rs, from different crates), so it cannot pick one by itself: choose ring
+        // for the process unless something already chose.
+        let _ = rustls::crypto::ring::default_provider().install_default();
         let identity = tonic::transport::Identity::from_pem(cert, key);
         builder = builder
             .tls_config(tonic::transport::ServerTlsConfig::new().identity(identity))

@@ -5,6 +5,8 @@
 set -euo pipefail
 cd "$(dirname "$0")/../.."
 bash infra/local/prereqs.sh
+# The FDW extension goes into the system PostgreSQL before the tests that load it.
+bash infra/local/fdw.sh
 export CARGO_TARGET_DIR="${CARGO_TARGET_DIR:-$HOME/.cache/weir/target}"
 WEIR_PYTHON="$(bash infra/local/pytools.sh)"
 export WEIR_PYTHON

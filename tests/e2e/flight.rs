@@ -14,11 +14,11 @@ use weir_lake::Lake;
 
 use crate::common;
 
-const AS_OF: &str = "2026-07-01T00:00:00Z";
+pub const AS_OF: &str = "2026-07-01T00:00:00Z";
 
-struct Server {
+pub struct Server {
     child: Child,
-    port: u16,
+    pub port: u16,
 }
 
 impl Drop for Server {
@@ -28,14 +28,28 @@ impl Drop for Server {
     }
 }
 
-fn serve(lake_dir: &std::path::Path, config: &std::path::Path, extra: &[&str]) -> Server {
+pub fn serve(lake_dir: &std::path::Path, config: &std::path::Path, extra: &[&str]) -> Server {
+    serve_logged(lake_dir, config, extra, None)
+}
+
+/// [`serve`] with the server's log (debug level for the Flight crate) in `log`.
+pub fn serve_logged(
+    lake_dir: &std::path::Path,
+    config: &std::path::Path,
+    extra: &[&str],
+    log: Option<&std::path::Path>,
+) -> Server {
     let mut child = Command::new(common::weir_bin())
         .current_dir(env!("CARGO_MANIFEST_DIR").to_string() + "/../..")
         .args(["--config", config.to_str().unwrap(), "serve", "--addr", "127.0.0.1:0", "--refresh-ms", "100"])
         .args(["--lake", &format!("file://{}", lake_dir.display())])
         .args(extra)
+        .env("WEIR_LOG", "warn,weir_flight=debug")
         .stdout(Stdio::piped())
-        .stderr(Stdio::inherit())
+        .stderr(match log {
+            Some(p) => Stdio::from(std::fs::File::create(p).unwrap()),
+            None => Stdio::null(),
+        })
         .spawn()
         .unwrap();
     let mut line = String::new();
@@ -61,7 +75,7 @@ fn client(mode: &str, port: u16, arg: Option<&str>) -> Value {
     serde_json::from_str(stdout.lines().last().unwrap_or_default()).unwrap_or_else(|e| panic!("{e}: {stdout}"))
 }
 
-async fn derive_vw(lake: &Lake) {
+pub async fn derive_vw(lake: &Lake) {
     let sources = Sources::parse(include_str!("../../tables/sources.toml"), "sources.toml").unwrap();
     let bronze: Vec<String> = sources.tables.iter().map(|t| t.name.clone()).collect();
     let root = std::path::PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../../tables/jobs");
@@ -76,7 +90,7 @@ async fn derive_vw(lake: &Lake) {
     weir_derive::derive(lake, &jobs, &bronze, &opts, |_| {}).await.unwrap();
 }
 
-async fn backfill(url: &str, lake: &Lake, only: Option<&[String]>) {
+pub async fn backfill(url: &str, lake: &Lake, only: Option<&[String]>) {
     let sources = Sources::parse(include_str!("../../tables/sources.toml"), "sources.toml").unwrap();
     let opts = BackfillOptions { force: true, slot: SlotMode::NoSlot, ..Default::default() };
     weir_ingest::backfill(url, lake, &sources.select(only).unwrap(), &opts, Arc::new(Metrics::default()))

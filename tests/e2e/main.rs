@@ -5,6 +5,7 @@ mod backfill;
 mod cli;
 mod common;
 mod derive;
+mod fdw;
 mod flight;
 mod generator;
 mod interop;

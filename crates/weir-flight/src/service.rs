@@ -265,7 +265,7 @@ impl WeirFlightSql {
         let limit = Some(self.catalog.memory_limit());
         let schema: SchemaRef = Arc::new(df.schema().as_arrow().clone());
         let stream = df.execute_stream().await.map_err(|e| df_status(&e, limit))?;
-        tracing::debug!(sql, "query started");
+        tracing::debug!(sql = %sql, "query started");
         let batches = stream.map_err(move |e| FlightError::Tonic(Box::new(df_status(&e, limit))));
         Ok(Box::pin(FlightDataEncoderBuilder::new().with_schema(schema).build(batches).map_err(|e| match e {
             FlightError::Tonic(s) => *s,

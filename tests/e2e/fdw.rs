@@ -1,0 +1,184 @@
+//! The weir_fdw extension inside a real PostgreSQL 15, reading the lake through `weir serve`:
+//! the mart equals the legacy table both ways, pushdown is visible and safe next to clauses
+//! it cannot translate, LIMIT in joins and count(*), statement_timeout against a stalled
+//! server, a wrong password, IMPORT FOREIGN SCHEMA.
+//!
+//! Needs the extension installed into the system PostgreSQL (./infra/local/fdw.sh, which
+//! ./infra/local/test.sh runs).
+
+use std::time::{Duration, Instant};
+
+use weir_core::{LakeLocation, S3Settings};
+use weir_lake::Lake;
+
+use crate::common;
+use crate::flight::{AS_OF, backfill, derive_vw, serve_logged};
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn fdw_reads_the_mart_like_the_legacy_table() {
+    let (_pg, url) = common::marketplace(0.05, 21).await;
+    let dir = tempfile::tempdir().unwrap();
+    let lake =
+        Lake::open(LakeLocation::Local { root: dir.path().join("lake") }, &S3Settings::default(), false).unwrap();
+    backfill(&url, &lake, None).await;
+    let mut c = common::client(&url).await;
+    weir_synth::build_legacy_mart(&mut c, "vw", weir_core::parse_timestamp(AS_OF).unwrap()).await.unwrap();
+    derive_vw(&lake).await;
+    let config = dir.path().join("weir.toml");
+    std::fs::write(&config, "[serve]\nusers = [{ name = \"analyst\", password = \"s3cret\" }]\n").unwrap();
+    let log = dir.path().join("serve.log");
+    let server = serve_logged(&dir.path().join("lake"), &config, &[], Some(&log));
+
+    let columns: Vec<String> = weir_synth::legacy::MART_COLUMNS.iter().map(|(n, t)| format!("{n} {t}")).collect();
+    c.batch_execute(&format!(
+        "CREATE EXTENSION weir_fdw;
+         CREATE SERVER weir FOREIGN DATA WRAPPER weir_fdw OPTIONS (url 'grpc://127.0.0.1:{port}');
+         CREATE USER MAPPING FOR CURRENT_USER SERVER weir OPTIONS (user 'analyst', password 's3cret');
+         CREATE FOREIGN TABLE lake_ads_vw ({cols}) SERVER weir OPTIONS (table 'gold.ads_vw');",
+        port = server.port,
+        cols = columns.join(", ")
+    ))
+    .await
+    .unwrap();
+    let n = |sql: &'static str| {
+        let c = &c;
+        async move { common::scalar_i64(c, sql).await }
+    };
+
+    // The same rows, both ways, with the legacy column types.
+    let legacy = n("SELECT count(*) FROM ads_vw").await;
+    assert!(legacy > 100);
+    assert_eq!(n("SELECT count(*) FROM lake_ads_vw").await, legacy);
+    assert_eq!(n("SELECT count(*) FROM (SELECT * FROM lake_ads_vw EXCEPT ALL SELECT * FROM ads_vw) d").await, 0);
+    assert_eq!(n("SELECT count(*) FROM (SELECT * FROM ads_vw EXCEPT ALL SELECT * FROM lake_ads_vw) d").await, 0);
+    let scale: String = c
+        .query_one("SELECT price_last_eur::text FROM lake_ads_vw WHERE price_last_eur IS NOT NULL LIMIT 1", &[])
+        .await
+        .unwrap()
+        .get(0);
+    assert_eq!(scale.split('.').nth(1).map(str::len), Some(2), "numeric keeps its scale: {scale}");
+
+    // Pushdown: visible in EXPLAIN VERBOSE and in the server's log, results unchanged.
+    let plan: Vec<String> = c
+        .query(
+            "EXPLAIN VERBOSE SELECT listing_id, title FROM lake_ads_vw WHERE listing_id = 21 AND country = 'DE'",
+            &[],
+        )
+        .await
+        .unwrap()
+        .iter()
+        .map(|r| r.get(0))
+        .collect();
+    let plan = plan.join("\n");
+    assert!(plan.contains("listing_id") && plan.contains("quals"), "{plan}");
+    let id = n("SELECT min(listing_id) FROM ads_vw WHERE country = 'DE' AND price_last_eur > 1000").await;
+    let row: (String, String) = {
+        let r = c
+            .query_one(
+                "SELECT title, price_last_eur::text FROM lake_ads_vw WHERE listing_id = $1 AND country = 'DE' AND price_last_eur > 1000",
+                &[&id],
+            )
+            .await
+            .unwrap();
+        (r.get(0), r.get(1))
+    };
+    let want: (String, String) = {
+        let r =
+            c.query_one("SELECT title, price_last_eur::text FROM ads_vw WHERE listing_id = $1", &[&id]).await.unwrap();
+        (r.get(0), r.get(1))
+    };
+    assert_eq!(row, want);
+    let server_log = std::fs::read_to_string(&log).unwrap_or_default();
+    assert!(
+        server_log.contains(&format!("\"listing_id\" = {id}")) && server_log.contains("\"price_last_eur\" > 1000"),
+        "{server_log}"
+    );
+
+    // Untranslatable clause + LIMIT, a join with LIMIT, IN, IS NULL, LIKE: PostgreSQL's answers.
+    for (lake_sql, legacy_sql) in [
+        (
+            "SELECT count(*) FROM (SELECT * FROM lake_ads_vw WHERE lower(country) = 'de' LIMIT 5) x",
+            "SELECT count(*) FROM (SELECT * FROM ads_vw WHERE lower(country) = 'de' LIMIT 5) x",
+        ),
+        (
+            "SELECT count(*) FROM (SELECT a.listing_id FROM lake_ads_vw a JOIN ads_vw b USING (listing_id) WHERE b.is_active LIMIT 7) x",
+            "SELECT count(*) FROM (SELECT a.listing_id FROM ads_vw a JOIN ads_vw b USING (listing_id) WHERE b.is_active LIMIT 7) x",
+        ),
+        (
+            "SELECT count(*) FROM lake_ads_vw WHERE country IN ('DE', 'AT') OR deleted_at IS NULL",
+            "SELECT count(*) FROM ads_vw WHERE country IN ('DE', 'AT') OR deleted_at IS NULL",
+        ),
+        (
+            "SELECT count(*) FROM lake_ads_vw WHERE title LIKE '%a%' AND zip IS NULL",
+            "SELECT count(*) FROM ads_vw WHERE title LIKE '%a%' AND zip IS NULL",
+        ),
+        (
+            "SELECT count(*) FROM lake_ads_vw WHERE last_price_at >= '2025-01-01T00:00:00Z' AND title > 'M'",
+            "SELECT count(*) FROM ads_vw WHERE last_price_at >= '2025-01-01T00:00:00Z' AND title > 'M'",
+        ),
+    ] {
+        let a: i64 = c.query_one(lake_sql, &[]).await.unwrap().get(0);
+        let b: i64 = c.query_one(legacy_sql, &[]).await.unwrap().get(0);
+        assert_eq!(a, b, "{lake_sql}");
+    }
+    let sums: (String, String) = {
+        let r = c
+            .query_one(
+                "SELECT (SELECT sum(price_last_eur)::text FROM lake_ads_vw), (SELECT sum(price_last_eur)::text FROM ads_vw)",
+                &[],
+            )
+            .await
+            .unwrap();
+        (r.get(0), r.get(1))
+    };
+    assert_eq!(sums.0, sums.1);
+
+    // IMPORT FOREIGN SCHEMA: the lake's gold schema as foreign tables with exact types.
+    c.batch_execute("CREATE SCHEMA lake; IMPORT FOREIGN SCHEMA gold FROM SERVER weir INTO lake;").await.unwrap();
+    let t: String = c
+        .query_one(
+            "SELECT format_type(atttypid, atttypmod) FROM pg_attribute WHERE attrelid = 'lake.ads_vw'::regclass AND attname = 'price_drop_pct'",
+            &[],
+        )
+        .await
+        .unwrap()
+        .get(0);
+    assert_eq!(t, "numeric(6,2)");
+    assert_eq!(n("SELECT count(*) FROM lake.ads_vw").await, legacy);
+
+    // A wrong password: the server's message, as a PostgreSQL error.
+    c.batch_execute(&format!(
+        "CREATE SERVER weir_bad FOREIGN DATA WRAPPER weir_fdw OPTIONS (url 'grpc://127.0.0.1:{}');
+         CREATE USER MAPPING FOR CURRENT_USER SERVER weir_bad OPTIONS (user 'analyst', password 'nope');
+         CREATE FOREIGN TABLE bad_ads (listing_id bigint) SERVER weir_bad OPTIONS (table 'gold.ads_vw');",
+        server.port
+    ))
+    .await
+    .unwrap();
+    let err = c.query("SELECT * FROM bad_ads", &[]).await.unwrap_err();
+    let msg = weir_postgres::conn::db_message(&err);
+    assert!(msg.contains("wrong user or password"), "{msg}");
+
+    // A server that accepts and never answers: statement_timeout still cancels.
+    let stalled = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let port = stalled.local_addr().unwrap().port();
+    let _hold = std::thread::spawn(move || {
+        let mut held = vec![];
+        for s in stalled.incoming().flatten() {
+            held.push(s);
+        }
+    });
+    c.batch_execute(&format!(
+        "CREATE SERVER weir_stalled FOREIGN DATA WRAPPER weir_fdw OPTIONS (url 'grpc://127.0.0.1:{port}');
+         CREATE USER MAPPING FOR CURRENT_USER SERVER weir_stalled OPTIONS (user 'analyst', password 's3cret');
+         CREATE FOREIGN TABLE stalled_ads (listing_id bigint) SERVER weir_stalled OPTIONS (table 'gold.ads_vw');
+         SET statement_timeout = '1s';"
+    ))
+    .await
+    .unwrap();
+    let t = Instant::now();
+    let err = c.query("SELECT * FROM stalled_ads", &[]).await.unwrap_err();
+    let took = t.elapsed();
+    assert!(weir_postgres::conn::db_message(&err).contains("statement timeout"), "{err}");
+    assert!(took < Duration::from_secs(3), "cancelled after {took:?}");
+}

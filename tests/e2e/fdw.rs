@@ -146,6 +146,36 @@ async fn fdw_reads_the_mart_like_the_legacy_table() {
     assert_eq!(t, "numeric(6,2)");
     assert_eq!(n("SELECT count(*) FROM lake.ads_vw").await, legacy);
 
+    // `weir fdw install`: refuses to shadow the legacy table, then replaces it with a view
+    // of exactly the legacy columns; `weir fdw rollback` puts the table back.
+    let flight = format!("grpc://127.0.0.1:{}", server.port);
+    let weir = |args: &[&str]| {
+        let mut all = vec!["fdw"];
+        all.extend_from_slice(args);
+        std::process::Command::new(common::weir_bin())
+            .args(&all)
+            .args(["--pg", &url])
+            .env("WEIR_FLIGHT_USER", "analyst")
+            .env("WEIR_FLIGHT_PASSWORD", "s3cret")
+            .output()
+            .unwrap()
+    };
+    let before = common::column_types(&c, "ads_vw").await;
+    let out = weir(&["install", "--flight", &flight]);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success() && stderr.contains("ads_vw") && stderr.contains("--replace-legacy"), "{stderr}");
+    assert_eq!(n("SELECT count(*) FROM pg_class WHERE relname = 'ads_vw' AND relkind = 'r'").await, 1);
+    let out = weir(&["install", "--flight", &flight, "--replace-legacy"]);
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    assert_eq!(n("SELECT count(*) FROM pg_class WHERE relname = 'ads_vw' AND relkind = 'v'").await, 1);
+    assert_eq!(common::column_types(&c, "ads_vw").await, before, "the view has the legacy columns and types");
+    assert_eq!(n("SELECT count(*) FROM (SELECT * FROM ads_vw EXCEPT ALL SELECT * FROM ads_vw_legacy) d").await, 0);
+    assert_eq!(n("SELECT count(*) FROM (SELECT * FROM ads_vw_legacy EXCEPT ALL SELECT * FROM ads_vw) d").await, 0);
+    let out = weir(&["rollback"]);
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    assert_eq!(n("SELECT count(*) FROM pg_class WHERE relname = 'ads_vw' AND relkind = 'r'").await, 1);
+    assert_eq!(n("SELECT count(*) FROM pg_class WHERE relname = 'ads_vw_legacy'").await, 0);
+
     // A wrong password: the server's message, as a PostgreSQL error.
     c.batch_execute(&format!(
         "CREATE SERVER weir_bad FOREIGN DATA WRAPPER weir_fdw OPTIONS (url 'grpc://127.0.0.1:{}');

@@ -36,6 +36,9 @@ pub enum Command {
     Parity(ParityArgs),
     /// Serve every lake table and view over Arrow Flight SQL (ADBC, pyarrow, JDBC clients).
     Serve(ServeArgs),
+    /// Install the weir_fdw foreign-data wrapper in PostgreSQL and put ads_<make> views over the lake (or roll back).
+    #[command(subcommand)]
+    Fdw(FdwCmd),
     /// The legacy mart pipeline inside PostgreSQL, kept as the reference for parity.
     #[command(subcommand)]
     Legacy(LegacyCmd),
@@ -298,4 +301,45 @@ pub struct ServeArgs {
     /// Accept an S3 bucket outside the EU.
     #[arg(long)]
     pub allow_non_eu: bool,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum FdwCmd {
+    /// Create the extension, server, user mapping, foreign tables and one ads_<slug> view per mart.
+    Install(FdwInstallArgs),
+    /// Put the legacy tables back where --replace-legacy moved them, dropping the views.
+    Rollback(FdwRollbackArgs),
+}
+
+#[derive(Debug, Args)]
+pub struct FdwInstallArgs {
+    #[command(flatten)]
+    pub pg: PgArg,
+    /// The Flight SQL server (weir serve), e.g. grpc://10.0.0.5:50051.
+    #[arg(long)]
+    pub flight: String,
+    /// Schema for the ads_<slug> views.
+    #[arg(long, default_value = "public")]
+    pub schema: String,
+    /// Flight user (or WEIR_FLIGHT_USER).
+    #[arg(long, env = "WEIR_FLIGHT_USER")]
+    pub user: Option<String>,
+    /// Flight password (or WEIR_FLIGHT_PASSWORD).
+    #[arg(long, env = "WEIR_FLIGHT_PASSWORD", hide_env_values = true)]
+    pub password: Option<String>,
+    /// A bearer token instead of user and password (or WEIR_FLIGHT_TOKEN).
+    #[arg(long, env = "WEIR_FLIGHT_TOKEN", hide_env_values = true, conflicts_with_all = ["user", "password"])]
+    pub token: Option<String>,
+    /// Rename existing legacy ads_<slug> tables to ads_<slug>_legacy and put the views in their place.
+    #[arg(long)]
+    pub replace_legacy: bool,
+}
+
+#[derive(Debug, Args)]
+pub struct FdwRollbackArgs {
+    #[command(flatten)]
+    pub pg: PgArg,
+    /// Schema of the ads_<slug> views.
+    #[arg(long, default_value = "public")]
+    pub schema: String,
 }

@@ -4,6 +4,7 @@ pub mod backfill;
 mod demo;
 pub mod derive;
 mod doctor;
+mod fdw;
 mod generate;
 mod legacy;
 mod parity;
@@ -15,7 +16,7 @@ use std::time::{Duration, Instant};
 
 use anyhow::Result;
 
-use crate::cli::{Cli, Command, LegacyCmd};
+use crate::cli::{Cli, Command, FdwCmd, LegacyCmd};
 use crate::settings;
 
 pub async fn run(cli: Cli) -> Result<()> {
@@ -27,6 +28,8 @@ pub async fn run(cli: Cli) -> Result<()> {
         Command::Derive(a) => derive::run(a, &cfg).await,
         Command::Parity(a) => parity::run(a, &cfg).await,
         Command::Serve(a) => serve::run(a, &cfg).await,
+        Command::Fdw(FdwCmd::Install(a)) => fdw::install(a, &cfg).await,
+        Command::Fdw(FdwCmd::Rollback(a)) => fdw::rollback(a, &cfg).await,
         Command::Legacy(LegacyCmd::Build(a)) => legacy::run(a, &cfg).await,
         Command::Doctor(a) => doctor::run(a, &cfg).await,
         Command::Services(a) => services::run(a).await,

@@ -4,6 +4,8 @@
 set -euo pipefail
 cd "$(dirname "$0")/../.."
 bash infra/local/prereqs.sh
+# The FDW extension for the demo's PostgreSQL (first time: ~20 min, cargo-pgrx included).
+bash infra/local/fdw.sh
 export CARGO_TARGET_DIR="${CARGO_TARGET_DIR:-$HOME/.cache/weir/target}"
 cargo build -p weir-cli --bin weir
 exec "$CARGO_TARGET_DIR/debug/weir" demo "$@"

@@ -138,15 +138,17 @@ pub async fn run(a: DemoArgs) -> Result<()> {
         secs(t.elapsed())
     );
 
+    let flight = start_flight(&lake, &jobs).await?;
     let (flight_rows, flight_sum) = step(
         "serving the lake over Arrow Flight SQL and reading ads_vw back with a Flight SQL client",
-        flight_check(&lake, &jobs, &mart.table),
-        |(url, n, sum): &(String, i64, String)| {
-            format!("{url}: SELECT count(*), sum(price_last_eur) FROM {} → {n} rows, {sum}", mart.table)
+        query_flight(&flight, &mart.table),
+        |(n, sum): &(i64, String)| {
+            format!("{}: SELECT count(*), sum(price_last_eur) FROM {} → {n} rows, {sum}", flight.url, mart.table)
         },
     )
-    .await
-    .map(|(_, n, s)| (n, s))?;
+    .await?;
+    fdw_demo(&db_url, &flight, &mart.table).await?;
+    flight.stop().await?;
 
     let row = c
         .query_one(
@@ -216,13 +218,22 @@ pub async fn run(a: DemoArgs) -> Result<()> {
     Ok(())
 }
 
-/// Serves the lake in-process on a free port and reads the mart back through Flight SQL
-/// (handshake with a throwaway user, a statement, DoGet). Returns (url, rows, sum as text).
-async fn flight_check(lake: &Lake, jobs: &weir_derive::Jobs, table: &str) -> Result<(String, i64, String)> {
-    use arrow::array::{Array, AsArray};
-    use arrow_flight::sql::client::FlightSqlServiceClient;
-    use futures::TryStreamExt;
+/// The lake served in-process on a free port, with a throwaway user.
+struct FlightDemo {
+    url: String,
+    password: String,
+    stop: tokio::sync::oneshot::Sender<()>,
+    task: tokio::task::JoinHandle<Result<(), weir_flight::ServeError>>,
+}
 
+impl FlightDemo {
+    async fn stop(self) -> Result<()> {
+        let _ = self.stop.send(());
+        Ok(self.task.await??)
+    }
+}
+
+async fn start_flight(lake: &Lake, jobs: &weir_derive::Jobs) -> Result<FlightDemo> {
     let password = uuid_like();
     let settings = weir_core::ServeSettings {
         users: vec![weir_core::ServeUser { name: "demo".into(), password: password.clone() }],
@@ -237,8 +248,8 @@ async fn flight_check(lake: &Lake, jobs: &weir_derive::Jobs, table: &str) -> Res
     };
     let catalog = weir_flight::Catalog::new(lake.clone(), jobs.clone(), opts.refresh, opts.memory_limit_bytes);
     let (bound_tx, bound_rx) = tokio::sync::oneshot::channel();
-    let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();
-    let server = tokio::spawn(async move {
+    let (stop, stop_rx) = tokio::sync::oneshot::channel::<()>();
+    let task = tokio::spawn(async move {
         weir_flight::serve(
             catalog,
             auth,
@@ -253,23 +264,102 @@ async fn flight_check(lake: &Lake, jobs: &weir_derive::Jobs, table: &str) -> Res
         .await
     });
     let addr = bound_rx.await.context("the Flight server did not start")?;
-    let url = format!("grpc://{addr}");
-    let channel = tonic::transport::Endpoint::from_shared(format!("http://{addr}"))?.connect().await?;
+    Ok(FlightDemo { url: format!("grpc://{addr}"), password, stop, task })
+}
+
+/// count(*) and sum(price_last_eur) of a mart through a Flight SQL client (handshake,
+/// statement, DoGet).
+async fn query_flight(flight: &FlightDemo, table: &str) -> Result<(i64, String)> {
+    use arrow::array::{Array, AsArray};
+    use arrow_flight::sql::client::FlightSqlServiceClient;
+    use futures::TryStreamExt;
+
+    let endpoint = flight.url.replacen("grpc://", "http://", 1);
+    let channel = tonic::transport::Endpoint::from_shared(endpoint)?.connect().await?;
     let mut client = FlightSqlServiceClient::new(channel);
-    client.handshake("demo", &password).await?;
+    client.handshake("demo", &flight.password).await?;
     let info = client
         .execute(format!("SELECT count(*) AS n, CAST(sum(price_last_eur) AS VARCHAR) AS s FROM {table}"), None)
         .await?;
     let ticket = info.endpoint.first().and_then(|e| e.ticket.clone()).context("no ticket")?;
     let batches: Vec<arrow::array::RecordBatch> = client.do_get(ticket).await?.try_collect().await?;
-    let _ = stop_tx.send(());
-    server.await??;
     let b = batches.first().context("no rows from Flight")?;
     let n = b.column(0).as_primitive::<arrow::datatypes::Int64Type>().value(0);
     let s = arrow::compute::cast(b.column(1), &arrow::datatypes::DataType::Utf8)?;
     let s = s.as_string::<i32>();
     let sum = if s.is_null(0) { "0".to_string() } else { s.value(0).to_string() };
-    Ok((url, n, sum))
+    Ok((n, sum))
+}
+
+/// The FDW step: install weir_fdw into the demo's PostgreSQL, replace the legacy mart with
+/// the view over the lake, compare the two, and roll back. Skipped (with the reason) when
+/// the extension is not installed in the system PostgreSQL.
+async fn fdw_demo(db_url: &str, flight: &FlightDemo, table: &str) -> Result<()> {
+    let c = weir_postgres::connect(db_url).await?;
+    let available: bool =
+        c.query_one("SELECT EXISTS (SELECT 1 FROM pg_available_extensions WHERE name = 'weir_fdw')", &[]).await?.get(0);
+    println!(
+        "▸ weir fdw install: {table} in PostgreSQL becomes a view over the lake (the legacy table kept as {table}_legacy)"
+    );
+    if !available {
+        println!(
+            "  – skipped: the weir_fdw extension is not installed here (./infra/local/fdw.sh builds and installs it)"
+        );
+        return Ok(());
+    }
+    let t = Instant::now();
+    let args = crate::cli::FdwInstallArgs {
+        pg: crate::cli::PgArg { pg: Some(db_url.to_string()) },
+        flight: flight.url.clone(),
+        schema: "public".into(),
+        user: Some("demo".into()),
+        password: Some(flight.password.clone()),
+        token: None,
+        replace_legacy: true,
+    };
+    super::fdw::install(args, &weir_core::Config::default()).await?;
+    let q = |rel: String| {
+        let c = &c;
+        async move {
+            let r = c
+                .query_one(&format!("SELECT count(*), coalesce(sum(price_last_eur), 0)::text FROM {rel}"), &[])
+                .await
+                .with_context(|| format!("reading {rel}"))?;
+            Ok::<(i64, String), anyhow::Error>((r.get(0), r.get(1)))
+        }
+    };
+    let legacy = q(format!("{table}_legacy")).await?;
+    let view = q(table.to_string()).await?;
+    println!(
+        "  SELECT count(*), sum(price_last_eur) FROM {table}_legacy → {} rows, {}",
+        thousands(legacy.0 as u64),
+        legacy.1
+    );
+    println!(
+        "  SELECT count(*), sum(price_last_eur) FROM {table} (weir_fdw) → {} rows, {}",
+        thousands(view.0 as u64),
+        view.1
+    );
+    let diff: i64 = c
+        .query_one(
+            &format!(
+                "SELECT (SELECT count(*) FROM (SELECT * FROM {table} EXCEPT ALL SELECT * FROM {table}_legacy) a)
+                      + (SELECT count(*) FROM (SELECT * FROM {table}_legacy EXCEPT ALL SELECT * FROM {table}) b)"
+            ),
+            &[],
+        )
+        .await?
+        .get(0);
+    if legacy != view || diff != 0 {
+        anyhow::bail!("the FDW view and the legacy table differ ({diff} rows in EXCEPT ALL)");
+    }
+    super::fdw::rollback(
+        crate::cli::FdwRollbackArgs { pg: crate::cli::PgArg { pg: Some(db_url.to_string()) }, schema: "public".into() },
+        &weir_core::Config::default(),
+    )
+    .await?;
+    println!("  ✔ identical (EXCEPT ALL both ways is empty); rolled back to the legacy table ({})", secs(t.elapsed()));
+    Ok(())
 }
 
 /// A throwaway password (time and process id; it lives as long as the demo).

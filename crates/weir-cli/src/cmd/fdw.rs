@@ -36,7 +36,9 @@ pub async fn install(a: FdwInstallArgs, cfg: &Config) -> Result<()> {
                 bail!("infra/local/fdw.sh failed: the weir_fdw extension is not installed");
             }
         } else {
-            bail!("the weir_fdw extension is not installed in this PostgreSQL: run infra/local/fdw.sh on the database host");
+            bail!(
+                "the weir_fdw extension is not installed in this PostgreSQL: run infra/local/fdw.sh on the database host"
+            );
         }
     }
     let mapping = match (&a.token, &a.user, &a.password) {
@@ -71,8 +73,7 @@ pub async fn install(a: FdwInstallArgs, cfg: &Config) -> Result<()> {
     if marts.is_empty() {
         bail!("the lake behind {} has no gold ads_<slug> tables: run `weir derive` first", a.flight);
     }
-    let cols: Vec<String> =
-        weir_synth::legacy::MART_COLUMNS.iter().map(|(n, t)| format!("{n}::{t} AS {n}")).collect();
+    let cols: Vec<String> = weir_synth::legacy::MART_COLUMNS.iter().map(|(n, t)| format!("{n}::{t} AS {n}")).collect();
     for mart in &marts {
         let kind: Option<String> = tx
             .query_opt(
@@ -94,7 +95,9 @@ pub async fn install(a: FdwInstallArgs, cfg: &Config) -> Result<()> {
                 println!("  {schema}.{mart} → {schema}.{mart}_legacy (weir fdw rollback puts it back)");
             }
             Some("v") | None => {}
-            Some(other) => bail!("{schema}.{mart} exists and is not a table or a view (relkind {other}); not touching it"),
+            Some(other) => {
+                bail!("{schema}.{mart} exists and is not a table or a view (relkind {other}); not touching it")
+            }
         }
         tx.batch_execute(&format!(
             "CREATE OR REPLACE VIEW \"{schema}\".\"{mart}\" AS SELECT {} FROM {LAKE_SCHEMA}.\"{mart}\"",

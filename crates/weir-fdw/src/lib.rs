@@ -44,6 +44,46 @@ pgrx::extension_sql!(
     requires = [weir_fdw_handler, weir_fdw_validator]
 );
 
+/// The framework's own scan callbacks, wrapped by [`guarded_begin`] and [`guarded_end`].
+static FRAMEWORK_BEGIN: std::sync::OnceLock<
+    unsafe extern "C-unwind" fn(*mut pg_sys::ForeignScanState, std::ffi::c_int),
+> = std::sync::OnceLock::new();
+static FRAMEWORK_END: std::sync::OnceLock<unsafe extern "C-unwind" fn(*mut pg_sys::ForeignScanState)> =
+    std::sync::OnceLock::new();
+
+/// supabase-wrappers 0.1.28 keeps a scan's state behind the plan's `fdw_private` and frees it
+/// when the scan ends, so running a cached plan a second time (a prepared statement on its
+/// generic plan, PL/pgSQL) used freed memory and aborted the backend ("double free").
+/// These wrappers clear the pointer when the scan ends and turn a second run into an error.
+#[pg_guard]
+unsafe extern "C-unwind" fn guarded_begin(node: *mut pg_sys::ForeignScanState, eflags: std::ffi::c_int) {
+    // SAFETY: PostgreSQL hands a valid ForeignScanState whose plan is a ForeignScan.
+    unsafe {
+        let plan = (*node).ss.ps.plan as *mut pg_sys::ForeignScan;
+        if (*plan).fdw_private.is_null() {
+            pgrx::error!(
+                "weir_fdw: this cached query plan has already run once and cannot run again; run the query unprepared, or SET plan_cache_mode = force_custom_plan for prepared statements with parameters"
+            );
+        }
+        if let Some(begin) = FRAMEWORK_BEGIN.get() {
+            begin(node, eflags);
+        }
+    }
+}
+
+#[pg_guard]
+unsafe extern "C-unwind" fn guarded_end(node: *mut pg_sys::ForeignScanState) {
+    // SAFETY: as above; after the framework's end the state is freed, so the plan must not
+    // point at it any more.
+    unsafe {
+        if let Some(end) = FRAMEWORK_END.get() {
+            end(node);
+        }
+        let plan = (*node).ss.ps.plan as *mut pg_sys::ForeignScan;
+        (*plan).fdw_private = std::ptr::null_mut();
+    }
+}
+
 /// Days from 1970-01-01 to PostgreSQL's epoch 2000-01-01.
 const PG_EPOCH_DAYS: i32 = 10_957;
 const PG_EPOCH_MICROS: i64 = 946_684_800_000_000;
@@ -436,6 +476,17 @@ impl ForeignDataWrapper<WeirFdwError> for WeirFdw {
             }
         }
         Ok(out)
+    }
+
+    fn fdw_routine_hook(routine: &mut supabase_wrappers::FdwRoutine<pgrx::AllocatedByRust>) {
+        if let Some(begin) = routine.BeginForeignScan {
+            let _ = FRAMEWORK_BEGIN.set(begin);
+            routine.BeginForeignScan = Some(guarded_begin);
+        }
+        if let Some(end) = routine.EndForeignScan {
+            let _ = FRAMEWORK_END.set(end);
+            routine.EndForeignScan = Some(guarded_end);
+        }
     }
 
     fn validator(options: Vec<Option<String>>, catalog: Option<pg_sys::Oid>) -> Result<(), WeirFdwError> {

@@ -591,6 +591,9 @@ async fn serve(scale: f64, make: &str, runs: u32, lookups: u32) -> Result<()> {
                 }
                 scan = scan.min(t.elapsed().as_secs_f64());
             }
+            // A cached generic plan cannot run twice through the FDW framework (README): plan
+            // each lookup, as an unprepared query would be.
+            client.batch_execute("SET plan_cache_mode = force_custom_plan").await?;
             let stmt = client.prepare("SELECT * FROM lake_ads WHERE listing_id = $1").await?;
             let mut lat = vec![];
             for id in &ids {

@@ -8,24 +8,12 @@
 
 use std::time::{Duration, Instant};
 
-use weir_core::{LakeLocation, S3Settings};
-use weir_lake::Lake;
-
 use crate::common;
-use crate::flight::{AS_OF, backfill, derive_vw, serve_logged};
+use crate::flight::{Served, serve_logged, served_vw};
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn fdw_reads_the_mart_like_the_legacy_table() {
-    let (_pg, url) = common::marketplace(0.05, 21).await;
-    let dir = tempfile::tempdir().unwrap();
-    let lake =
-        Lake::open(LakeLocation::Local { root: dir.path().join("lake") }, &S3Settings::default(), false).unwrap();
-    backfill(&url, &lake, None).await;
-    let mut c = common::client(&url).await;
-    weir_synth::build_legacy_mart(&mut c, "vw", weir_core::parse_timestamp(AS_OF).unwrap()).await.unwrap();
-    derive_vw(&lake).await;
-    let config = dir.path().join("weir.toml");
-    std::fs::write(&config, "[serve]\nusers = [{ name = \"analyst\", password = \"s3cret\" }]\n").unwrap();
+    let Served { _pg, url, dir, c, config, .. } = served_vw(21).await;
     let log = dir.path().join("serve.log");
     let server = serve_logged(&dir.path().join("lake"), &config, &[], Some(&log));
 

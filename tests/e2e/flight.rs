@@ -127,9 +127,19 @@ fn normalize(rows: &[Value]) -> Vec<Value> {
         .collect()
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn flight_sql_clients_read_the_marts() {
-    let (_pg, url) = common::marketplace(0.05, 11).await;
+/// A generated marketplace (SF 0.05), its lake with gold.ads_vw derived, the legacy ads_vw
+/// built as of [`AS_OF`], and a weir.toml with one Flight user (analyst / s3cret).
+pub struct Served {
+    pub _pg: weir_testkit::PgCluster,
+    pub url: String,
+    pub dir: tempfile::TempDir,
+    pub lake: Lake,
+    pub c: tokio_postgres::Client,
+    pub config: std::path::PathBuf,
+}
+
+pub async fn served_vw(seed: u64) -> Served {
+    let (_pg, url) = common::marketplace(0.05, seed).await;
     let dir = tempfile::tempdir().unwrap();
     let lake =
         Lake::open(LakeLocation::Local { root: dir.path().join("lake") }, &S3Settings::default(), false).unwrap();
@@ -137,9 +147,14 @@ async fn flight_sql_clients_read_the_marts() {
     let mut c = common::client(&url).await;
     weir_synth::build_legacy_mart(&mut c, "vw", weir_core::parse_timestamp(AS_OF).unwrap()).await.unwrap();
     derive_vw(&lake).await;
-
     let config = dir.path().join("weir.toml");
     std::fs::write(&config, "[serve]\nusers = [{ name = \"analyst\", password = \"s3cret\" }]\n").unwrap();
+    Served { _pg, url, dir, lake, c, config }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn flight_sql_clients_read_the_marts() {
+    let Served { _pg, url, dir, lake, c, config } = served_vw(11).await;
     let server = serve(&dir.path().join("lake"), &config, &[]);
     let r = client("read", server.port, None);
 

@@ -134,6 +134,8 @@ pub(crate) struct WeirFdw {
     client: Option<FlightSqlServiceClient<Channel>>,
     stream: Option<FlightRecordBatchStream>,
     batch: Option<RecordBatch>,
+    /// For each target column, its index in the current batch.
+    index: Vec<usize>,
     pos: usize,
     columns: Vec<Column>,
 }
@@ -347,6 +349,7 @@ impl ForeignDataWrapper<WeirFdwError> for WeirFdw {
             client: None,
             stream: None,
             batch: None,
+            index: vec![],
             pos: 0,
             columns: vec![],
         })
@@ -383,12 +386,8 @@ impl ForeignDataWrapper<WeirFdwError> for WeirFdw {
         loop {
             if let Some(b) = &self.batch {
                 if self.pos < b.num_rows() {
-                    for c in &self.columns {
-                        let col = b.column_by_name(&c.name).ok_or_else(|| WeirFdwError::Column {
-                            column: c.name.clone(),
-                            message: "not in the server's answer".into(),
-                        })?;
-                        row.push(&c.name, cell(col, self.pos, &c.name)?);
+                    for (c, &i) in self.columns.iter().zip(&self.index) {
+                        row.push(&c.name, cell(b.column(i), self.pos, &c.name)?);
                     }
                     self.pos += 1;
                     return Ok(Some(()));
@@ -403,6 +402,17 @@ impl ForeignDataWrapper<WeirFdwError> for WeirFdw {
                     return Ok(None);
                 }
                 Some(Ok(b)) => {
+                    // Column positions once per batch, not once per cell.
+                    self.index = self
+                        .columns
+                        .iter()
+                        .map(|c| {
+                            b.schema().index_of(&c.name).map_err(|_| WeirFdwError::Column {
+                                column: c.name.clone(),
+                                message: "not in the server's answer".into(),
+                            })
+                        })
+                        .collect::<Result<_, _>>()?;
                     self.batch = Some(b);
                     self.pos = 0;
                 }

@@ -172,7 +172,7 @@ async fn backfill(scale: f64, jobs: usize, runs: u32) -> Result<()> {
         weir_synth::generate(&db, &GenerateOptions { scale, seed: 42, replace: false }, Arc::new(NoProgress)).await?;
     let rows = report.rows("price_log");
     println!("generated SF {scale} in {:.1} s: {rows} price_log rows", t.elapsed().as_secs_f64());
-    let sources = weir_ingest::Sources::parse(include_str!("../../tables/sources.toml"), "tables/sources.toml")?;
+    let sources = repo_sources()?;
     let tables = sources.select(Some(&["price_log".to_string()]))?;
     let lake_dir = tempfile_dir(pg.data_dir())?;
     let (mut weir_best, mut psql_best) = (f64::MAX, f64::MAX);
@@ -243,13 +243,14 @@ fn vm_hwm_kb() -> u64 {
 
 /// The Python with DuckDB: $WEIR_TOOLS/pyvenv (created by infra/local/pytools.sh), duckdb
 /// installed into it on first use.
-fn duckdb_python() -> Result<std::path::PathBuf> {
+/// The tools venv's Python (infra/local/pytools.sh); with `duckdb`, DuckDB installed into it.
+fn bench_python(duckdb: bool) -> Result<std::path::PathBuf> {
     let out = Command::new("bash").arg("infra/local/pytools.sh").output().context("running infra/local/pytools.sh")?;
     if !out.status.success() {
         bail!("infra/local/pytools.sh: {}", String::from_utf8_lossy(&out.stderr).trim());
     }
     let python = std::path::PathBuf::from(String::from_utf8_lossy(&out.stdout).trim());
-    let has = Command::new(&python).args(["-c", "import duckdb"]).status()?.success();
+    let has = !duckdb || Command::new(&python).args(["-c", "import duckdb"]).status()?.success();
     if !has {
         let pip = python.with_file_name("pip");
         let ok = Command::new(pip).args(["install", "-q", "--disable-pip-version-check", "duckdb==2.0.0"]).status()?;
@@ -270,7 +271,7 @@ async fn query(lake_dir: &Path, sql: &str, runs: u32, explain: bool) -> Result<(
         &Default::default(),
         false,
     )?;
-    let sources = weir_ingest::Sources::parse(include_str!("../../tables/sources.toml"), "tables/sources.toml")?;
+    let sources = repo_sources()?;
     let bronze: Vec<String> = sources.tables.iter().map(|t| t.name.clone()).collect();
     let mut session = weir_derive::LakeSession::open(&lake, &bronze).await?;
     for t in ["silver/listing_price", "silver/model"] {
@@ -304,16 +305,33 @@ fn arrow_cast_string(col: &dyn datafusion_array::Array) -> Vec<String> {
     (0..col.len()).map(|i| datafusion_array::display_value(col, i)).collect()
 }
 
-async fn derive(scale: f64, make: &str, runs: u32, keep: Option<std::path::PathBuf>) -> Result<()> {
-    let python = duckdb_python()?;
+/// The repository's tables/sources.toml.
+fn repo_sources() -> Result<weir_ingest::Sources> {
+    Ok(weir_ingest::Sources::parse(include_str!("../../tables/sources.toml"), "tables/sources.toml")?)
+}
+
+/// A throwaway PostgreSQL with the generated marketplace (seed 42), every table backfilled
+/// into a local lake, and the jobs of tables/jobs: what the derive and serve benches share.
+struct Landed {
+    pg: PgCluster,
+    db: String,
+    lake: weir_lake::Lake,
+    lake_dir: std::path::PathBuf,
+    sources: weir_ingest::Sources,
+    bronze: Vec<String>,
+    jobs: weir_derive::Jobs,
+    as_of: chrono::DateTime<chrono::Utc>,
+}
+
+async fn landed(scale: f64, lake_dir: Option<std::path::PathBuf>) -> Result<Landed> {
     let pg = tokio::task::spawn_blocking(PgCluster::start).await??;
     let db = pg.create_database("bench")?;
     let t = Instant::now();
     weir_synth::generate(&db, &GenerateOptions { scale, seed: 42, replace: false }, Arc::new(NoProgress)).await?;
     println!("generated SF {scale} in {:.1} s", t.elapsed().as_secs_f64());
-    let sources = weir_ingest::Sources::parse(include_str!("../../tables/sources.toml"), "tables/sources.toml")?;
+    let sources = repo_sources()?;
     let bronze: Vec<String> = sources.tables.iter().map(|t| t.name.clone()).collect();
-    let lake_dir = match keep {
+    let lake_dir = match lake_dir {
         Some(d) => d,
         None => tempfile_dir(pg.data_dir())?.join("lake"),
     };
@@ -325,13 +343,25 @@ async fn derive(scale: f64, make: &str, runs: u32, keep: Option<std::path::PathB
     println!("backfilled every table in {:.1} s", t.elapsed().as_secs_f64());
     let jobs = weir_derive::load_dir(Path::new("tables/jobs"), &bronze)?;
     let as_of = chrono::DateTime::from_timestamp_micros(weir_synth::HISTORY_END).context("as_of")?;
-    let derive_opts = |full: bool| weir_derive::DeriveOptions {
+    Ok(Landed { pg, db, lake, lake_dir, sources, bronze, jobs, as_of })
+}
+
+/// `weir derive --job ads --make <make> [--full]` as of the bench's instant.
+fn ads_options(make: &str, as_of: chrono::DateTime<chrono::Utc>, full: bool) -> weir_derive::DeriveOptions {
+    weir_derive::DeriveOptions {
         job: Some("ads".into()),
         makes: weir_derive::MakeSelection::One(make.to_string()),
         as_of_micros: as_of.timestamp_micros(),
         full,
         target_file_bytes: 128 << 20,
-    };
+    }
+}
+
+async fn derive(scale: f64, make: &str, runs: u32, keep: Option<std::path::PathBuf>) -> Result<()> {
+    let python = bench_python(true)?;
+    let Landed { pg: _pg, db, lake, lake_dir, sources, bronze, jobs, as_of } = landed(scale, keep).await?;
+    let opts = weir_ingest::BackfillOptions { slot: weir_ingest::SlotMode::NoSlot, ..Default::default() };
+    let derive_opts = |full: bool| ads_options(make, as_of, full);
     let mut client = weir_postgres::connect(&db).await?;
     let (mut legacy, mut weir, mut duck) = (f64::MAX, f64::MAX, f64::MAX);
     for run in 0..runs {
@@ -450,27 +480,9 @@ mod datafusion_array {
 }
 
 async fn serve(scale: f64, make: &str, runs: u32, lookups: u32) -> Result<()> {
-    let python = duckdb_python()?;
-    let pg = tokio::task::spawn_blocking(PgCluster::start).await??;
-    let db = pg.create_database("bench")?;
-    weir_synth::generate(&db, &GenerateOptions { scale, seed: 42, replace: false }, Arc::new(NoProgress)).await?;
-    let sources = weir_ingest::Sources::parse(include_str!("../../tables/sources.toml"), "tables/sources.toml")?;
-    let bronze: Vec<String> = sources.tables.iter().map(|t| t.name.clone()).collect();
-    let lake_dir = tempfile_dir(pg.data_dir())?.join("lake");
-    let lake =
-        weir_lake::Lake::open(weir_core::LakeLocation::Local { root: lake_dir.clone() }, &Default::default(), false)?;
-    let opts = weir_ingest::BackfillOptions { slot: weir_ingest::SlotMode::NoSlot, ..Default::default() };
-    weir_ingest::backfill(&db, &lake, &sources.tables, &opts, Arc::new(weir_ingest::Metrics::default())).await?;
-    let jobs = weir_derive::load_dir(Path::new("tables/jobs"), &bronze)?;
-    let as_of = chrono::DateTime::from_timestamp_micros(weir_synth::HISTORY_END).context("as_of")?;
-    let dopts = weir_derive::DeriveOptions {
-        job: Some("ads".into()),
-        makes: weir_derive::MakeSelection::One(make.to_string()),
-        as_of_micros: as_of.timestamp_micros(),
-        full: false,
-        target_file_bytes: 128 << 20,
-    };
-    weir_derive::derive(&lake, &jobs, &bronze, &dopts, |_| {}).await?;
+    let python = bench_python(false)?;
+    let Landed { pg, db, lake, bronze, jobs, as_of, .. } = landed(scale, None).await?;
+    weir_derive::derive(&lake, &jobs, &bronze, &ads_options(make, as_of, false), |_| {}).await?;
     let mut client = weir_postgres::connect(&db).await?;
     weir_synth::build_legacy_mart(&mut client, make, as_of).await?;
     // The lookups: ids of the mart, spread evenly (the same ids for both sides).

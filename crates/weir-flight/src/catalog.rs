@@ -139,7 +139,6 @@ impl Catalog {
 
     /// Every table and view, for GetTables.
     pub async fn entries(&self) -> Result<Vec<Entry>, ServeError> {
-        let ctx = self.session().await?;
         let snap = self.snapshot().await?;
         let views: Vec<String> =
             self.jobs.ordered.iter().filter(|j| j.materialize == Materialize::View).map(|j| j.output(None)).collect();
@@ -163,13 +162,15 @@ impl Catalog {
                 });
             }
         }
+        // The views as planned into the snapshot's catalog (absent when their sources are).
         for job in self.jobs.ordered.iter().filter(|j| j.materialize == Materialize::View) {
-            if let Ok(t) = ctx.table(job.output(None).as_str()).await {
+            let Some(schema) = snap.catalog.schema(&job.layer.to_string()) else { continue };
+            if let Some(view) = schema.table(&job.name).await? {
                 out.push(Entry {
                     schema: job.layer.to_string(),
                     name: job.name.clone(),
                     kind: "VIEW",
-                    arrow_schema: Arc::new(t.schema().as_arrow().clone()),
+                    arrow_schema: view.schema(),
                 });
             }
         }

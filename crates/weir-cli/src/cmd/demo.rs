@@ -234,7 +234,7 @@ impl FlightDemo {
 }
 
 async fn start_flight(lake: &Lake, jobs: &weir_derive::Jobs) -> Result<FlightDemo> {
-    let password = uuid_like();
+    let password = uuid::Uuid::new_v4().simple().to_string();
     let settings = weir_core::ServeSettings {
         users: vec![weir_core::ServeUser { name: "demo".into(), password: password.clone() }],
         ..Default::default()
@@ -360,10 +360,4 @@ async fn fdw_demo(db_url: &str, flight: &FlightDemo, table: &str) -> Result<()> 
     .await?;
     println!("  ✔ identical (EXCEPT ALL both ways is empty); rolled back to the legacy table ({})", secs(t.elapsed()));
     Ok(())
-}
-
-/// A throwaway password (time and process id; it lives as long as the demo).
-fn uuid_like() -> String {
-    let t = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_nanos()).unwrap_or(0);
-    format!("{:x}{:x}", t, std::process::id())
 }

@@ -16,6 +16,26 @@ fn quote_literal(s: &str) -> String {
     format!("'{}'", s.replace('\'', "''"))
 }
 
+/// Names of the relations of one kind (pg_class.relkind) in a schema matching a LIKE pattern.
+async fn relations(
+    tx: &tokio_postgres::Transaction<'_>,
+    schema: &str,
+    relkind: &str,
+    like: &str,
+) -> Result<Vec<String>> {
+    Ok(tx
+        .query(
+            "SELECT c.relname::text FROM pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace
+             WHERE n.nspname = $1 AND c.relkind::text = $2 AND c.relname LIKE $3 ORDER BY 1",
+            &[&schema, &relkind, &like],
+        )
+        .await
+        .map_err(PgError::query(format!("listing relations in schema {schema}")))?
+        .iter()
+        .map(|r| r.get(0))
+        .collect())
+}
+
 pub async fn install(a: FdwInstallArgs, cfg: &Config) -> Result<()> {
     let url = settings::pg_url(a.pg.pg.as_deref(), cfg)?;
     let schema = validate_slug(&a.schema).context("--schema")?.to_string();
@@ -59,17 +79,7 @@ pub async fn install(a: FdwInstallArgs, cfg: &Config) -> Result<()> {
         options = if mapping.is_empty() { String::new() } else { format!(" OPTIONS ({mapping})") },
     );
     tx.batch_execute(&setup).await.map_err(PgError::query("creating the server and the foreign tables"))?;
-    let marts: Vec<String> = tx
-        .query(
-            "SELECT c.relname::text FROM pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace
-             WHERE n.nspname = $1 AND c.relkind = 'f' AND c.relname LIKE 'ads\\_%' ORDER BY 1",
-            &[&LAKE_SCHEMA],
-        )
-        .await
-        .map_err(PgError::query("listing the imported marts"))?
-        .iter()
-        .map(|r| r.get(0))
-        .collect();
+    let marts = relations(&tx, LAKE_SCHEMA, "f", "ads\\_%").await?;
     if marts.is_empty() {
         bail!("the lake behind {} has no gold ads_<slug> tables: run `weir derive` first", a.flight);
     }
@@ -117,17 +127,7 @@ pub async fn rollback(a: FdwRollbackArgs, cfg: &Config) -> Result<()> {
     let schema = validate_slug(&a.schema).context("--schema")?.to_string();
     let mut client = weir_postgres::connect(&url).await?;
     let tx = client.transaction().await.map_err(PgError::query("starting a transaction"))?;
-    let legacy: Vec<String> = tx
-        .query(
-            "SELECT c.relname::text FROM pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace
-             WHERE n.nspname = $1 AND c.relkind = 'r' AND c.relname LIKE 'ads\\_%\\_legacy' ORDER BY 1",
-            &[&schema],
-        )
-        .await
-        .map_err(PgError::query("listing the legacy tables"))?
-        .iter()
-        .map(|r| r.get(0))
-        .collect();
+    let legacy = relations(&tx, &schema, "r", "ads\\_%\\_legacy").await?;
     if legacy.is_empty() {
         bail!("no ads_<slug>_legacy tables in schema {schema}: nothing to roll back");
     }

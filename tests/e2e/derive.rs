@@ -14,7 +14,7 @@ use weir_lake::Lake;
 
 use crate::common::{self, weir_bin};
 
-const AS_OF: &str = "2026-07-20T00:00:00Z";
+pub(crate) const AS_OF: &str = "2026-07-20T00:00:00Z";
 
 fn sources() -> Sources {
     Sources::parse(include_str!("../../tables/sources.toml"), "tables/sources.toml").unwrap()
@@ -31,7 +31,7 @@ async fn backfill(url: &str, lake: &Lake, only: Option<&[String]>) {
 }
 
 /// Runs `weir derive` (the binary, from the repository root so tables/jobs is used).
-fn derive(lake_dir: &std::path::Path, extra: &[&str]) -> (bool, String, String) {
+pub(crate) fn derive(lake_dir: &std::path::Path, extra: &[&str]) -> (bool, String, String) {
     let out = Command::new(weir_bin())
         .current_dir(env!("CARGO_MANIFEST_DIR").to_string() + "/../..")
         .args(["derive", "--lake", &format!("file://{}", lake_dir.display()), "--as-of", AS_OF])
@@ -42,7 +42,7 @@ fn derive(lake_dir: &std::path::Path, extra: &[&str]) -> (bool, String, String) 
 }
 
 /// Output name → what happened to it ("built", "up to date", "view").
-fn outcomes(stdout: &str) -> BTreeMap<String, String> {
+pub(crate) fn outcomes(stdout: &str) -> BTreeMap<String, String> {
     stdout
         .lines()
         .filter_map(|l| {
@@ -63,7 +63,7 @@ fn outcomes(stdout: &str) -> BTreeMap<String, String> {
         .collect()
 }
 
-async fn legacy_all(url: &str) -> Vec<String> {
+pub(crate) async fn legacy_all(url: &str) -> Vec<String> {
     let mut c = common::client(url).await;
     let as_of = weir_core::parse_timestamp(AS_OF).unwrap();
     let slugs = weir_synth::list_make_slugs(&c).await.unwrap();
@@ -73,7 +73,7 @@ async fn legacy_all(url: &str) -> Vec<String> {
     slugs
 }
 
-async fn assert_parity(url: &str, lake: &Lake, slugs: &[String], when: &str) {
+pub(crate) async fn assert_parity(url: &str, lake: &Lake, slugs: &[String], when: &str) {
     let c = common::client(url).await;
     let as_of = weir_core::parse_timestamp(AS_OF).unwrap().timestamp_micros();
     let mut rows = 0;

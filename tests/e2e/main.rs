@@ -2,6 +2,7 @@
 //! One test binary (link time is the scarce resource); modules by area.
 
 mod backfill;
+mod cdc;
 mod cli;
 mod common;
 mod derive;

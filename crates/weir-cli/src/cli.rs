@@ -30,6 +30,8 @@ pub enum Command {
     Generate(GenerateCmd),
     /// Land the source tables as Delta tables from one consistent snapshot: parallel, resumable.
     Backfill(BackfillArgs),
+    /// Apply PostgreSQL's changes since the backfill to the bronze tables (logical replication, exactly once).
+    Sync(SyncArgs),
     /// Run the jobs in tables/jobs over the lake: silver entities and gold marts, incrementally.
     Derive(DeriveArgs),
     /// Compare a mart in the lake with the legacy table in PostgreSQL: counts, checksums, first differences.
@@ -216,6 +218,36 @@ pub struct BackfillArgs {
     /// Serve Prometheus metrics on this address (e.g. 127.0.0.1:9184) while running.
     #[arg(long)]
     pub metrics_addr: Option<String>,
+    /// Accept an S3 bucket outside the EU.
+    #[arg(long)]
+    pub allow_non_eu: bool,
+}
+
+#[derive(Debug, Args)]
+pub struct SyncArgs {
+    #[command(flatten)]
+    pub pg: PgArg,
+    /// Lake URI: file://path or s3://bucket/prefix (or WEIR_LAKE, or lake in weir.toml).
+    #[arg(long, env = "WEIR_LAKE")]
+    pub lake: Option<String>,
+    /// Keep applying new transactions until interrupted (Ctrl-C / SIGTERM finish the batch in hand).
+    #[arg(long)]
+    pub follow: bool,
+    /// Only these tables (comma-separated), from the sources file.
+    #[arg(long, value_delimiter = ',')]
+    pub tables: Option<Vec<String>>,
+    /// The replication slot (and publication) the backfill created (default: weir_<hash of the lake URL>).
+    #[arg(long)]
+    pub slot: Option<String>,
+    /// Changes per batch: one Delta commit per changed table per batch.
+    #[arg(long, default_value_t = 200_000)]
+    pub batch_changes: u32,
+    /// With --follow, how often to look for new changes, in milliseconds.
+    #[arg(long, default_value_t = 250)]
+    pub poll_ms: u64,
+    /// The sources file (default: tables/sources.toml when present, else the built-in copy).
+    #[arg(long)]
+    pub sources: Option<PathBuf>,
     /// Accept an S3 bucket outside the EU.
     #[arg(long)]
     pub allow_non_eu: bool,

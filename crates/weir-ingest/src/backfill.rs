@@ -8,8 +8,6 @@ use std::time::{Duration, Instant};
 
 use arrow_schema::SchemaRef;
 use deltalake::kernel::Add;
-use deltalake::parquet::basic::{Compression, ZstdLevel};
-use deltalake::parquet::file::properties::{EnabledStatistics, WriterProperties};
 use deltalake::writer::{DeltaWriter, RecordBatchWriter};
 use futures::TryStreamExt;
 use serde_json::{Value, json};
@@ -187,7 +185,8 @@ pub async fn backfill(
     }
 
     // The consistent instant.
-    let lsn = start_lsn(&coord, &opts.slot).await?;
+    let landing: Vec<SourceTable> = todo.iter().map(|(i, _)| tables[*i].clone()).collect();
+    let lsn = start_lsn(&coord, &opts.slot, &landing).await?;
     coord
         .batch_execute("BEGIN ISOLATION LEVEL REPEATABLE READ, READ ONLY")
         .await
@@ -349,7 +348,7 @@ pub async fn backfill(
     Ok(reports)
 }
 
-async fn start_lsn(coord: &Client, slot: &SlotMode) -> Result<String, IngestError> {
+async fn start_lsn(coord: &Client, slot: &SlotMode, tables: &[SourceTable]) -> Result<String, IngestError> {
     match slot {
         SlotMode::NoSlot => Ok(coord
             .query_one("SELECT pg_current_wal_lsn()::text", &[])
@@ -362,6 +361,9 @@ async fn start_lsn(coord: &Client, slot: &SlotMode) -> Result<String, IngestErro
             if level != "logical" {
                 return Err(IngestError::WalLevel { level });
             }
+            // The publication (named like the slot) first: pgoutput decodes with the catalog
+            // as of each change, so a table must be published before the LSN CDC starts at.
+            crate::cdc::ensure_publication(coord, name, tables).await?;
             let exists: bool = coord
                 .query_one("SELECT EXISTS (SELECT 1 FROM pg_replication_slots WHERE slot_name = $1)", &[name])
                 .await
@@ -441,11 +443,7 @@ async fn copy_chunk(
         chunk.predicate(work.run.chunk_column.as_deref())
     );
     let write_err = |message: String| IngestError::Write { table: t.name.clone(), chunk: chunk.id, message };
-    let props = WriterProperties::builder()
-        .set_compression(Compression::ZSTD(ZstdLevel::try_new(3).expect("valid level")))
-        .set_statistics_enabled(EnabledStatistics::Page)
-        .set_max_row_group_row_count(Some(1 << 20))
-        .build();
+    let props = crate::parquet_properties();
     let partition_cols: Option<Vec<String>> = t.partition_column().map(|c| vec![c]);
     let mut writer = RecordBatchWriter::try_new(
         lake.table_url(&t.bronze_path()).as_str(),

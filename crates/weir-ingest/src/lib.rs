@@ -4,6 +4,7 @@
 //! that records the snapshot's LSN for CDC.
 
 pub mod backfill;
+pub mod cdc;
 pub mod metrics;
 pub mod partition;
 pub mod plan;
@@ -11,6 +12,7 @@ pub mod sources;
 pub mod state;
 
 pub use backfill::{BackfillOptions, Outcome, SlotMode, TableReport, backfill, default_slot_name};
+pub use cdc::{BatchReport, SyncOptions, SyncReport, TableChanges, sync};
 pub use metrics::{Metrics, TableCounters};
 pub use sources::{SourceTable, Sources};
 
@@ -51,6 +53,12 @@ pub enum IngestError {
     Write { table: String, chunk: u32, message: String },
     #[error("table {table}: chunks {missing:?} have no manifest after the run; nothing was committed")]
     Incomplete { table: String, missing: Vec<u32> },
+    #[error("{message}")]
+    Cdc { message: String },
+    #[error(
+        "table {table}: DDL that CDC cannot follow: {detail}; land the table again with `weir backfill --tables {table} --force`"
+    )]
+    Ddl { table: String, detail: String },
     #[error("background task failed: {0}")]
     Task(String),
 }
@@ -59,4 +67,15 @@ impl From<DeltaError> for IngestError {
     fn from(e: DeltaError) -> Self {
         Self::Delta(Box::new(e))
     }
+}
+
+/// Parquet settings for every bronze file: zstd, page statistics, row groups for scans.
+pub fn parquet_properties() -> deltalake::parquet::file::properties::WriterProperties {
+    use deltalake::parquet::basic::{Compression, ZstdLevel};
+    use deltalake::parquet::file::properties::{EnabledStatistics, WriterProperties};
+    WriterProperties::builder()
+        .set_compression(Compression::ZSTD(ZstdLevel::try_new(3).expect("valid level")))
+        .set_statistics_enabled(EnabledStatistics::Page)
+        .set_max_row_group_row_count(Some(1 << 20))
+        .build()
 }

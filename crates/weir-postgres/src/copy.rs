@@ -64,6 +64,13 @@ impl CopyBinaryWriter {
         self
     }
 
+    /// A field already in its type's binary send format (e.g. from pgoutput).
+    pub fn raw(&mut self, v: &[u8]) -> &mut Self {
+        self.buf.put_i32(v.len() as i32);
+        self.buf.put_slice(v);
+        self
+    }
+
     pub fn null(&mut self) -> &mut Self {
         self.buf.put_i32(-1);
         self

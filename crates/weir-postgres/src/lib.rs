@@ -3,6 +3,7 @@
 pub mod conn;
 pub mod copy;
 pub mod decode;
+pub mod pgoutput;
 pub mod types;
 
 pub use conn::{PgError, connect, describe_url};

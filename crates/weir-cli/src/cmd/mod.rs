@@ -11,6 +11,7 @@ mod parity;
 mod s3;
 mod serve;
 mod services;
+mod sync;
 
 use std::time::{Duration, Instant};
 
@@ -25,6 +26,7 @@ pub async fn run(cli: Cli) -> Result<()> {
         Command::Demo(a) => demo::run(a).await,
         Command::Generate(g) => generate::run(g, &cfg).await,
         Command::Backfill(a) => backfill::run(a, &cfg).await,
+        Command::Sync(a) => sync::run(a, &cfg).await,
         Command::Derive(a) => derive::run(a, &cfg).await,
         Command::Parity(a) => parity::run(a, &cfg).await,
         Command::Serve(a) => serve::run(a, &cfg).await,

@@ -1,0 +1,989 @@
+//! `weir sync`: logical-replication CDC from PostgreSQL into the bronze Delta tables,
+//! exactly once.
+//!
+//! The slot the backfill created is read with `pg_logical_slot_peek_binary_changes` (pgoutput,
+//! values in binary form) a batch of whole transactions at a time. Each batch is folded per
+//! table and key (the last change of a key wins; a truncate drops what came before it) and
+//! applied with one Delta MERGE per table whose commit carries an application transaction
+//! (`txn`, app id [`APP_ID`]) holding the end LSN of the batch's last transaction. Only when
+//! every table's commit is durable is the slot advanced (`pg_replication_slot_advance`). A
+//! crash anywhere is recovered by reading from the slot again: each table skips the
+//! transactions that committed before the LSN its own Delta log records, so nothing is lost
+//! and nothing is applied twice, and the slot never passes what the lake holds.
+
+use std::collections::HashMap;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::{Duration, Instant};
+
+use arrow_array::builder::BooleanBuilder;
+use arrow_array::{ArrayRef, RecordBatch, StringArray};
+use arrow_schema::{DataType, Field, Schema, SchemaRef};
+use bytes::Bytes;
+use datafusion::common::Column;
+use datafusion::logical_expr::{Expr, col, lit, when};
+use datafusion::prelude::SessionContext;
+use deltalake::DeltaTable;
+use deltalake::kernel::Transaction;
+use deltalake::kernel::engine::arrow_conversion::TryIntoKernel;
+use deltalake::kernel::transaction::CommitProperties;
+use serde_json::{Value as Json, json};
+use tokio_postgres::Client;
+use weir_lake::Lake;
+use weir_postgres::pgoutput::{self, Message, Relation, Value};
+use weir_postgres::{CopyBinaryWriter, CopyDecoder, PgColumn, PgError, PgType, arrow_schema, connect};
+
+use crate::IngestError;
+use crate::partition;
+use crate::sources::SourceTable;
+
+/// The Delta application-transaction id under which CDC records the applied LSN.
+pub const APP_ID: &str = "weir.cdc";
+
+const OP: &str = "__weir_op";
+const KEEP: &str = "__weir_keep_";
+
+#[derive(Debug, Clone)]
+pub struct SyncOptions {
+    /// The logical slot (and publication) the backfill created.
+    pub slot: String,
+    /// Keep applying new transactions until stopped; otherwise stop at the WAL position
+    /// read at the start.
+    pub follow: bool,
+    /// Changes read per batch (whole transactions: a batch finishes the one it is in).
+    pub batch_changes: i32,
+    /// How long `follow` waits when nothing is new.
+    pub poll: Duration,
+}
+
+impl SyncOptions {
+    pub fn new(slot: impl Into<String>) -> Self {
+        Self { slot: slot.into(), follow: false, batch_changes: 200_000, poll: Duration::from_millis(250) }
+    }
+}
+
+/// What one table received in a batch (or in a whole run).
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct TableChanges {
+    pub table: String,
+    pub inserts: u64,
+    pub updates: u64,
+    pub deletes: u64,
+    pub truncates: u64,
+    /// Changes of transactions the table's Delta log already holds (a replay after a crash).
+    pub skipped: u64,
+    /// Rows the MERGE inserted, updated and deleted in the lake.
+    pub rows_inserted: u64,
+    pub rows_updated: u64,
+    pub rows_deleted: u64,
+    /// The table version committed, if any.
+    pub version: Option<i64>,
+}
+
+impl TableChanges {
+    fn add(&mut self, o: &TableChanges) {
+        self.inserts += o.inserts;
+        self.updates += o.updates;
+        self.deletes += o.deletes;
+        self.truncates += o.truncates;
+        self.skipped += o.skipped;
+        self.rows_inserted += o.rows_inserted;
+        self.rows_updated += o.rows_updated;
+        self.rows_deleted += o.rows_deleted;
+        if o.version.is_some() {
+            self.version = o.version;
+        }
+    }
+}
+
+#[derive(Debug, Clone, Default)]
+pub struct BatchReport {
+    /// The slot position the batch started from and the end of its last transaction.
+    pub from_lsn: String,
+    pub to_lsn: String,
+    pub transactions: u64,
+    pub changes: u64,
+    /// Commit time of the batch's last transaction (µs since the Unix epoch).
+    pub last_commit_micros: Option<i64>,
+    pub seconds: f64,
+    pub tables: Vec<TableChanges>,
+}
+
+#[derive(Debug, Clone, Default)]
+pub struct SyncReport {
+    pub batches: u64,
+    pub transactions: u64,
+    pub changes: u64,
+    /// Where the slot stands at the end.
+    pub lsn: String,
+    pub tables: Vec<TableChanges>,
+}
+
+/// Reads the slot and applies it to the bronze tables until caught up (or, with `follow`,
+/// until `stop` is set). `on_batch` sees every applied batch.
+pub async fn sync(
+    pg_url: &str,
+    lake: &Lake,
+    tables: &[SourceTable],
+    opts: &SyncOptions,
+    stop: &AtomicBool,
+    mut on_batch: impl FnMut(&BatchReport),
+) -> Result<SyncReport, IngestError> {
+    let client = connect(pg_url).await?;
+    let slot = &opts.slot;
+    check_slot(&client, slot).await?;
+    check_publication(&client, slot, tables).await?;
+
+    let lock = format!("weir.sync|{}", lake.url());
+    let got: bool = client
+        .query_one("SELECT pg_try_advisory_lock(hashtextextended($1, 0))", &[&lock])
+        .await
+        .map_err(PgError::query("taking the sync lock"))?
+        .get(0);
+    if !got {
+        return Err(IngestError::Cdc {
+            message: format!("another weir sync is applying slot {slot} to {} right now", lake.url()),
+        });
+    }
+
+    let mut states = Vec::new();
+    for t in tables {
+        states.push(TableState::open(lake, t).await?);
+    }
+    let mut report = SyncReport {
+        tables: tables.iter().map(|t| TableChanges { table: t.name.clone(), ..Default::default() }).collect(),
+        ..Default::default()
+    };
+    let mut position = slot_position(&client, slot).await?;
+    let mut upto = current_lsn(&client).await?;
+    loop {
+        if stop.load(Ordering::Relaxed) {
+            break;
+        }
+        let started = Instant::now();
+        // Read before the peek: decoding reads flushed WAL only, so "nothing came back" means
+        // "nothing committed before `upto`" only if `upto` was already flushed when it ran.
+        let flushed = flush_lsn(&client).await?;
+        let rows = client
+            .query(
+                "SELECT data FROM pg_logical_slot_peek_binary_changes($1, $2::text::pg_lsn, $3,
+                     'proto_version', '1', 'publication_names', $4, 'binary', 'true')",
+                &[slot, &pgoutput::format_lsn(upto), &opts.batch_changes, slot],
+            )
+            .await
+            .map_err(PgError::query(format!("reading changes from replication slot {slot}")))?;
+        if rows.is_empty() {
+            // Every transaction that committed before `upto` is applied. `upto` is a record
+            // boundary (the insert position), so moving the slot there skips no commit record
+            // that straddles it; with synchronous_commit = off the WAL writer flushes a commit
+            // a moment after it returned, hence the wait.
+            if flushed >= upto {
+                if upto > position {
+                    advance(&client, slot, upto).await?;
+                    position = upto;
+                }
+                if !opts.follow {
+                    break;
+                }
+                let idle = Instant::now();
+                while idle.elapsed() < opts.poll && !stop.load(Ordering::Relaxed) {
+                    tokio::time::sleep(Duration::from_millis(25).min(opts.poll)).await;
+                }
+                upto = current_lsn(&client).await?;
+            } else {
+                tokio::time::sleep(Duration::from_millis(20)).await;
+            }
+            continue;
+        }
+        let mut batch = BatchReport { from_lsn: pgoutput::format_lsn(position), ..Default::default() };
+        let mut oids: HashMap<u32, usize> = HashMap::new();
+        let mut txn_lsn: Option<u64> = None;
+        let mut end_lsn = None;
+        for row in &rows {
+            let data: &[u8] = row.get(0);
+            let msg = pgoutput::decode(Bytes::copy_from_slice(data))
+                .map_err(|e| IngestError::Cdc { message: format!("slot {slot}: {e}") })?;
+            match msg {
+                Message::Begin { final_lsn, .. } => txn_lsn = Some(final_lsn),
+                Message::Commit { end_lsn: end, commit_time, .. } => {
+                    end_lsn = Some(end);
+                    txn_lsn = None;
+                    batch.transactions += 1;
+                    batch.last_commit_micros = Some(commit_time + weir_postgres::PG_EPOCH_MICROS);
+                }
+                Message::Relation(rel) => {
+                    if rel.namespace != "public" {
+                        continue;
+                    }
+                    if let Some(i) = states.iter().position(|s| s.source.name == rel.name) {
+                        states[i].relation(&rel)?;
+                        oids.insert(rel.oid, i);
+                    }
+                }
+                Message::Insert { relation, new } => {
+                    if let Some(st) = pick(&mut states, &oids, relation, txn_lsn, &mut batch.changes) {
+                        st.insert(new)?;
+                    }
+                }
+                Message::Update { relation, old, new } => {
+                    if let Some(st) = pick(&mut states, &oids, relation, txn_lsn, &mut batch.changes) {
+                        st.update(old, new)?;
+                    }
+                }
+                Message::Delete { relation, old } => {
+                    if let Some(st) = pick(&mut states, &oids, relation, txn_lsn, &mut batch.changes) {
+                        st.delete(old)?;
+                    }
+                }
+                Message::Truncate { relations, .. } => {
+                    for r in relations {
+                        if let Some(st) = pick(&mut states, &oids, r, txn_lsn, &mut batch.changes) {
+                            st.truncate();
+                        }
+                    }
+                }
+                Message::Type { .. } | Message::Origin | Message::Logical => {}
+            }
+        }
+        let Some(end) = end_lsn.filter(|_| txn_lsn.is_none()) else {
+            return Err(IngestError::Cdc {
+                message: format!("slot {slot}: the batch ended inside a transaction; nothing was applied"),
+            });
+        };
+        for st in &mut states {
+            st.apply(lake, slot, end).await?;
+        }
+        // Only now that every table's commit is durable may PostgreSQL recycle the WAL.
+        advance(&client, slot, end).await?;
+        position = end;
+        batch.to_lsn = pgoutput::format_lsn(end);
+        batch.seconds = started.elapsed().as_secs_f64();
+        for (st, total) in states.iter_mut().zip(report.tables.iter_mut()) {
+            let c = std::mem::take(&mut st.changes);
+            total.add(&c);
+            if c != TableChanges::default() {
+                batch.tables.push(TableChanges { table: st.source.name.clone(), ..c });
+            }
+        }
+        report.batches += 1;
+        report.transactions += batch.transactions;
+        report.changes += batch.changes;
+        on_batch(&batch);
+    }
+    report.lsn = pgoutput::format_lsn(position);
+    Ok(report)
+}
+
+/// The table a change is for, unless its transaction is already in that table's Delta log.
+fn pick<'a>(
+    states: &'a mut [TableState],
+    oids: &HashMap<u32, usize>,
+    relation: u32,
+    txn_lsn: Option<u64>,
+    changes: &mut u64,
+) -> Option<&'a mut TableState> {
+    let st = &mut states[*oids.get(&relation)?];
+    if txn_lsn.is_some_and(|l| l < st.applied) {
+        st.changes.skipped += 1;
+        return None;
+    }
+    *changes += 1;
+    Some(st)
+}
+
+async fn advance(client: &Client, slot: &str, lsn: u64) -> Result<(), IngestError> {
+    client
+        .query_one(
+            "SELECT pg_replication_slot_advance($1, $2::text::pg_lsn)::text",
+            &[&slot, &pgoutput::format_lsn(lsn)],
+        )
+        .await
+        .map_err(PgError::query(format!("advancing replication slot {slot}")))?;
+    Ok(())
+}
+
+async fn flush_lsn(client: &Client) -> Result<u64, IngestError> {
+    let text: String = client
+        .query_one("SELECT pg_current_wal_flush_lsn()::text", &[])
+        .await
+        .map_err(PgError::query("reading the flushed WAL position"))?
+        .get(0);
+    parse_lsn(&text)
+}
+
+/// Where the next WAL record goes: every committed transaction's commit record ends at or
+/// before it, and no record straddles it (unlike the write and flush positions).
+async fn current_lsn(client: &Client) -> Result<u64, IngestError> {
+    let text: String = client
+        .query_one("SELECT pg_current_wal_insert_lsn()::text", &[])
+        .await
+        .map_err(PgError::query("reading the WAL position"))?
+        .get(0);
+    parse_lsn(&text)
+}
+
+fn parse_lsn(text: &str) -> Result<u64, IngestError> {
+    pgoutput::parse_lsn(text).ok_or_else(|| IngestError::Cdc { message: format!("unreadable LSN {text:?}") })
+}
+
+async fn slot_position(client: &Client, slot: &str) -> Result<u64, IngestError> {
+    let text: String = client
+        .query_one("SELECT confirmed_flush_lsn::text FROM pg_replication_slots WHERE slot_name = $1", &[&slot])
+        .await
+        .map_err(PgError::query(format!("reading replication slot {slot}")))?
+        .get(0);
+    parse_lsn(&text)
+}
+
+/// The slot must exist (created by the backfill, before its snapshot), be a pgoutput slot in
+/// this database, and be free.
+async fn check_slot(client: &Client, slot: &str) -> Result<(), IngestError> {
+    let level: String = client.query_one("SHOW wal_level", &[]).await.map_err(PgError::query("SHOW wal_level"))?.get(0);
+    if level != "logical" {
+        return Err(IngestError::WalLevel { level });
+    }
+    let row = client
+        .query_opt(
+            "SELECT plugin::text, slot_type, database::text = current_database(), active_pid
+             FROM pg_replication_slots WHERE slot_name = $1",
+            &[&slot],
+        )
+        .await
+        .map_err(PgError::query(format!("looking up replication slot {slot}")))?;
+    let Some(row) = row else {
+        return Err(IngestError::Cdc {
+            message: format!(
+                "replication slot {slot} does not exist; `weir backfill` creates it together with the snapshot CDC starts from (a slot created now would miss every change since the backfill: run `weir backfill --force`)"
+            ),
+        });
+    };
+    let (plugin, kind, here, pid): (Option<String>, String, Option<bool>, Option<i32>) =
+        (row.get(0), row.get(1), row.get(2), row.get(3));
+    if kind != "logical" || plugin.as_deref() != Some("pgoutput") {
+        return Err(IngestError::Cdc {
+            message: format!(
+                "replication slot {slot} is a {kind} slot with plugin {}; weir sync needs a logical pgoutput slot",
+                plugin.unwrap_or_default()
+            ),
+        });
+    }
+    if here != Some(true) {
+        return Err(IngestError::Cdc { message: format!("replication slot {slot} belongs to another database") });
+    }
+    if let Some(pid) = pid {
+        return Err(IngestError::Cdc {
+            message: format!("replication slot {slot} is in use by PostgreSQL backend {pid} (another weir sync?)"),
+        });
+    }
+    Ok(())
+}
+
+/// Every synced table must be in the publication named like the slot: a table added to a
+/// publication only publishes changes from then on, so one missing now has lost changes.
+async fn check_publication(client: &Client, publication: &str, tables: &[SourceTable]) -> Result<(), IngestError> {
+    let published: Vec<String> = client
+        .query(
+            "SELECT tablename::text FROM pg_publication_tables WHERE pubname = $1 AND schemaname = 'public'",
+            &[&publication],
+        )
+        .await
+        .map_err(PgError::query(format!("reading publication {publication}")))?
+        .iter()
+        .map(|r| r.get(0))
+        .collect();
+    for t in tables {
+        if !published.contains(&t.name) {
+            return Err(IngestError::Cdc {
+                message: format!(
+                    "table {} is not in publication {publication}, so its changes since the backfill were not recorded; `weir backfill --tables {} --force` adds it and lands it again",
+                    t.name, t.name
+                ),
+            });
+        }
+    }
+    Ok(())
+}
+
+/// Creates the publication CDC reads (named like the slot) or adds missing tables to it.
+/// Called by the backfill before it fixes its starting LSN, so no change is unpublished.
+pub async fn ensure_publication(client: &Client, name: &str, tables: &[SourceTable]) -> Result<(), IngestError> {
+    let exists: bool = client
+        .query_one("SELECT EXISTS (SELECT 1 FROM pg_publication WHERE pubname = $1)", &[&name])
+        .await
+        .map_err(PgError::query(format!("looking up publication {name}")))?
+        .get(0);
+    let published: Vec<String> = if exists {
+        client
+            .query(
+                "SELECT tablename::text FROM pg_publication_tables WHERE pubname = $1 AND schemaname = 'public'",
+                &[&name],
+            )
+            .await
+            .map_err(PgError::query(format!("reading publication {name}")))?
+            .iter()
+            .map(|r| r.get(0))
+            .collect()
+    } else {
+        Vec::new()
+    };
+    let missing: Vec<String> = tables
+        .iter()
+        .filter(|t| !published.contains(&t.name))
+        .map(|t| format!("public.{}", quote_ident(&t.name)))
+        .collect();
+    if missing.is_empty() {
+        return Ok(());
+    }
+    let sql = if exists {
+        format!("ALTER PUBLICATION {} ADD TABLE {}", quote_ident(name), missing.join(", "))
+    } else {
+        format!("CREATE PUBLICATION {} FOR TABLE {}", quote_ident(name), missing.join(", "))
+    };
+    client.batch_execute(&sql).await.map_err(PgError::query(format!("publishing the source tables ({sql})")))?;
+    Ok(())
+}
+
+fn quote_ident(s: &str) -> String {
+    format!("\"{}\"", s.replace('"', "\"\""))
+}
+
+/// The position a table's Delta log says it holds: the LSN of its last CDC commit, or the
+/// snapshot LSN of its latest backfill, whichever is later.
+pub async fn applied_lsn(table: &DeltaTable, rel: &str) -> Result<Option<u64>, IngestError> {
+    let state = table.snapshot().map_err(|e| delta_err(rel, e))?;
+    let txn = state.transaction_version(table.log_store().as_ref(), APP_ID).await.map_err(|e| delta_err(rel, e))?;
+    let mut backfill = None;
+    for ci in table.history(None).await.map_err(|e| delta_err(rel, e))? {
+        if let Some(lsn) = ci.info.get("weir.snapshot_lsn").and_then(Json::as_str) {
+            backfill = Some(parse_lsn(lsn)?);
+            break;
+        }
+    }
+    Ok(match (txn, backfill) {
+        (Some(t), Some(b)) => Some((t as u64).max(b)),
+        (Some(t), None) => Some(t as u64),
+        (None, b) => b,
+    })
+}
+
+fn delta_err(rel: &str, e: deltalake::DeltaTableError) -> IngestError {
+    IngestError::Delta(Box::new(weir_lake::DeltaError::Delta { table: rel.to_string(), source: e }))
+}
+
+/// One change folded per key: the row after it, or its removal.
+enum Pending {
+    Upsert(Vec<Value>),
+    Delete(Vec<Value>),
+}
+
+struct TableState {
+    source: SourceTable,
+    rel: String,
+    /// Transactions that committed before this LSN are in the table already.
+    applied: u64,
+    /// The lake's columns (without a derived partition column) and their Arrow types.
+    lake_columns: Vec<(String, DataType)>,
+    /// The source columns as the latest relation message describes them.
+    columns: Vec<PgColumn>,
+    key_positions: Vec<usize>,
+    pending: HashMap<Vec<u8>, Pending>,
+    truncated: bool,
+    changes: TableChanges,
+}
+
+impl TableState {
+    async fn open(lake: &Lake, t: &SourceTable) -> Result<Self, IngestError> {
+        let rel = t.bronze_path();
+        let table = weir_lake::open_table(lake, &rel).await?;
+        if table.version().is_none() {
+            return Err(IngestError::Cdc {
+                message: format!("{rel} is not in the lake yet: run `weir backfill` first (it also creates the slot)"),
+            });
+        }
+        let applied = applied_lsn(&table, &rel).await?.ok_or_else(|| IngestError::Cdc {
+            message: format!(
+                "{rel} records no snapshot LSN (backfilled without a slot?); `weir backfill --force` records one"
+            ),
+        })?;
+        let schema = table.snapshot().map_err(|e| delta_err(&rel, e))?.snapshot().arrow_schema();
+        let derived = t.partition.as_ref().filter(|p| p.transform.is_some()).and_then(|_| t.partition_column());
+        let lake_columns = schema
+            .fields()
+            .iter()
+            .filter(|f| Some(f.name()) != derived.as_ref())
+            .map(|f| (f.name().clone(), f.data_type().clone()))
+            .collect();
+        Ok(Self {
+            source: t.clone(),
+            rel,
+            applied,
+            lake_columns,
+            columns: Vec::new(),
+            key_positions: Vec::new(),
+            pending: HashMap::new(),
+            truncated: false,
+            changes: TableChanges::default(),
+        })
+    }
+
+    /// A relation message: the source's columns now. Same as the lake's, or the lake's plus
+    /// new columns at the end (ADD COLUMN); anything else is DDL CDC cannot follow.
+    fn relation(&mut self, rel: &Relation) -> Result<(), IngestError> {
+        let ddl = |detail: String| IngestError::Ddl { table: self.source.name.clone(), detail };
+        let mut columns = Vec::with_capacity(rel.columns.len());
+        for c in &rel.columns {
+            let typname = pgoutput::builtin_type_name(c.type_oid).ok_or_else(|| {
+                ddl(format!("column {} has type oid {}, which Weir does not land", c.name, c.type_oid))
+            })?;
+            let ty = PgType::from_catalog(&self.source.name, &c.name, typname, c.type_modifier, typname)?;
+            columns.push(PgColumn { name: c.name.clone(), ty, nullable: true });
+        }
+        for (i, (name, lake_ty)) in self.lake_columns.iter().enumerate() {
+            let Some(c) = columns.get(i) else {
+                return Err(ddl(format!("column {name} is gone from the source (dropped or renamed)")));
+            };
+            if &c.name != name {
+                return Err(ddl(format!("column {} is now {} (a column was dropped or renamed)", name, c.name)));
+            }
+            if !same_type(&c.ty.arrow_type(), lake_ty) {
+                return Err(ddl(format!(
+                    "column {name} changed type: {} in the source, {lake_ty} in the lake",
+                    c.ty.arrow_type()
+                )));
+            }
+        }
+        let mut keys = Vec::new();
+        for k in &self.source.key {
+            let Some(p) = columns.iter().position(|c| &c.name == k) else {
+                return Err(ddl(format!("key column {k} is gone from the source")));
+            };
+            keys.push(p);
+        }
+        self.columns = columns;
+        self.key_positions = keys;
+        Ok(())
+    }
+
+    fn key(&self, tuple: &[Value]) -> Result<Vec<u8>, IngestError> {
+        let mut key = Vec::with_capacity(16);
+        for &p in &self.key_positions {
+            match tuple.get(p) {
+                Some(Value::Binary(b)) => {
+                    key.extend_from_slice(&(b.len() as u32).to_be_bytes());
+                    key.extend_from_slice(b);
+                }
+                other => {
+                    return Err(IngestError::Cdc {
+                        message: format!(
+                            "table {}: key column {} arrived as {other:?}; replica identity must cover the key",
+                            self.source.name, self.columns[p].name
+                        ),
+                    });
+                }
+            }
+        }
+        Ok(key)
+    }
+
+    fn insert(&mut self, new: Vec<Value>) -> Result<(), IngestError> {
+        let k = self.key(&new)?;
+        self.pending.insert(k, Pending::Upsert(new));
+        self.changes.inserts += 1;
+        Ok(())
+    }
+
+    fn update(&mut self, old: Option<Vec<Value>>, mut new: Vec<Value>) -> Result<(), IngestError> {
+        let k = self.key(&new)?;
+        let unchanged = new.contains(&Value::Unchanged);
+        if let Some(old) = old {
+            let ok = self.key(&old)?;
+            if ok != k {
+                if unchanged {
+                    return Err(IngestError::Cdc {
+                        message: format!(
+                            "table {}: an update changed the key and left a TOASTed column unsent; set REPLICA IDENTITY FULL on it",
+                            self.source.name
+                        ),
+                    });
+                }
+                self.pending.insert(ok, Pending::Delete(old));
+            }
+        }
+        if unchanged && let Some(Pending::Upsert(prev)) = self.pending.get(&k) {
+            for (i, v) in new.iter_mut().enumerate() {
+                if *v == Value::Unchanged
+                    && let Some(p) = prev.get(i)
+                {
+                    *v = p.clone();
+                }
+            }
+        }
+        self.pending.insert(k, Pending::Upsert(new));
+        self.changes.updates += 1;
+        Ok(())
+    }
+
+    fn delete(&mut self, old: Vec<Value>) -> Result<(), IngestError> {
+        let k = self.key(&old)?;
+        self.pending.insert(k, Pending::Delete(old));
+        self.changes.deletes += 1;
+        Ok(())
+    }
+
+    fn truncate(&mut self) {
+        self.pending.clear();
+        self.truncated = true;
+        self.changes.truncates += 1;
+    }
+
+    /// Commits this batch's changes (if any) with `end` as the table's applied LSN.
+    async fn apply(&mut self, lake: &Lake, slot: &str, end: u64) -> Result<(), IngestError> {
+        if self.pending.is_empty() && !self.truncated {
+            return Ok(());
+        }
+        let rel = self.rel.clone();
+        let name = self.source.name.clone();
+        let props = || {
+            CommitProperties::default()
+                .with_application_transaction(Transaction::new(APP_ID, end as i64))
+                .with_metadata([
+                    ("weir.cdc.lsn".to_string(), json!(pgoutput::format_lsn(end))),
+                    ("weir.cdc.slot".to_string(), json!(slot)),
+                    ("weir.source_table".to_string(), json!(name)),
+                ])
+        };
+        let mut table = weir_lake::open_table(lake, &rel).await?;
+        if self.truncated {
+            let mut delete = table.delete();
+            if !self.pending.is_empty() {
+                // The merge below carries the LSN; a crash in between replays the truncate.
+                delete = delete.with_commit_properties(CommitProperties::default());
+            } else {
+                delete = delete.with_commit_properties(props());
+            }
+            let (t, m) = delete.await.map_err(|e| delta_err(&rel, e))?;
+            self.changes.rows_deleted += m.num_deleted_rows.unwrap_or(0) as u64;
+            self.changes.version = t.version().map(|v| v as i64);
+            table = t;
+            self.truncated = false;
+        }
+        if self.pending.is_empty() {
+            self.applied = end;
+            return Ok(());
+        }
+
+        // New source columns first, as their own commit (a crash after it is harmless).
+        if self.columns.len() > self.lake_columns.len() {
+            let added: Vec<Field> = self.columns[self.lake_columns.len()..]
+                .iter()
+                .map(|c| Field::new(&c.name, c.ty.arrow_type(), true))
+                .collect();
+            let added_schema = Schema::new(added.clone());
+            let kernel: deltalake::kernel::StructType = (&added_schema)
+                .try_into_kernel()
+                .map_err(|e| delta_err(&rel, deltalake::DeltaTableError::Generic(e.to_string())))?;
+            table = table
+                .add_columns()
+                .with_fields(kernel.fields().cloned().collect::<Vec<_>>())
+                .await
+                .map_err(|e| delta_err(&rel, e))?;
+            tracing::info!(table = %rel, columns = ?added.iter().map(|f| f.name()).collect::<Vec<_>>(), "source added columns; lake schema evolved");
+            self.lake_columns.extend(added.iter().map(|f| (f.name().clone(), f.data_type().clone())));
+        }
+
+        let batch = self.source_batch()?;
+        let source_schema = batch.schema();
+        let ctx = SessionContext::new();
+        let df = ctx.read_batch(batch).map_err(|e| IngestError::Cdc { message: format!("{rel}: {e}") })?;
+        let s = |c: &str| Expr::Column(Column::new(Some("s"), c));
+        let t = |c: &str| Expr::Column(Column::new(Some("t"), c));
+        let mut predicate = None::<Expr>;
+        let mut on = self.source.key.clone();
+        // A month partition derived from a key column is equal on both sides: it prunes files.
+        if let (Some(p), Some(pc)) = (&self.source.partition, self.source.partition_column())
+            && p.transform.is_some()
+            && self.source.key.contains(&p.column)
+        {
+            on.push(pc);
+        }
+        for k in &on {
+            let e = t(k).eq(s(k));
+            predicate = Some(match predicate {
+                Some(p) => p.and(e),
+                None => e,
+            });
+        }
+        let predicate = predicate.expect("a source table has a key");
+        let data_columns: Vec<String> = source_schema
+            .fields()
+            .iter()
+            .map(|f| f.name().clone())
+            .filter(|n| n != OP && !n.starts_with(KEEP))
+            .collect();
+        let is_upsert = col(Column::new(Some("s"), OP)).eq(lit("U"));
+        let (table, metrics) = table
+            .merge(df, predicate)
+            .with_source_alias("s")
+            .with_target_alias("t")
+            .with_session_state(Arc::new(ctx.state()))
+            .with_writer_properties(crate::parquet_properties())
+            .with_commit_properties(props())
+            .when_matched_delete(|d| d.predicate(s(OP).eq(lit("D"))))
+            .and_then(|m| {
+                m.when_matched_update(|mut u| {
+                    u = u.predicate(is_upsert.clone());
+                    for c in &data_columns {
+                        let keep = format!("{KEEP}{c}");
+                        let e = if source_schema.index_of(&keep).is_ok() {
+                            when(s(&keep), t(c)).otherwise(s(c)).expect("a CASE with a default")
+                        } else {
+                            s(c)
+                        };
+                        u = u.update(Column::new_unqualified(c), e);
+                    }
+                    u
+                })
+            })
+            .and_then(|m| {
+                m.when_not_matched_insert(|mut i| {
+                    i = i.predicate(is_upsert.clone());
+                    for c in &data_columns {
+                        i = i.set(Column::new_unqualified(c), s(c));
+                    }
+                    i
+                })
+            })
+            .map_err(|e| delta_err(&rel, e))?
+            .await
+            .map_err(|e| delta_err(&rel, e))?;
+        self.changes.rows_inserted += metrics.num_target_rows_inserted as u64;
+        self.changes.rows_updated += metrics.num_target_rows_updated as u64;
+        self.changes.rows_deleted += metrics.num_target_rows_deleted as u64;
+        self.changes.version = table.version().map(|v| v as i64);
+        self.applied = end;
+        Ok(())
+    }
+
+    /// The folded changes as one Arrow batch in the lake's column types (decoded by the same
+    /// COPY BINARY decoder the backfill uses), plus the operation and keep-current flags.
+    fn source_batch(&mut self) -> Result<RecordBatch, IngestError> {
+        let n = self.columns.len();
+        let rows = self.pending.len();
+        let mut w = CopyBinaryWriter::with_capacity(rows * 64);
+        let mut ops: Vec<&'static str> = Vec::with_capacity(rows);
+        let mut keep: Vec<Option<BooleanBuilder>> = (0..n).map(|_| None).collect();
+        for (r, (_, p)) in self.pending.drain().enumerate() {
+            let (values, op) = match p {
+                Pending::Upsert(v) => (v, "U"),
+                Pending::Delete(v) => (v, "D"),
+            };
+            ops.push(op);
+            w.row(n as i16);
+            for (i, kb) in keep.iter_mut().enumerate() {
+                let v = values.get(i).unwrap_or(&Value::Null);
+                match v {
+                    Value::Binary(b) => {
+                        w.raw(b);
+                    }
+                    Value::Null | Value::Unchanged => {
+                        w.null();
+                    }
+                    Value::Text(_) => {
+                        return Err(IngestError::Cdc {
+                            message: format!(
+                                "table {}: column {} arrived in text form; the slot must be read with binary 'true'",
+                                self.source.name, self.columns[i].name
+                            ),
+                        });
+                    }
+                }
+                if *v == Value::Unchanged && kb.is_none() {
+                    let mut b = BooleanBuilder::with_capacity(rows);
+                    b.append_n(r, false);
+                    *kb = Some(b);
+                }
+                if let Some(b) = kb {
+                    b.append_value(*v == Value::Unchanged);
+                }
+            }
+        }
+        let mut stream = Vec::with_capacity(w.len() + 32);
+        stream.extend_from_slice(&CopyBinaryWriter::header());
+        stream.extend_from_slice(&w.take());
+        stream.extend_from_slice(&CopyBinaryWriter::trailer());
+        let mut decoder = CopyDecoder::new(format!("{} (CDC)", self.source.name), self.columns.clone(), rows.max(1));
+        let mut out = Vec::new();
+        decoder.feed(&stream, &mut out)?;
+        decoder.finish(&mut out)?;
+        let decoded = arrow_schema(&self.columns);
+        let batch = arrow_select_concat(&decoded, &out)?;
+        let with_part_schema = partition::table_schema(&self.source, decoded)?;
+        let batch = partition::with_partition(&self.source, &with_part_schema, batch)?;
+
+        let mut fields: Vec<Field> = batch.schema().fields().iter().map(|f| f.as_ref().clone()).collect();
+        let mut arrays: Vec<ArrayRef> = batch.columns().to_vec();
+        fields.push(Field::new(OP, DataType::Utf8, false));
+        arrays.push(Arc::new(StringArray::from(ops)));
+        for (i, kb) in keep.iter_mut().enumerate() {
+            if let Some(b) = kb {
+                fields.push(Field::new(format!("{KEEP}{}", self.columns[i].name), DataType::Boolean, false));
+                arrays.push(Arc::new(b.finish()));
+            }
+        }
+        RecordBatch::try_new(Arc::new(Schema::new(fields)), arrays)
+            .map_err(|e| IngestError::Cdc { message: format!("table {}: {e}", self.source.name) })
+    }
+}
+
+fn arrow_select_concat(schema: &SchemaRef, batches: &[RecordBatch]) -> Result<RecordBatch, IngestError> {
+    datafusion::arrow::compute::concat_batches(schema, batches).map_err(|e| IngestError::Cdc { message: e.to_string() })
+}
+
+/// Arrow types the lake may report for a source type (string and binary views included).
+fn same_type(source: &DataType, lake: &DataType) -> bool {
+    use DataType::*;
+    match (source, lake) {
+        (Utf8, Utf8 | Utf8View | LargeUtf8) => true,
+        (Binary, Binary | BinaryView | LargeBinary) => true,
+        (FixedSizeBinary(_), FixedSizeBinary(_) | Binary | BinaryView) => true,
+        (a, b) => a == b,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use arrow_array::Array;
+
+    fn table() -> TableState {
+        let src = SourceTable { name: "t".into(), key: vec!["id".into()], partition: None, chunk: None };
+        let mut st = TableState {
+            source: src,
+            rel: "bronze/t".into(),
+            applied: 0,
+            lake_columns: vec![("id".into(), DataType::Int64), ("v".into(), DataType::Utf8)],
+            columns: Vec::new(),
+            key_positions: Vec::new(),
+            pending: HashMap::new(),
+            truncated: false,
+            changes: TableChanges::default(),
+        };
+        st.relation(&rel(&[("id", 20), ("v", 25)])).unwrap();
+        st
+    }
+
+    fn rel(cols: &[(&str, u32)]) -> Relation {
+        Relation {
+            oid: 1,
+            namespace: "public".into(),
+            name: "t".into(),
+            replica_identity: b'd',
+            columns: cols
+                .iter()
+                .map(|(n, oid)| pgoutput::RelationColumn {
+                    name: n.to_string(),
+                    key: *n == "id",
+                    type_oid: *oid,
+                    type_modifier: -1,
+                })
+                .collect(),
+        }
+    }
+
+    fn row(id: i64, v: Option<&str>) -> Vec<Value> {
+        vec![
+            Value::Binary(Bytes::copy_from_slice(&id.to_be_bytes())),
+            match v {
+                Some(s) => Value::Binary(Bytes::copy_from_slice(s.as_bytes())),
+                None => Value::Unchanged,
+            },
+        ]
+    }
+
+    fn folded(st: &mut TableState) -> Vec<(i64, String, Option<String>, bool)> {
+        let b = st.source_batch().unwrap();
+        let ids = b.column(0).as_any().downcast_ref::<arrow_array::Int64Array>().unwrap();
+        let vs = b.column(1).as_any().downcast_ref::<StringArray>().unwrap();
+        let ops = b.column_by_name(OP).unwrap().as_any().downcast_ref::<StringArray>().unwrap();
+        let keep = b
+            .column_by_name("__weir_keep_v")
+            .map(|a| a.as_any().downcast_ref::<arrow_array::BooleanArray>().unwrap().clone());
+        let mut out: Vec<_> = (0..b.num_rows())
+            .map(|i| {
+                (
+                    ids.value(i),
+                    ops.value(i).to_string(),
+                    vs.is_valid(i).then(|| vs.value(i).to_string()),
+                    keep.as_ref().is_some_and(|k| k.value(i)),
+                )
+            })
+            .collect();
+        out.sort();
+        out
+    }
+
+    #[test]
+    fn the_last_change_of_a_key_wins() {
+        let mut st = table();
+        st.insert(row(1, Some("a"))).unwrap();
+        st.update(None, row(1, Some("b"))).unwrap();
+        st.insert(row(2, Some("x"))).unwrap();
+        st.delete(row(2, Some("x"))).unwrap();
+        st.update(None, row(3, Some("c"))).unwrap();
+        assert_eq!(
+            folded(&mut st),
+            vec![
+                (1, "U".into(), Some("b".into()), false),
+                (2, "D".into(), Some("x".into()), false),
+                (3, "U".into(), Some("c".into()), false)
+            ]
+        );
+        assert_eq!((st.changes.inserts, st.changes.updates, st.changes.deletes), (2, 2, 1));
+    }
+
+    #[test]
+    fn a_key_change_deletes_the_old_key_and_unchanged_values_come_from_the_batch_or_the_lake() {
+        let mut st = table();
+        st.update(Some(row(1, Some("a"))), row(5, Some("a"))).unwrap();
+        st.insert(row(7, Some("seven"))).unwrap();
+        st.update(None, row(7, None)).unwrap();
+        st.update(None, row(8, None)).unwrap();
+        assert_eq!(
+            folded(&mut st),
+            vec![
+                (1, "D".into(), Some("a".into()), false),
+                (5, "U".into(), Some("a".into()), false),
+                (7, "U".into(), Some("seven".into()), false),
+                (8, "U".into(), None, true)
+            ]
+        );
+        assert!(st.update(Some(row(8, Some("x"))), row(9, None)).is_err(), "key change with an unsent TOAST value");
+    }
+
+    #[test]
+    fn a_truncate_drops_earlier_changes() {
+        let mut st = table();
+        st.insert(row(1, Some("a"))).unwrap();
+        st.truncate();
+        st.insert(row(2, Some("b"))).unwrap();
+        assert!(st.truncated);
+        assert_eq!(folded(&mut st), vec![(2, "U".into(), Some("b".into()), false)]);
+    }
+
+    #[test]
+    fn ddl_other_than_add_column_is_refused_by_name() {
+        let mut st = table();
+        let e = st.relation(&rel(&[("id", 20)])).unwrap_err().to_string();
+        assert!(e.contains("table t") && e.contains("column v is gone"), "{e}");
+        let e = st.relation(&rel(&[("id", 20), ("v", 23)])).unwrap_err().to_string();
+        assert!(e.contains("column v changed type"), "{e}");
+        let e = st.relation(&rel(&[("id", 20), ("w", 25)])).unwrap_err().to_string();
+        assert!(e.contains("column v is now w"), "{e}");
+        st.relation(&rel(&[("id", 20), ("v", 25), ("extra", 23)])).unwrap();
+        assert_eq!(st.columns.len(), 3);
+        // A tuple from before the ADD COLUMN is padded with NULL.
+        st.insert(row(4, Some("d"))).unwrap();
+        let b = st.source_batch().unwrap();
+        assert_eq!(b.column_by_name("extra").unwrap().null_count(), 1);
+    }
+}

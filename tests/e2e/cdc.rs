@@ -1,0 +1,213 @@
+//! `weir sync`: logical-replication CDC into the bronze tables against a real PostgreSQL 15.
+//! Every table equals PostgreSQL after days of change, DDL and a truncate; the marts derived
+//! from the synced lake equal the legacy marts; SIGKILL at random points loses and doubles
+//! nothing, and the slot never passes what the lake holds.
+
+use std::process::{Command, Stdio};
+use std::time::{Duration, Instant};
+
+use chrono::NaiveDate;
+use weir_core::{LakeLocation, S3Settings};
+use weir_ingest::Sources;
+use weir_lake::Lake;
+use weir_postgres::pgoutput::parse_lsn;
+
+use crate::common::{self, weir_bin};
+use crate::derive::{assert_parity, derive, legacy_all};
+use crate::lakecheck::{assert_table_matches, pg_rows};
+
+fn table_names() -> Vec<String> {
+    Sources::parse(include_str!("../../tables/sources.toml"), "tables/sources.toml")
+        .unwrap()
+        .tables
+        .into_iter()
+        .map(|t| t.name)
+        .collect()
+}
+
+fn weir(args: &[&str]) -> (bool, String, String) {
+    let out = Command::new(weir_bin())
+        .current_dir(env!("CARGO_MANIFEST_DIR").to_string() + "/../..")
+        .args(args)
+        .output()
+        .unwrap();
+    (out.status.success(), String::from_utf8_lossy(&out.stdout).into(), String::from_utf8_lossy(&out.stderr).into())
+}
+
+fn sync(url: &str, lake: &str, extra: &[&str]) -> String {
+    let mut args = vec!["sync", "--pg", url, "--lake", lake];
+    args.extend_from_slice(extra);
+    let (ok, out, err) = weir(&args);
+    assert!(ok, "weir sync failed:\n{out}\n{err}");
+    out
+}
+
+async fn day(url: &str, d: u32, seed: u64, taxonomy_rate: f64) {
+    let date = NaiveDate::from_ymd_opt(2026, 7, d).unwrap();
+    weir_synth::apply_day(url, &weir_synth::DayOptions { date, seed, taxonomy_rate }).await.unwrap();
+}
+
+async fn assert_lake_equals_postgres(url: &str, lake: &Lake, when: &str) {
+    let c = common::client(url).await;
+    for t in table_names() {
+        let expected = pg_rows(&c, &t, "").await;
+        assert!(!expected.is_empty() || t == "fx_rates", "{when}: {t} is empty");
+        assert_table_matches(&c, lake, &t, expected).await;
+    }
+}
+
+fn local(dir: &std::path::Path) -> Lake {
+    Lake::open(LakeLocation::Local { root: dir.to_path_buf() }, &S3Settings::default(), false).unwrap()
+}
+
+/// Days of change (inserts, updates, soft and hard deletes, prices, fx, a taxonomy change),
+/// plus what the generator does not do: several changes to one key in one transaction, a key
+/// change, ADD COLUMN, a truncate. After `weir sync` in small batches every table equals
+/// PostgreSQL, a rerun applies nothing, and the marts derived from the synced lake equal the
+/// legacy marts. Other DDL and a missing slot stop with errors that name them.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sync_applies_days_ddl_and_truncates_exactly() {
+    let (_pg, url) = common::marketplace(0.05, 31).await;
+    let dir = tempfile::tempdir().unwrap();
+    let lake_url = format!("file://{}", dir.path().display());
+    let lake = local(dir.path());
+    let (ok, out, err) = weir(&["backfill", "--pg", &url, "--lake", &lake_url]);
+    assert!(ok, "{out}\n{err}");
+
+    let out = sync(&url, &lake_url, &[]);
+    assert!(out.contains("nothing new"), "{out}");
+
+    day(&url, 1, 61, 1.0).await;
+    let c = common::client(&url).await;
+    c.batch_execute(
+        "BEGIN;
+         INSERT INTO listings SELECT 9000001, country, make_id, model_id, dealer_id, 'born and changed', fuel, gearbox,
+             first_registration, mileage_km, power_kw, color, zip, price_first, price_last, created_at, now(), NULL
+           FROM listings WHERE listing_id = 21;
+         UPDATE listings SET mileage_km = 1234, title = 'changed twice' WHERE listing_id = 9000001;
+         INSERT INTO listings SELECT 9000002, country, make_id, model_id, dealer_id, 'short-lived', fuel, gearbox,
+             first_registration, mileage_km, power_kw, color, zip, price_first, price_last, created_at, now(), NULL
+           FROM listings WHERE listing_id = 22;
+         DELETE FROM listings WHERE listing_id = 9000002;
+         COMMIT;
+         UPDATE fx_rates SET day = day + 5000 WHERE (currency, day) = (SELECT currency, max(day) FROM fx_rates GROUP BY currency ORDER BY currency LIMIT 1);
+         ALTER TABLE dealers ADD COLUMN rating integer;
+         UPDATE dealers SET rating = dealer_id % 5 WHERE dealer_id % 3 = 0;
+         CREATE TEMP TABLE fx_keep AS SELECT * FROM fx_rates WHERE day < (SELECT max(day) - 30 FROM fx_rates);
+         BEGIN; TRUNCATE fx_rates; INSERT INTO fx_rates SELECT * FROM fx_keep; COMMIT;
+         UPDATE listings SET title = (SELECT string_agg(md5(i::text), ' ') FROM generate_series(1, 400) i)
+          WHERE listing_id = 23;",
+    )
+    .await
+    .unwrap();
+    let out = sync(&url, &lake_url, &["--batch-changes", "150"]);
+    let batches = out.lines().filter(|l| l.contains(" → ") && l.contains("transactions")).count();
+    assert!(batches >= 2, "small batches (whole transactions each): {out}");
+    assert!(out.contains("truncate"), "{out}");
+    assert_lake_equals_postgres(&url, &lake, "after day 1 and the DDL").await;
+    let out = sync(&url, &lake_url, &[]);
+    assert!(out.contains("nothing new"), "a rerun applies nothing: {out}");
+
+    // An update that leaves a TOASTed value unsent ('u' in pgoutput): the lake keeps its value.
+    let toasted = common::scalar_i64(
+        &c,
+        "SELECT count(*) FROM pg_class WHERE relname = 'listings' AND pg_relation_size(reltoastrelid) > 0",
+    )
+    .await;
+    assert_eq!(toasted, 1, "the long title is stored out of line");
+    c.batch_execute("UPDATE listings SET mileage_km = 7 WHERE listing_id = 23").await.unwrap();
+    day(&url, 2, 62, 0.0).await;
+    let out = sync(&url, &lake_url, &[]);
+    assert!(out.contains("applied"), "{out}");
+    assert_lake_equals_postgres(&url, &lake, "after day 2").await;
+
+    // The marts from the synced lake equal the legacy marts built from PostgreSQL.
+    let slugs = legacy_all(&url).await;
+    let (ok, out, err) = derive(dir.path(), &[]);
+    assert!(ok, "{out}\n{err}");
+    assert_parity(&url, &lake, &slugs, "after two days through CDC").await;
+
+    // DDL CDC cannot follow names the table and the column; nothing of it is applied.
+    c.batch_execute(
+        "ALTER TABLE models DROP COLUMN body_type; UPDATE models SET name = name || '!' WHERE model_id = 1",
+    )
+    .await
+    .unwrap();
+    let (ok, out, err) = weir(&["sync", "--pg", &url, "--lake", &lake_url]);
+    assert!(!ok, "{out}");
+    assert!(err.contains("table models") && err.contains("body_type") && err.lines().count() == 1, "{err}");
+    let (ok, _, err) = weir(&["sync", "--pg", &url, "--lake", &lake_url, "--slot", "no_such_slot"]);
+    assert!(!ok && err.contains("replication slot no_such_slot does not exist"), "{err}");
+}
+
+/// `weir sync` killed with SIGKILL at random points, again and again, then run to the end:
+/// every table equals PostgreSQL (nothing lost, nothing doubled: the keys are PostgreSQL's
+/// primary keys), and after every kill the slot stands at or before what the lake records (or the lake holds everything).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sigkill_at_random_points_loses_and_doubles_nothing() {
+    let (_pg, url) = common::marketplace(0.05, 32).await;
+    let dir = tempfile::tempdir().unwrap();
+    let lake_url = format!("file://{}", dir.path().display());
+    let lake = local(dir.path());
+    let (ok, out, err) = weir(&["backfill", "--pg", &url, "--lake", &lake_url]);
+    assert!(ok, "{out}\n{err}");
+    for (d, seed) in [(1, 71), (2, 72), (3, 73)] {
+        day(&url, d, seed, 0.5).await;
+    }
+    let c = common::client(&url).await;
+    let slot = weir_ingest::default_slot_name(lake.url().as_str());
+    let mut seed = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap().as_nanos() as u64;
+    let mut kills = 0;
+    for _ in 0..5 {
+        seed = seed.wrapping_mul(6_364_136_223_846_793_005).wrapping_add(1_442_695_040_888_963_407);
+        let delay = Duration::from_millis(150 + (seed >> 33) % 1500);
+        let mut child = Command::new(weir_bin())
+            .args(["sync", "--pg", &url, "--lake", &lake_url, "--batch-changes", "60"])
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .unwrap();
+        let started = Instant::now();
+        while started.elapsed() < delay {
+            if child.try_wait().unwrap().is_some() {
+                break;
+            }
+            std::thread::sleep(Duration::from_millis(10));
+        }
+        if child.try_wait().unwrap().is_none() {
+            child.kill().unwrap();
+            kills += 1;
+        }
+        child.wait().unwrap();
+        // The slot never passes what is committed to the lake.
+        let confirmed: String = c
+            .query_one("SELECT confirmed_flush_lsn::text FROM pg_replication_slots WHERE slot_name = $1", &[&slot])
+            .await
+            .unwrap()
+            .get(0);
+        let confirmed = parse_lsn(&confirmed).unwrap();
+        let mut newest = 0;
+        for t in table_names() {
+            let rel = format!("bronze/{t}");
+            let table = weir_lake::open_table(&lake, &rel).await.unwrap();
+            newest = newest.max(weir_ingest::cdc::applied_lsn(&table, &rel).await.unwrap().unwrap());
+        }
+        // The slot passed every table's last CDC commit only if nothing was left to apply.
+        if confirmed > newest.max(backfill_lsn(&lake).await) {
+            assert_lake_equals_postgres(&url, &lake, &format!("slot at {confirmed:X} past the lake's {newest:X}"))
+                .await;
+        }
+    }
+    assert!(kills > 0, "no run was killed: the kill points are too late");
+    let out = sync(&url, &lake_url, &[]);
+    assert!(out.contains("applied") || out.contains("nothing new"), "{out}");
+    assert_lake_equals_postgres(&url, &lake, &format!("after {kills} kills")).await;
+}
+
+/// The LSN the backfill recorded (the same for every table).
+async fn backfill_lsn(lake: &Lake) -> u64 {
+    let table = weir_lake::open_table(lake, "bronze/makes").await.unwrap();
+    let mut history = table.history(None).await.unwrap().collect::<Vec<_>>();
+    let first = history.pop().unwrap();
+    parse_lsn(first.info.get("weir.snapshot_lsn").and_then(|v| v.as_str()).unwrap()).unwrap()
+}

@@ -3,6 +3,51 @@
 --! key = ["listing_id"]
 --! sources = ["bronze.price_log", "bronze.fx_rates", "bronze.listings"]
 --! partition = ["make_id"]
+--! [incremental]
+--! # New price rows are folded on their own and merged into the stored row: never the history again.
+--! fold = "bronze.price_log"
+--! merge = """
+--! SELECT d.make_id,
+--!        d.listing_id,
+--!        CASE WHEN c.listing_id IS NULL OR d.first_price_at < c.first_price_at
+--!             THEN d.price_first_eur ELSE c.price_first_eur END AS price_first_eur,
+--!        CASE WHEN c.listing_id IS NULL OR d.last_price_at > c.last_price_at
+--!             THEN d.price_last_eur ELSE c.price_last_eur END AS price_last_eur,
+--!        -- min/max ignore NULL (a price without an fx rate), as the full fold does
+--!        CASE WHEN c.price_min_eur IS NULL OR d.price_min_eur < c.price_min_eur
+--!             THEN d.price_min_eur ELSE c.price_min_eur END AS price_min_eur,
+--!        CASE WHEN c.price_max_eur IS NULL OR d.price_max_eur > c.price_max_eur
+--!             THEN d.price_max_eur ELSE c.price_max_eur END AS price_max_eur,
+--!        CAST(d.price_rows + coalesce(c.price_rows, 0) AS INT) AS price_rows,
+--!        CASE WHEN c.listing_id IS NULL OR d.first_price_at < c.first_price_at
+--!             THEN d.first_price_at ELSE c.first_price_at END AS first_price_at,
+--!        CASE WHEN c.listing_id IS NULL OR d.last_price_at > c.last_price_at
+--!             THEN d.last_price_at ELSE c.last_price_at END AS last_price_at
+--! FROM delta d
+--! LEFT JOIN current c ON c.listing_id = d.listing_id
+--! """
+--! [incremental.affects]
+--! # A listing that disappears or changes make: recomputed. A new listing's price rows are
+--! # new rows, folded like any; only one with older price rows (logged before the listing)
+--! # is recomputed.
+--! "bronze.listings" = """
+--! SELECT listing_id FROM changes
+--! GROUP BY listing_id
+--! HAVING bool_or(_change_type = 'delete') OR count(DISTINCT make_id) > 1
+--! UNION
+--! SELECT DISTINCT p.listing_id
+--! FROM bronze.price_log p
+--! JOIN changes c ON c.listing_id = p.listing_id AND c._change_type = 'insert'
+--! WHERE NOT EXISTS (SELECT 1 FROM new_rows n WHERE n.listing_id = p.listing_id AND n.changed_at = p.changed_at)
+--! """
+--! # A rate that arrives or changes for a day with older price rows in that currency: their
+--! # EUR values change, so those listings are recomputed (new price rows already use it).
+--! "bronze.fx_rates" = """
+--! SELECT DISTINCT p.listing_id
+--! FROM bronze.price_log p
+--! JOIN changes c ON c.currency = p.currency AND c.day = CAST(p.changed_at AS DATE)
+--! WHERE NOT EXISTS (SELECT 1 FROM new_rows n WHERE n.listing_id = p.listing_id AND n.changed_at = p.changed_at)
+--! """
 WITH p AS (
     SELECT p.listing_id,
            p.changed_at,

@@ -14,7 +14,7 @@ use weir_postgres::pgoutput::parse_lsn;
 
 use crate::common::{self, weir_bin};
 use crate::derive::{assert_parity, derive, legacy_all};
-use crate::lakecheck::{assert_table_matches, pg_rows};
+use crate::lakecheck::{assert_table_matches, lake_rows, pg_rows};
 
 fn table_names() -> Vec<String> {
     Sources::parse(include_str!("../../tables/sources.toml"), "tables/sources.toml")
@@ -56,6 +56,15 @@ async fn assert_lake_equals_postgres(url: &str, lake: &Lake, when: &str) {
     }
 }
 
+/// What `weir derive` did to silver.listing_price: "built", "incremental", "up".
+fn fold_outcome(out: &str) -> String {
+    out.lines()
+        .find_map(|l| l.trim_start().strip_prefix("silver.listing_price"))
+        .and_then(|rest| rest.split_whitespace().next())
+        .unwrap_or_default()
+        .to_string()
+}
+
 fn local(dir: &std::path::Path) -> Lake {
     Lake::open(LakeLocation::Local { root: dir.to_path_buf() }, &S3Settings::default(), false).unwrap()
 }
@@ -76,6 +85,8 @@ async fn sync_applies_days_ddl_and_truncates_exactly() {
 
     let out = sync(&url, &lake_url, &[]);
     assert!(out.contains("nothing new"), "{out}");
+    let (ok, out, err) = derive(dir.path(), &[]);
+    assert!(ok, "first build: {out}\n{err}");
 
     day(&url, 1, 61, 1.0).await;
     let c = common::client(&url).await;
@@ -107,6 +118,9 @@ async fn sync_applies_days_ddl_and_truncates_exactly() {
     assert_lake_equals_postgres(&url, &lake, "after day 1 and the DDL").await;
     let out = sync(&url, &lake_url, &[]);
     assert!(out.contains("nothing new"), "a rerun applies nothing: {out}");
+    let (ok, out, err) = derive(dir.path(), &[]);
+    assert!(ok, "{out}\n{err}");
+    assert_eq!(fold_outcome(&out), "incremental", "the fold is incremental after CDC: {out}");
 
     // An update that leaves a TOASTed value unsent ('u' in pgoutput): the lake keeps its value.
     let toasted = common::scalar_i64(
@@ -121,11 +135,33 @@ async fn sync_applies_days_ddl_and_truncates_exactly() {
     assert!(out.contains("applied"), "{out}");
     assert_lake_equals_postgres(&url, &lake, "after day 2").await;
 
-    // The marts from the synced lake equal the legacy marts built from PostgreSQL.
-    let slugs = legacy_all(&url).await;
+    // The fold brought up to date from the change feeds equals a full rebuild, and the marts
+    // from the synced lake equal the legacy marts built from PostgreSQL.
     let (ok, out, err) = derive(dir.path(), &[]);
     assert!(ok, "{out}\n{err}");
-    assert_parity(&url, &lake, &slugs, "after two days through CDC").await;
+    assert_eq!(fold_outcome(&out), "incremental", "{out}");
+    let slugs = legacy_all(&url).await;
+    assert_parity(&url, &lake, &slugs, "after two days through CDC and incremental derives").await;
+    let columns: Vec<(String, String)> = [
+        "make_id",
+        "listing_id",
+        "price_first_eur",
+        "price_last_eur",
+        "price_min_eur",
+        "price_max_eur",
+        "price_rows",
+        "first_price_at",
+        "last_price_at",
+    ]
+    .iter()
+    .map(|c| (c.to_string(), String::new()))
+    .collect();
+    let incremental = lake_rows(&lake, "silver/listing_price", &columns).await;
+    let (ok, out, err) = derive(dir.path(), &["--full", "--job", "listing_price"]);
+    assert!(ok && fold_outcome(&out) == "built", "{out}\n{err}");
+    let full = lake_rows(&lake, "silver/listing_price", &columns).await;
+    assert_eq!(incremental.len(), full.len());
+    assert!(incremental == full, "the incremental fold differs from a full rebuild");
 
     // DDL CDC cannot follow names the table and the column; nothing of it is applied.
     c.batch_execute(

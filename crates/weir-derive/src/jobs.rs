@@ -77,6 +77,23 @@ struct Header {
     per: Option<Per>,
     #[serde(default)]
     description: Option<String>,
+    incremental: Option<Incremental>,
+}
+
+/// How a table job is brought up to date from its inputs' change feeds instead of rebuilt.
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Incremental {
+    /// The source whose inserted rows are folded in: the job's SQL runs over the new rows
+    /// only (as `delta`) and `merge` combines that with the table's rows (`current`).
+    pub fold: String,
+    /// SQL over `delta` and `current`: one row per key of `delta`, the table's new row.
+    pub merge: String,
+    /// Other sources (and the fold source's deletes and updates): SQL over `changes` (the
+    /// source's change feed rows, with `_change_type`) and `new_rows` (the fold source's
+    /// inserted rows) returning the keys to recompute from their whole history.
+    #[serde(default)]
+    pub affects: BTreeMap<String, String>,
 }
 
 /// One job, as declared.
@@ -99,6 +116,7 @@ pub struct Job {
     pub sql_line: usize,
     /// A fingerprint of the file: a changed definition is rebuilt.
     pub fingerprint: String,
+    pub incremental: Option<Incremental>,
 }
 
 impl Job {
@@ -224,6 +242,21 @@ pub fn parse_job(file: &Path, text: &str) -> Result<Job, JobError> {
             "a view has no partitions and no per-make outputs",
         ));
     }
+    if let Some(inc) = &h.incremental {
+        let line = header_line("[incremental]");
+        if h.materialize != Materialize::Table || h.per.is_some() || h.key.len() != 1 {
+            return Err(JobError::new(
+                file,
+                line,
+                "incremental needs a table job (not per make) with a one-column key",
+            ));
+        }
+        for s in std::iter::once(&inc.fold).chain(inc.affects.keys()) {
+            if !h.sources.contains(s) {
+                return Err(JobError::new(file, line, format!("incremental names {s}, which is not in sources")));
+            }
+        }
+    }
     Ok(Job {
         name,
         file: file.to_path_buf(),
@@ -237,6 +270,7 @@ pub fn parse_job(file: &Path, text: &str) -> Result<Job, JobError> {
         sql: sql_text.trim_end().trim_end_matches(';').to_string(),
         sql_line,
         fingerprint: fingerprint(text),
+        incremental: h.incremental,
     })
 }
 

@@ -4,6 +4,7 @@
 
 pub mod aggregates;
 pub mod functions;
+pub mod incremental;
 pub mod jobs;
 pub mod parity;
 pub mod run;

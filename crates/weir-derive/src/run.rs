@@ -16,6 +16,7 @@ use futures::StreamExt;
 use serde_json::{Value, json};
 use weir_lake::Lake;
 
+use crate::incremental::{self, Attempt};
 use crate::jobs::{Job, Jobs, Materialize, Per};
 use crate::session::LakeSession;
 use crate::{DeriveError, JobError, df_err};
@@ -43,8 +44,25 @@ pub struct DeriveOptions {
 
 #[derive(Debug, Clone)]
 pub enum JobOutcome {
-    Built { version: i64, rows: u64, files: usize, bytes: u64, elapsed: Duration },
-    UpToDate { version: i64 },
+    Built {
+        version: i64,
+        rows: u64,
+        files: usize,
+        bytes: u64,
+        elapsed: Duration,
+    },
+    UpToDate {
+        version: i64,
+    },
+    /// Brought up to date from its inputs' change feeds (see [`crate::incremental`]).
+    Incremental {
+        version: i64,
+        new_rows: u64,
+        merged: u64,
+        recomputed: u64,
+        deleted: u64,
+        elapsed: Duration,
+    },
     View,
 }
 
@@ -194,8 +212,46 @@ pub async fn derive(
                 };
                 on_start(&out);
                 let t = Instant::now();
-                let df = plan(&session, u, opts.as_of_micros).await?;
                 let recorded = stored.with(u.scope, state.clone());
+                let mut reason = reason;
+                if let (Some(inc), None, false, Some(previous)) =
+                    (&u.job.incremental, u.scope, opts.full, built_from.as_ref())
+                {
+                    match incremental::attempt(
+                        lake,
+                        &session,
+                        u.job,
+                        inc,
+                        &out,
+                        table.clone(),
+                        previous,
+                        &state,
+                        &recorded,
+                        opts.as_of_micros,
+                    )
+                    .await?
+                    {
+                        Attempt::Done(r) => {
+                            session.register_delta(lake, &out).await?;
+                            tokens.insert(out.clone(), format!("v{}", r.version));
+                            reports.push(JobReport {
+                                output: out,
+                                outcome: JobOutcome::Incremental {
+                                    version: r.version,
+                                    new_rows: r.new_rows,
+                                    merged: r.merged,
+                                    recomputed: r.recomputed,
+                                    deleted: r.deleted,
+                                    elapsed: t.elapsed(),
+                                },
+                                reason: r.inputs.join(", "),
+                            });
+                            continue;
+                        }
+                        Attempt::NotApplicable(why) => reason = format!("{reason} (not incremental: {why})"),
+                    }
+                }
+                let df = plan(&session, u, opts.as_of_micros).await?;
                 let (rows, files, bytes, version) = write(lake, table, &rel, u, df, &recorded, opts).await?;
                 session.register_delta(lake, &out).await?;
                 tokens.insert(out.clone(), format!("v{version}"));
@@ -428,6 +484,14 @@ fn named_line(job: &Job, text: &str) -> Option<usize> {
     job.sql.lines().position(|l| l.contains(&name)).map(|i| job.file_line(i + 1))
 }
 
+/// Parquet settings of derived tables: zstd and page statistics.
+pub(crate) fn writer_properties() -> WriterProperties {
+    WriterProperties::builder()
+        .set_compression(Compression::ZSTD(ZstdLevel::try_new(3).expect("valid level")))
+        .set_statistics_enabled(EnabledStatistics::Page)
+        .build()
+}
+
 async fn write(
     lake: &Lake,
     table: deltalake::DeltaTable,
@@ -450,10 +514,7 @@ async fn write(
         }
     }
     let werr = |m: String| DeriveError::Write { table: rel.to_string(), message: m };
-    let props = WriterProperties::builder()
-        .set_compression(Compression::ZSTD(ZstdLevel::try_new(3).expect("valid level")))
-        .set_statistics_enabled(EnabledStatistics::Page)
-        .build();
+    let props = writer_properties();
     let partition = if job.partition.is_empty() { None } else { Some(job.partition.clone()) };
     let mut writer = RecordBatchWriter::try_new(
         lake.table_url(rel).as_str(),

@@ -20,9 +20,6 @@ use arrow_array::builder::BooleanBuilder;
 use arrow_array::{ArrayRef, RecordBatch, StringArray};
 use arrow_schema::{DataType, Field, Schema, SchemaRef};
 use bytes::Bytes;
-use datafusion::common::Column;
-use datafusion::logical_expr::{Expr, col, lit, when};
-use datafusion::prelude::SessionContext;
 use deltalake::DeltaTable;
 use deltalake::kernel::Transaction;
 use deltalake::kernel::engine::arrow_conversion::TryIntoKernel;
@@ -40,8 +37,7 @@ use crate::sources::SourceTable;
 /// The Delta application-transaction id under which CDC records the applied LSN.
 pub const APP_ID: &str = "weir.cdc";
 
-const OP: &str = "__weir_op";
-const KEEP: &str = "__weir_keep_";
+use weir_lake::{KEEP_PREFIX as KEEP, OP_COLUMN as OP};
 
 #[derive(Debug, Clone)]
 pub struct SyncOptions {
@@ -656,8 +652,11 @@ impl TableState {
         if self.truncated {
             let mut delete = table.delete();
             if !self.pending.is_empty() {
-                // The merge below carries the LSN; a crash in between replays the truncate.
-                delete = delete.with_commit_properties(CommitProperties::default());
+                // The merge below carries the applied LSN; a crash in between replays the truncate.
+                delete = delete.with_commit_properties(CommitProperties::default().with_metadata([
+                    ("weir.cdc.lsn".to_string(), json!(pgoutput::format_lsn(end))),
+                    ("weir.cdc.slot".to_string(), json!(slot)),
+                ]));
             } else {
                 delete = delete.with_commit_properties(props());
             }
@@ -692,12 +691,6 @@ impl TableState {
         }
 
         let batch = self.source_batch()?;
-        let source_schema = batch.schema();
-        let ctx = SessionContext::new();
-        let df = ctx.read_batch(batch).map_err(|e| IngestError::Cdc { message: format!("{rel}: {e}") })?;
-        let s = |c: &str| Expr::Column(Column::new(Some("s"), c));
-        let t = |c: &str| Expr::Column(Column::new(Some("t"), c));
-        let mut predicate = None::<Expr>;
         let mut on = self.source.key.clone();
         // A month partition derived from a key column is equal on both sides: it prunes files.
         if let (Some(p), Some(pc)) = (&self.source.partition, self.source.partition_column())
@@ -706,59 +699,10 @@ impl TableState {
         {
             on.push(pc);
         }
-        for k in &on {
-            let e = t(k).eq(s(k));
-            predicate = Some(match predicate {
-                Some(p) => p.and(e),
-                None => e,
-            });
-        }
-        let predicate = predicate.expect("a source table has a key");
-        let data_columns: Vec<String> = source_schema
-            .fields()
-            .iter()
-            .map(|f| f.name().clone())
-            .filter(|n| n != OP && !n.starts_with(KEEP))
-            .collect();
-        let is_upsert = col(Column::new(Some("s"), OP)).eq(lit("U"));
-        let (table, metrics) = table
-            .merge(df, predicate)
-            .with_source_alias("s")
-            .with_target_alias("t")
-            .with_session_state(Arc::new(ctx.state()))
-            .with_writer_properties(crate::parquet_properties())
-            .with_commit_properties(props())
-            .when_matched_delete(|d| d.predicate(s(OP).eq(lit("D"))))
-            .and_then(|m| {
-                m.when_matched_update(|mut u| {
-                    u = u.predicate(is_upsert.clone());
-                    for c in &data_columns {
-                        let keep = format!("{KEEP}{c}");
-                        let e = if source_schema.index_of(&keep).is_ok() {
-                            when(s(&keep), t(c)).otherwise(s(c)).expect("a CASE with a default")
-                        } else {
-                            s(c)
-                        };
-                        u = u.update(Column::new_unqualified(c), e);
-                    }
-                    u
-                })
-            })
-            .and_then(|m| {
-                m.when_not_matched_insert(|mut i| {
-                    i = i.predicate(is_upsert.clone());
-                    for c in &data_columns {
-                        i = i.set(Column::new_unqualified(c), s(c));
-                    }
-                    i
-                })
-            })
-            .map_err(|e| delta_err(&rel, e))?
-            .await
-            .map_err(|e| delta_err(&rel, e))?;
-        self.changes.rows_inserted += metrics.num_target_rows_inserted as u64;
-        self.changes.rows_updated += metrics.num_target_rows_updated as u64;
-        self.changes.rows_deleted += metrics.num_target_rows_deleted as u64;
+        let (table, m) = weir_lake::merge_by_key(table, &rel, batch, &on, crate::parquet_properties(), props()).await?;
+        self.changes.rows_inserted += m.inserted;
+        self.changes.rows_updated += m.updated;
+        self.changes.rows_deleted += m.deleted;
         self.changes.version = table.version().map(|v| v as i64);
         self.applied = end;
         Ok(())
@@ -836,7 +780,7 @@ impl TableState {
 }
 
 fn arrow_select_concat(schema: &SchemaRef, batches: &[RecordBatch]) -> Result<RecordBatch, IngestError> {
-    datafusion::arrow::compute::concat_batches(schema, batches).map_err(|e| IngestError::Cdc { message: e.to_string() })
+    deltalake::arrow::compute::concat_batches(schema, batches).map_err(|e| IngestError::Cdc { message: e.to_string() })
 }
 
 /// Arrow types the lake may report for a source type (string and binary views included).

@@ -67,6 +67,8 @@ pub async fn commit_files(
             .create()
             .with_columns(kernel.fields().cloned())
             .with_partition_columns(partition_columns.to_vec())
+            // Merges write a change data feed: incremental derivations read it.
+            .with_configuration_property(deltalake::TableProperty::EnableChangeDataFeed, Some("true"))
             .with_actions(adds.into_iter().map(Action::Add))
             .with_commit_properties(props)
             .await
@@ -120,4 +122,119 @@ fn classify(rel: &str, source: deltalake::DeltaTableError) -> DeltaError {
     } else {
         DeltaError::Delta { table: rel.to_string(), source }
     }
+}
+
+/// The column of a [`merge_by_key`] source saying what to do with its row: `U` upsert, `D` delete.
+pub const OP_COLUMN: &str = "__weir_op";
+/// `__weir_keep_<column>` (boolean) in a [`merge_by_key`] source: keep the table's current value.
+pub const KEEP_PREFIX: &str = "__weir_keep_";
+
+/// Rows a [`merge_by_key`] changed in the table.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct MergeStats {
+    pub inserted: u64,
+    pub updated: u64,
+    pub deleted: u64,
+}
+
+/// Applies `source` to the table by the key columns `on` in one commit: rows whose
+/// [`OP_COLUMN`] is `U` replace (or insert) the row with their key, `D` rows delete it;
+/// [`KEEP_PREFIX`] columns keep the table's value where true. Keys must be unique in `source`.
+pub async fn merge_by_key(
+    table: DeltaTable,
+    rel: &str,
+    source: deltalake::arrow::record_batch::RecordBatch,
+    on: &[String],
+    writer: deltalake::parquet::file::properties::WriterProperties,
+    commit: CommitProperties,
+) -> Result<(DeltaTable, MergeStats), DeltaError> {
+    use deltalake::datafusion::common::Column;
+    use deltalake::datafusion::logical_expr::{Expr, lit, when};
+    use deltalake::datafusion::prelude::SessionContext;
+
+    let schema = source.schema();
+    let ctx = SessionContext::new();
+    let dferr = |e: deltalake::datafusion::error::DataFusionError| delta_err(rel)(e.into());
+    let df = ctx.read_batch(source).map_err(dferr)?;
+    // Delete rows whose key is not in the table are dropped first: a source row no clause
+    // applies to breaks delta-rs' change-data-feed writer (it checks the table's NOT NULL
+    // columns on an all-NULL placeholder row).
+    let df = if table.version().is_some() {
+        use deltalake::datafusion::common::JoinType;
+        use deltalake::datafusion::logical_expr::col;
+        table.update_datafusion_session(&ctx.state()).map_err(delta_err(rel))?;
+        let provider = table.table_provider().await.map_err(dferr)?;
+        let renamed: Vec<String> = on.iter().map(|k| format!("__weir_t_{k}")).collect();
+        let keys = ctx
+            .read_table(provider)
+            .and_then(|t| {
+                t.select(on.iter().zip(&renamed).map(|(k, r)| col(Column::from_name(k)).alias(r)).collect::<Vec<_>>())
+            })
+            .map_err(dferr)?;
+        let on_ref: Vec<&str> = on.iter().map(String::as_str).collect();
+        let renamed_ref: Vec<&str> = renamed.iter().map(String::as_str).collect();
+        let deletes = df
+            .clone()
+            .filter(col(OP_COLUMN).eq(lit("D")))
+            .and_then(|d| d.join(keys, JoinType::LeftSemi, &on_ref, &renamed_ref, None))
+            .map_err(dferr)?;
+        df.filter(col(OP_COLUMN).eq(lit("U"))).and_then(|u| u.union(deletes)).map_err(dferr)?
+    } else {
+        df
+    };
+    let s = |c: &str| Expr::Column(Column::new(Some("s"), c));
+    let t = |c: &str| Expr::Column(Column::new(Some("t"), c));
+    let predicate = on
+        .iter()
+        .map(|k| t(k).eq(s(k)))
+        .reduce(Expr::and)
+        .ok_or_else(|| delta_err(rel)(deltalake::DeltaTableError::Generic("a merge needs key columns".into())))?;
+    let data: Vec<String> = schema
+        .fields()
+        .iter()
+        .map(|f| f.name().clone())
+        .filter(|n| n != OP_COLUMN && !n.starts_with(KEEP_PREFIX))
+        .collect();
+    let upsert = s(OP_COLUMN).eq(lit("U"));
+    let (table, m) = table
+        .merge(df, predicate)
+        .with_source_alias("s")
+        .with_target_alias("t")
+        .with_session_state(std::sync::Arc::new(ctx.state()))
+        .with_writer_properties(writer)
+        .with_commit_properties(commit)
+        .when_matched_delete(|d| d.predicate(s(OP_COLUMN).eq(lit("D"))))
+        .and_then(|m| {
+            m.when_matched_update(|mut u| {
+                u = u.predicate(upsert.clone());
+                for c in &data {
+                    let keep = format!("{KEEP_PREFIX}{c}");
+                    let e = if schema.index_of(&keep).is_ok() {
+                        when(s(&keep), t(c)).otherwise(s(c)).expect("a CASE with a default")
+                    } else {
+                        s(c)
+                    };
+                    u = u.update(Column::new_unqualified(c), e);
+                }
+                u
+            })
+        })
+        .and_then(|m| {
+            m.when_not_matched_insert(|mut i| {
+                i = i.predicate(upsert.clone());
+                for c in &data {
+                    i = i.set(Column::new_unqualified(c), s(c));
+                }
+                i
+            })
+        })
+        .map_err(delta_err(rel))?
+        .await
+        .map_err(|source| classify(rel, source))?;
+    let stats = MergeStats {
+        inserted: m.num_target_rows_inserted as u64,
+        updated: m.num_target_rows_updated as u64,
+        deleted: m.num_target_rows_deleted as u64,
+    };
+    Ok((table, stats))
 }

@@ -5,6 +5,8 @@ pub mod delta;
 pub mod doctor;
 pub mod store;
 
-pub use delta::{DeltaError, commit_files, last_commit_info, open_table};
+pub use delta::{
+    DeltaError, KEEP_PREFIX, MergeStats, OP_COLUMN, commit_files, last_commit_info, merge_by_key, open_table,
+};
 pub use doctor::{Check, run_checks};
 pub use store::{Lake, LakeStoreError};

@@ -92,6 +92,19 @@ pub fn print_reports(reports: &[JobReport]) {
                     r.reason
                 );
             }
+            JobOutcome::Incremental { version, new_rows, merged, recomputed, deleted, elapsed } => {
+                built += 1;
+                println!(
+                    "  {:width$}  incremental v{version}: {} new source rows folded into {} keys, {} keys recomputed, {} removed in {} — {}",
+                    r.output,
+                    thousands(*new_rows),
+                    thousands(*merged),
+                    thousands(*recomputed),
+                    thousands(*deleted),
+                    secs(*elapsed),
+                    r.reason
+                );
+            }
             JobOutcome::UpToDate { version } => println!("  {:width$}  up to date (v{version})", r.output),
             JobOutcome::View => println!("  {:width$}  view ({})", r.output, r.reason),
         }

@@ -67,6 +67,15 @@ enum Bench {
         #[arg(long, default_value_t = 200)]
         lookups: u32,
     },
+    /// A generated day through CDC (`weir sync`) plus the incremental derive of every mart, vs
+    /// the legacy PostgreSQL build of every mart and a full Weir re-derive, in the same run.
+    Cdc {
+        #[arg(long, default_value_t = 10.0)]
+        scale: f64,
+        /// Days applied one after the other; the best of each side is reported.
+        #[arg(long, default_value_t = 2)]
+        runs: u32,
+    },
     /// One SQL statement over an existing lake's tables (bronze.*, silver.*, gold.*), timed,
     /// with EXPLAIN ANALYZE: for trying a job's SQL before changing it.
     Query {
@@ -90,6 +99,7 @@ fn main() -> Result<()> {
         Bench::Backfill { scale, jobs, runs } => rt.block_on(backfill(scale, jobs, runs)),
         Bench::Derive { scale, make, runs, lake_dir } => rt.block_on(derive(scale, &make, runs, lake_dir)),
         Bench::Serve { scale, make, runs, lookups } => rt.block_on(serve(scale, &make, runs, lookups)),
+        Bench::Cdc { scale, runs } => rt.block_on(cdc(scale, runs)),
         Bench::Query { lake_dir, sql, runs, explain } => rt.block_on(query(&lake_dir, &sql, runs, explain)),
     }
 }
@@ -323,7 +333,7 @@ struct Landed {
     as_of: chrono::DateTime<chrono::Utc>,
 }
 
-async fn landed(scale: f64, lake_dir: Option<std::path::PathBuf>) -> Result<Landed> {
+async fn landed(scale: f64, lake_dir: Option<std::path::PathBuf>, slot: bool) -> Result<Landed> {
     let pg = tokio::task::spawn_blocking(PgCluster::start).await??;
     let db = pg.create_database("bench")?;
     let t = Instant::now();
@@ -337,7 +347,12 @@ async fn landed(scale: f64, lake_dir: Option<std::path::PathBuf>) -> Result<Land
     };
     let lake =
         weir_lake::Lake::open(weir_core::LakeLocation::Local { root: lake_dir.clone() }, &Default::default(), false)?;
-    let opts = weir_ingest::BackfillOptions { slot: weir_ingest::SlotMode::NoSlot, ..Default::default() };
+    let slot = if slot {
+        weir_ingest::SlotMode::Slot(weir_ingest::default_slot_name(lake.url().as_str()))
+    } else {
+        weir_ingest::SlotMode::NoSlot
+    };
+    let opts = weir_ingest::BackfillOptions { slot, ..Default::default() };
     let t = Instant::now();
     weir_ingest::backfill(&db, &lake, &sources.tables, &opts, Arc::new(weir_ingest::Metrics::default())).await?;
     println!("backfilled every table in {:.1} s", t.elapsed().as_secs_f64());
@@ -359,7 +374,7 @@ fn ads_options(make: &str, as_of: chrono::DateTime<chrono::Utc>, full: bool) -> 
 
 async fn derive(scale: f64, make: &str, runs: u32, keep: Option<std::path::PathBuf>) -> Result<()> {
     let python = bench_python(true)?;
-    let Landed { pg: _pg, db, lake, lake_dir, sources, bronze, jobs, as_of } = landed(scale, keep).await?;
+    let Landed { pg: _pg, db, lake, lake_dir, sources, bronze, jobs, as_of } = landed(scale, keep, false).await?;
     let opts = weir_ingest::BackfillOptions { slot: weir_ingest::SlotMode::NoSlot, ..Default::default() };
     let derive_opts = |full: bool| ads_options(make, as_of, full);
     let mut client = weir_postgres::connect(&db).await?;
@@ -461,6 +476,101 @@ async fn derive(scale: f64, make: &str, runs: u32, keep: Option<std::path::PathB
     Ok(())
 }
 
+/// Every mart, as of the bench's instant (`weir derive`, all makes).
+fn all_options(as_of: chrono::DateTime<chrono::Utc>, full: bool) -> weir_derive::DeriveOptions {
+    weir_derive::DeriveOptions {
+        job: None,
+        makes: weir_derive::MakeSelection::All,
+        as_of_micros: as_of.timestamp_micros(),
+        full,
+        target_file_bytes: 128 << 20,
+    }
+}
+
+async fn cdc(scale: f64, runs: u32) -> Result<()> {
+    let Landed { pg: _pg, db, lake, lake_dir: _, sources, bronze, jobs, as_of } = landed(scale, None, true).await?;
+    let mut client = weir_postgres::connect(&db).await?;
+    let slugs = weir_synth::list_make_slugs(&client).await?;
+    let t = Instant::now();
+    weir_derive::derive(&lake, &jobs, &bronze, &all_options(as_of, false), |_| {}).await?;
+    println!("first derive of every mart: {:.3} s ({} makes)", t.elapsed().as_secs_f64(), slugs.len());
+    let sync_opts = weir_ingest::SyncOptions::new(weir_ingest::default_slot_name(lake.url().as_str()));
+    let stop = std::sync::atomic::AtomicBool::new(false);
+    let (mut inc, mut legacy, mut full) = (f64::MAX, f64::MAX, f64::MAX);
+    let (mut fold_inc, mut fold_full) = (f64::MAX, f64::MAX);
+    for run in 0..runs {
+        let date = (as_of + chrono::Duration::days(i64::from(run) + 1)).date_naive();
+        let day = weir_synth::apply_day(
+            &db,
+            &weir_synth::DayOptions { date, seed: 900 + u64::from(run), taxonomy_rate: 0.0 },
+        )
+        .await?;
+        let t = Instant::now();
+        let report = weir_ingest::sync(&db, &lake, &sources.tables, &sync_opts, &stop, |_| {}).await?;
+        let sync_s = t.elapsed().as_secs_f64();
+        let t = Instant::now();
+        let reports = weir_derive::derive(&lake, &jobs, &bronze, &all_options(as_of, false), |_| {}).await?;
+        let derive_s = t.elapsed().as_secs_f64();
+        let fold = reports.iter().find_map(|r| match &r.outcome {
+            weir_derive::JobOutcome::Incremental { elapsed, .. } if r.output == "silver.listing_price" => {
+                Some(elapsed.as_secs_f64())
+            }
+            _ => None,
+        });
+        let Some(fold) = fold else { bail!("silver.listing_price was not brought up to date incrementally") };
+        println!(
+            "run {run}: day {date} ({} new listings, {} updated, {} price rows): weir sync {sync_s:.3} s ({} changes) + weir derive {derive_s:.3} s (listing_price incremental {fold:.3} s) = {:.3} s",
+            day.new_listings,
+            day.updated,
+            day.price_rows,
+            report.changes,
+            sync_s + derive_s
+        );
+        inc = inc.min(sync_s + derive_s);
+        fold_inc = fold_inc.min(fold);
+
+        let t = Instant::now();
+        for s in &slugs {
+            weir_synth::build_legacy_mart(&mut client, s, as_of).await?;
+        }
+        let legacy_s = t.elapsed().as_secs_f64();
+        println!("run {run}: legacy PostgreSQL build of every mart {legacy_s:.3} s");
+        legacy = legacy.min(legacy_s);
+        for s in &slugs {
+            bench_parity(&client, &lake, s, as_of.timestamp_micros()).await?;
+        }
+        println!("run {run}: parity: every mart identical to its legacy table");
+
+        let t = Instant::now();
+        let reports = weir_derive::derive(&lake, &jobs, &bronze, &all_options(as_of, true), |_| {}).await?;
+        let full_s = t.elapsed().as_secs_f64();
+        let fold = reports.iter().find_map(|r| match &r.outcome {
+            weir_derive::JobOutcome::Built { elapsed, .. } if r.output == "silver.listing_price" => {
+                Some(elapsed.as_secs_f64())
+            }
+            _ => None,
+        });
+        println!(
+            "run {run}: weir derive --full (every mart) {full_s:.3} s (listing_price {:.3} s)",
+            fold.unwrap_or(f64::NAN)
+        );
+        full = full.min(full_s);
+        fold_full = fold_full.min(fold.unwrap_or(f64::MAX));
+    }
+    println!();
+    println!("every mart at SF {scale}, one generated day, best of {runs}:");
+    println!("  (a) weir sync + incremental weir derive:  {inc:.3} s (the price-log fold alone: {fold_inc:.3} s)");
+    println!("  (b) full weir re-derive:                  {full:.3} s (the price-log fold alone: {fold_full:.3} s)");
+    println!("  (c) legacy PostgreSQL build:              {legacy:.3} s");
+    println!(
+        "  (a)/(c) = {:.1} % (target ≤ 2 %); (a)/(b) = {:.1} %; fold incremental/full = {:.1} %",
+        100.0 * inc / legacy,
+        100.0 * inc / full,
+        100.0 * fold_inc / fold_full
+    );
+    Ok(())
+}
+
 async fn bench_parity(c: &tokio_postgres::Client, lake: &weir_lake::Lake, make: &str, as_of: i64) -> Result<u64> {
     let opts =
         weir_derive::ParityOptions { slug: make.to_string(), legacy_table: None, show: 3, expect_as_of: Some(as_of) };
@@ -481,7 +591,7 @@ mod datafusion_array {
 
 async fn serve(scale: f64, make: &str, runs: u32, lookups: u32) -> Result<()> {
     let python = bench_python(false)?;
-    let Landed { pg, db, lake, bronze, jobs, as_of, .. } = landed(scale, None).await?;
+    let Landed { pg, db, lake, bronze, jobs, as_of, .. } = landed(scale, None, false).await?;
     weir_derive::derive(&lake, &jobs, &bronze, &ads_options(make, as_of, false), |_| {}).await?;
     let mut client = weir_postgres::connect(&db).await?;
     weir_synth::build_legacy_mart(&mut client, make, as_of).await?;

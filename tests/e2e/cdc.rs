@@ -247,3 +247,86 @@ async fn backfill_lsn(lake: &Lake) -> u64 {
     let first = history.pop().unwrap();
     parse_lsn(first.info.get("weir.snapshot_lsn").and_then(|v| v.as_str()).unwrap()).unwrap()
 }
+
+async fn health(port: u16) -> serde_json::Value {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let Ok(mut s) = tokio::net::TcpStream::connect(("127.0.0.1", port)).await else { return serde_json::Value::Null };
+    s.write_all(b"GET /health HTTP/1.1\r\nhost: x\r\n\r\n").await.unwrap();
+    let mut text = String::new();
+    s.read_to_string(&mut text).await.unwrap();
+    serde_json::from_str(text.split("\r\n\r\n").nth(1).unwrap_or("null")).unwrap_or(serde_json::Value::Null)
+}
+
+/// Polls /health until `ok` holds (or panics after a minute).
+async fn wait_for(port: u16, what: &str, ok: impl Fn(&serde_json::Value) -> bool) -> serde_json::Value {
+    let t = Instant::now();
+    loop {
+        let h = health(port).await;
+        if ok(&h) {
+            return h;
+        }
+        assert!(t.elapsed() < Duration::from_secs(90), "timed out waiting for {what}: {h}");
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+}
+
+/// `weir run`: applies a day and derives; survives a PostgreSQL restart (retries, then
+/// applies the next day); reports the freshness lag; SIGTERM stops it cleanly.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn run_loop_applies_derives_and_survives_a_postgres_restart() {
+    let (pg, url) = common::marketplace(0.02, 33).await;
+    let mut pg = pg;
+    let dir = tempfile::tempdir().unwrap();
+    let lake_url = format!("file://{}", dir.path().display());
+    let lake = local(dir.path());
+    let (ok, out, err) = weir(&["backfill", "--pg", &url, "--lake", &lake_url]);
+    assert!(ok, "{out}\n{err}");
+    let port = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
+    let mut child = Command::new(weir_bin())
+        .current_dir(env!("CARGO_MANIFEST_DIR").to_string() + "/../..")
+        .args(["run", "--pg", &url, "--lake", &lake_url, "--addr", "127.0.0.1:0", "--poll-ms", "200"])
+        .args(["--status-addr", &format!("127.0.0.1:{port}")])
+        .env("WEIR_SERVE_TOKEN", "run-test-token")
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    wait_for(port, "the status endpoint", |h| h["status"] == "ok").await;
+
+    day(&url, 1, 81, 0.0).await;
+    let h = wait_for(port, "the first day", |h| h["derives"].as_u64() >= Some(1)).await;
+    assert!(h["changes"].as_u64().unwrap() > 100, "{h}");
+    assert!(h["freshness_lag_ms"].as_f64().is_some(), "{h}");
+    assert_lake_equals_postgres(&url, &lake, "after the first day under weir run").await;
+    assert!(dir.path().join("gold/ads_vw/_delta_log").exists(), "the marts are derived");
+
+    // PostgreSQL goes away and comes back: the loop retries, then carries on.
+    let _pg = tokio::task::spawn_blocking(move || {
+        pg.stop().unwrap();
+        std::thread::sleep(Duration::from_secs(2));
+        pg.restart().unwrap();
+        pg
+    })
+    .await
+    .unwrap();
+    wait_for(port, "a failed iteration during the restart", |h| h["errors"].as_u64() >= Some(1)).await;
+    day(&url, 2, 82, 0.0).await;
+    wait_for(port, "the second day", |h| h["derives"].as_u64() >= Some(2) && h["status"] == "ok").await;
+    assert_lake_equals_postgres(&url, &lake, "after a PostgreSQL restart under weir run").await;
+
+    // SIGTERM: the batch in hand finishes, the process exits 0.
+    let pid = child.id().to_string();
+    assert!(Command::new("kill").args(["-TERM", &pid]).status().unwrap().success());
+    let t = Instant::now();
+    let status = loop {
+        if let Some(s) = child.try_wait().unwrap() {
+            break s;
+        }
+        assert!(t.elapsed() < Duration::from_secs(60), "weir run did not stop on SIGTERM");
+        std::thread::sleep(Duration::from_millis(100));
+    };
+    let mut stderr = String::new();
+    std::io::Read::read_to_string(child.stderr.as_mut().unwrap(), &mut stderr).unwrap();
+    assert!(status.success(), "{stderr}");
+    assert!(stderr.contains("retrying") && stderr.contains("weir run: stopped"), "{stderr}");
+}

@@ -32,6 +32,8 @@ pub enum Command {
     Backfill(BackfillArgs),
     /// Apply PostgreSQL's changes since the backfill to the bronze tables (logical replication, exactly once).
     Sync(SyncArgs),
+    /// The continuous loop: CDC into bronze, incremental derivations, Flight SQL, status and freshness metrics.
+    Run(RunArgs),
     /// Run the jobs in tables/jobs over the lake: silver entities and gold marts, incrementally.
     Derive(DeriveArgs),
     /// Compare a mart in the lake with the legacy table in PostgreSQL: counts, checksums, first differences.
@@ -218,6 +220,36 @@ pub struct BackfillArgs {
     /// Serve Prometheus metrics on this address (e.g. 127.0.0.1:9184) while running.
     #[arg(long)]
     pub metrics_addr: Option<String>,
+    /// Accept an S3 bucket outside the EU.
+    #[arg(long)]
+    pub allow_non_eu: bool,
+}
+
+#[derive(Debug, Args)]
+pub struct RunArgs {
+    #[command(flatten)]
+    pub pg: PgArg,
+    /// Lake URI: file://path or s3://bucket/prefix (or WEIR_LAKE, or lake in weir.toml).
+    #[arg(long, env = "WEIR_LAKE")]
+    pub lake: Option<String>,
+    /// Flight SQL address (port 0 picks a free one and prints it).
+    #[arg(long, default_value = "127.0.0.1:50051")]
+    pub addr: String,
+    /// Status address: GET /health (JSON) and /metrics (Prometheus).
+    #[arg(long, default_value = "127.0.0.1:9185")]
+    pub status_addr: String,
+    /// How often to look for new changes, in milliseconds.
+    #[arg(long, default_value_t = 500)]
+    pub poll_ms: u64,
+    /// The replication slot the backfill created (default: weir_<hash of the lake URL>).
+    #[arg(long)]
+    pub slot: Option<String>,
+    /// Changes per CDC batch.
+    #[arg(long, default_value_t = 200_000)]
+    pub batch_changes: u32,
+    /// Per-query memory limit of the Flight server in MiB (default: serve.memory_limit_mb, else 1024).
+    #[arg(long)]
+    pub memory_limit_mb: Option<usize>,
     /// Accept an S3 bucket outside the EU.
     #[arg(long)]
     pub allow_non_eu: bool,

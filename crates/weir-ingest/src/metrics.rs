@@ -65,20 +65,31 @@ pub async fn serve(
     addr: &str,
     metrics: Arc<Metrics>,
 ) -> std::io::Result<(std::net::SocketAddr, tokio::task::JoinHandle<()>)> {
+    serve_http(addr, Arc::new(move |path: &str| (path == "/metrics").then(|| metrics.render()))).await
+}
+
+/// What a tiny HTTP endpoint answers: the body for a path, None for 404.
+pub type Handler = Arc<dyn Fn(&str) -> Option<String> + Send + Sync>;
+
+/// Serves `GET <path>` with `handler` on `addr` until the task is dropped.
+pub async fn serve_http(
+    addr: &str,
+    handler: Handler,
+) -> std::io::Result<(std::net::SocketAddr, tokio::task::JoinHandle<()>)> {
     let listener = TcpListener::bind(addr).await?;
     let local = listener.local_addr()?;
     let task = tokio::spawn(async move {
         loop {
             let Ok((mut sock, _)) = listener.accept().await else { continue };
-            let metrics = metrics.clone();
+            let handler = handler.clone();
             tokio::spawn(async move {
                 let mut buf = [0u8; 1024];
                 let n = sock.read(&mut buf).await.unwrap_or(0);
                 let req = String::from_utf8_lossy(&buf[..n]);
-                let (status, body) = if req.starts_with("GET /metrics") {
-                    ("200 OK", metrics.render())
-                } else {
-                    ("404 Not Found", "try /metrics\n".to_string())
+                let path = req.strip_prefix("GET ").and_then(|r| r.split_whitespace().next()).unwrap_or("");
+                let (status, body) = match handler(path) {
+                    Some(body) => ("200 OK", body),
+                    None => ("404 Not Found", "not found\n".to_string()),
                 };
                 let resp = format!(
                     "HTTP/1.1 {status}\r\ncontent-type: text/plain; version=0.0.4\r\ncontent-length: {}\r\nconnection: close\r\n\r\n{body}",

@@ -8,10 +8,11 @@ mod fdw;
 mod generate;
 mod legacy;
 mod parity;
+mod run;
 mod s3;
 mod serve;
 mod services;
-mod sync;
+pub mod sync;
 
 use std::time::{Duration, Instant};
 
@@ -26,6 +27,7 @@ pub async fn run(cli: Cli) -> Result<()> {
         Command::Demo(a) => demo::run(a).await,
         Command::Generate(g) => generate::run(g, &cfg).await,
         Command::Backfill(a) => backfill::run(a, &cfg).await,
+        Command::Run(a) => run::run(a, &cfg).await,
         Command::Sync(a) => sync::run(a, &cfg).await,
         Command::Derive(a) => derive::run(a, &cfg).await,
         Command::Parity(a) => parity::run(a, &cfg).await,

@@ -67,7 +67,7 @@ fn changes(t: &TableChanges) -> String {
     format!("{} {}", t.table, parts.join(" "))
 }
 
-fn print_batch(b: &BatchReport) {
+pub fn print_batch(b: &BatchReport) {
     let tables: Vec<String> = b.tables.iter().map(changes).collect();
     println!(
         "  {} → {}: {} transactions, {} changes in {:.2} s  [{}]",

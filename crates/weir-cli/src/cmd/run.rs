@@ -1,0 +1,247 @@
+//! `weir run`: the continuous loop. CDC into bronze, then the jobs whose inputs changed
+//! (incremental where declared), while Flight SQL serves the lake; `/health` and `/metrics`
+//! report progress and the freshness lag (source commit → mart committed). Errors (a
+//! PostgreSQL or S3 restart) are retried with back-off; SIGTERM finishes the batch in hand.
+
+use std::collections::VecDeque;
+use std::io::Write;
+use std::sync::atomic::{AtomicBool, AtomicI64, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use anyhow::{Context, Result};
+use weir_core::Config;
+use weir_ingest::SyncOptions;
+
+use super::serve::flight_options;
+use crate::cli::RunArgs;
+use crate::settings;
+
+#[derive(Default)]
+struct Status {
+    cycles: AtomicU64,
+    transactions: AtomicU64,
+    changes: AtomicU64,
+    derives: AtomicU64,
+    errors: AtomicU64,
+    /// Milliseconds; -1 before the first measurement.
+    last_lag_ms: AtomicI64,
+    lags_ms: Mutex<VecDeque<f64>>,
+    lsn: Mutex<String>,
+    last_error: Mutex<String>,
+}
+
+impl Status {
+    fn quantile(&self, q: f64) -> Option<f64> {
+        let lags = self.lags_ms.lock().unwrap_or_else(|p| p.into_inner());
+        if lags.is_empty() {
+            return None;
+        }
+        let mut v: Vec<f64> = lags.iter().copied().collect();
+        v.sort_by(f64::total_cmp);
+        Some(v[((v.len() - 1) as f64 * q).round() as usize])
+    }
+
+    fn metrics(&self) -> String {
+        let mut out = String::new();
+        let mut put = |name: &str, kind: &str, help: &str, v: String| {
+            out.push_str(&format!("# HELP {name} {help}\n# TYPE {name} {kind}\n{name} {v}\n"));
+        };
+        let n = |a: &AtomicU64| a.load(Ordering::Relaxed).to_string();
+        put("weir_run_cycles_total", "counter", "Loop iterations", n(&self.cycles));
+        put("weir_cdc_transactions_total", "counter", "Source transactions applied", n(&self.transactions));
+        put("weir_cdc_changes_total", "counter", "Row changes applied", n(&self.changes));
+        put("weir_derive_runs_total", "counter", "Derive runs after changes", n(&self.derives));
+        put("weir_run_errors_total", "counter", "Failed iterations (retried)", n(&self.errors));
+        let lag = self.last_lag_ms.load(Ordering::Relaxed);
+        if lag >= 0 {
+            put(
+                "weir_freshness_lag_seconds",
+                "gauge",
+                "Source commit to mart committed, last cycle",
+                format!("{}", lag as f64 / 1e3),
+            );
+        }
+        for (q, label) in [(0.5, "p50"), (0.95, "p95")] {
+            if let Some(v) = self.quantile(q) {
+                put(
+                    &format!("weir_freshness_lag_{label}_seconds"),
+                    "gauge",
+                    "Freshness lag over the last 1000 cycles with changes",
+                    format!("{}", v / 1e3),
+                );
+            }
+        }
+        out
+    }
+
+    fn health(&self) -> String {
+        let lag = self.last_lag_ms.load(Ordering::Relaxed);
+        format!(
+            "{{\"status\":\"{}\",\"lsn\":\"{}\",\"transactions\":{},\"changes\":{},\"derives\":{},\"errors\":{},\"freshness_lag_ms\":{},\"lag_p50_ms\":{},\"lag_p95_ms\":{},\"last_error\":{:?}}}\n",
+            if self.last_error.lock().unwrap_or_else(|p| p.into_inner()).is_empty() { "ok" } else { "retrying" },
+            self.lsn.lock().unwrap_or_else(|p| p.into_inner()),
+            self.transactions.load(Ordering::Relaxed),
+            self.changes.load(Ordering::Relaxed),
+            self.derives.load(Ordering::Relaxed),
+            self.errors.load(Ordering::Relaxed),
+            if lag >= 0 { lag.to_string() } else { "null".into() },
+            self.quantile(0.5).map_or("null".into(), |v| format!("{v:.0}")),
+            self.quantile(0.95).map_or("null".into(), |v| format!("{v:.0}")),
+            self.last_error.lock().unwrap_or_else(|p| p.into_inner()).as_str(),
+        )
+    }
+}
+
+pub async fn run(a: RunArgs, cfg: &Config) -> Result<()> {
+    let url = settings::pg_url(a.pg.pg.as_deref(), cfg)?;
+    let lake = settings::open_lake(a.lake.as_deref(), cfg, a.allow_non_eu).await?;
+    let sources = super::backfill::load_sources(None)?;
+    let bronze: Vec<String> = sources.tables.iter().map(|t| t.name.clone()).collect();
+    let jobs = super::derive::load_jobs(None, &bronze)?;
+    let sync_opts = SyncOptions {
+        slot: a.slot.clone().unwrap_or_else(|| weir_ingest::default_slot_name(lake.url().as_str())),
+        follow: false,
+        batch_changes: i32::try_from(a.batch_changes.max(1)).unwrap_or(i32::MAX),
+        poll: Duration::from_millis(a.poll_ms.max(1)),
+    };
+
+    let status = Arc::new(Status { last_lag_ms: AtomicI64::new(-1), ..Default::default() });
+    let handler: weir_ingest::metrics::Handler = {
+        let status = status.clone();
+        Arc::new(move |path: &str| match path {
+            "/health" => Some(status.health()),
+            "/metrics" => Some(status.metrics()),
+            _ => None,
+        })
+    };
+    let (status_addr, status_task) = weir_ingest::metrics::serve_http(&a.status_addr, handler)
+        .await
+        .with_context(|| format!("cannot serve status on {}", a.status_addr))?;
+
+    let stop = Arc::new(AtomicBool::new(false));
+    let _signals = super::sync::stop_on_signals(stop.clone());
+    let (flight_opts, auth, scheme, _) = flight_options(&a.addr, a.memory_limit_mb, 1000, cfg)?;
+    let catalog =
+        weir_flight::Catalog::new(lake.clone(), jobs.clone(), flight_opts.refresh, flight_opts.memory_limit_bytes);
+    let (bound_tx, bound_rx) = tokio::sync::oneshot::channel();
+    let server = {
+        let stop = stop.clone();
+        tokio::spawn(async move {
+            let mut bound_tx = Some(bound_tx);
+            weir_flight::serve(
+                catalog,
+                auth,
+                &flight_opts,
+                |b| {
+                    if let Some(tx) = bound_tx.take() {
+                        let _ = tx.send(b);
+                    }
+                },
+                async move {
+                    while !stop.load(Ordering::Relaxed) {
+                        tokio::time::sleep(Duration::from_millis(50)).await;
+                    }
+                },
+            )
+            .await
+        })
+    };
+    let flight_addr = bound_rx.await.context("the Flight SQL server did not start")?;
+    println!(
+        "weir run: slot {} → {}; Flight SQL on {scheme}://{flight_addr}; status on http://{status_addr}/health and /metrics",
+        sync_opts.slot,
+        lake.url()
+    );
+    let _ = std::io::stdout().flush();
+
+    let mut backoff = Duration::from_millis(500);
+    while !stop.load(Ordering::Relaxed) {
+        status.cycles.fetch_add(1, Ordering::Relaxed);
+        match cycle(&url, &lake, &sources.tables, &jobs, &bronze, &sync_opts, &stop, &status).await {
+            Ok(()) => {
+                backoff = Duration::from_millis(500);
+                status.last_error.lock().unwrap_or_else(|p| p.into_inner()).clear();
+                sleep_unless(&stop, sync_opts.poll).await;
+            }
+            Err(e) => {
+                status.errors.fetch_add(1, Ordering::Relaxed);
+                let text = format!("{e:#}");
+                eprintln!("weir run: {text}; retrying in {:.1} s", backoff.as_secs_f64());
+                *status.last_error.lock().unwrap_or_else(|p| p.into_inner()) = text;
+                sleep_unless(&stop, backoff).await;
+                backoff = (backoff * 2).min(Duration::from_secs(30));
+            }
+        }
+    }
+    eprintln!("weir run: stopped");
+    server.await.context("the Flight SQL server task")??;
+    status_task.abort();
+    Ok(())
+}
+
+async fn sleep_unless(stop: &AtomicBool, d: Duration) {
+    let t = Instant::now();
+    while t.elapsed() < d && !stop.load(Ordering::Relaxed) {
+        tokio::time::sleep(Duration::from_millis(25)).await;
+    }
+}
+
+/// One iteration: apply what PostgreSQL committed, then derive what changed.
+#[allow(clippy::too_many_arguments)]
+async fn cycle(
+    url: &str,
+    lake: &weir_lake::Lake,
+    tables: &[weir_ingest::SourceTable],
+    jobs: &weir_derive::Jobs,
+    bronze: &[String],
+    opts: &SyncOptions,
+    stop: &AtomicBool,
+    status: &Status,
+) -> Result<()> {
+    let mut oldest_commit: Option<i64> = None;
+    let report = weir_ingest::sync(url, lake, tables, opts, stop, |b| {
+        super::sync::print_batch(b);
+        if let Some(t) = b.last_commit_micros {
+            oldest_commit = Some(oldest_commit.map_or(t, |o: i64| o.min(t)));
+        }
+    })
+    .await?;
+    *status.lsn.lock().unwrap_or_else(|p| p.into_inner()) = report.lsn.clone();
+    status.transactions.fetch_add(report.transactions, Ordering::Relaxed);
+    status.changes.fetch_add(report.changes, Ordering::Relaxed);
+    if report.changes == 0 {
+        return Ok(());
+    }
+    let as_of =
+        weir_derive::run::default_as_of(lake, bronze).await?.unwrap_or_else(|| chrono::Utc::now().timestamp_micros());
+    let opts = weir_derive::DeriveOptions {
+        job: None,
+        makes: weir_derive::MakeSelection::All,
+        as_of_micros: as_of,
+        full: false,
+        target_file_bytes: 128 << 20,
+    };
+    let t = Instant::now();
+    let reports = weir_derive::derive(lake, jobs, bronze, &opts, |_| {}).await?;
+    status.derives.fetch_add(1, Ordering::Relaxed);
+    let built = reports
+        .iter()
+        .filter(|r| !matches!(r.outcome, weir_derive::JobOutcome::UpToDate { .. } | weir_derive::JobOutcome::View))
+        .count();
+    if let Some(committed) = oldest_commit {
+        let lag_ms = (chrono::Utc::now().timestamp_micros() - committed) as f64 / 1e3;
+        status.last_lag_ms.store(lag_ms as i64, Ordering::Relaxed);
+        let mut lags = status.lags_ms.lock().unwrap_or_else(|p| p.into_inner());
+        lags.push_back(lag_ms);
+        if lags.len() > 1000 {
+            lags.pop_front();
+        }
+        println!(
+            "  derived {built} table(s) in {:.2} s; freshness lag {:.2} s (oldest source commit of the cycle → marts committed)",
+            t.elapsed().as_secs_f64(),
+            lag_ms / 1e3
+        );
+    }
+    Ok(())
+}

@@ -76,6 +76,17 @@ enum Bench {
         #[arg(long, default_value_t = 2)]
         runs: u32,
     },
+    /// Freshness lag of `weir run` (the release binary next to this one) under a steady write
+    /// load: a writer commits price changes at --rate transactions/s for --seconds; the lag
+    /// (source commit → marts committed) p50/p95 is read from `weir run`'s /metrics.
+    Lag {
+        #[arg(long, default_value_t = 10.0)]
+        scale: f64,
+        #[arg(long, default_value_t = 60)]
+        seconds: u64,
+        #[arg(long, default_value_t = 20.0)]
+        rate: f64,
+    },
     /// One SQL statement over an existing lake's tables (bronze.*, silver.*, gold.*), timed,
     /// with EXPLAIN ANALYZE: for trying a job's SQL before changing it.
     Query {
@@ -100,6 +111,7 @@ fn main() -> Result<()> {
         Bench::Derive { scale, make, runs, lake_dir } => rt.block_on(derive(scale, &make, runs, lake_dir)),
         Bench::Serve { scale, make, runs, lookups } => rt.block_on(serve(scale, &make, runs, lookups)),
         Bench::Cdc { scale, runs } => rt.block_on(cdc(scale, runs)),
+        Bench::Lag { scale, seconds, rate } => rt.block_on(lag(scale, seconds, rate)),
         Bench::Query { lake_dir, sql, runs, explain } => rt.block_on(query(&lake_dir, &sql, runs, explain)),
     }
 }
@@ -567,6 +579,88 @@ async fn cdc(scale: f64, runs: u32) -> Result<()> {
         100.0 * inc / legacy,
         100.0 * inc / full,
         100.0 * fold_inc / fold_full
+    );
+    Ok(())
+}
+
+async fn http_get(port: u16, path: &str) -> Result<String> {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let mut s = tokio::net::TcpStream::connect(("127.0.0.1", port)).await?;
+    s.write_all(format!("GET {path} HTTP/1.1\r\nhost: x\r\n\r\n").as_bytes()).await?;
+    let mut text = String::new();
+    s.read_to_string(&mut text).await?;
+    Ok(text.split("\r\n\r\n").nth(1).unwrap_or_default().to_string())
+}
+
+async fn lag(scale: f64, seconds: u64, rate: f64) -> Result<()> {
+    let Landed { pg: _pg, db, lake, lake_dir, bronze, jobs, .. } = landed(scale, None, true).await?;
+    let as_of = weir_derive::run::default_as_of(&lake, &bronze).await?.context("no bronze tables")?;
+    let opts = weir_derive::DeriveOptions { as_of_micros: as_of, ..all_options(chrono::Utc::now(), false) };
+    let t = Instant::now();
+    weir_derive::derive(&lake, &jobs, &bronze, &opts, |_| {}).await?;
+    println!("first derive of every mart: {:.3} s", t.elapsed().as_secs_f64());
+    let weir = std::env::current_exe()?.with_file_name("weir");
+    if !weir.exists() {
+        bail!("{} is missing: cargo build --release -p weir-cli", weir.display());
+    }
+    let port = std::net::TcpListener::bind("127.0.0.1:0")?.local_addr()?.port();
+    let mut child = Command::new(&weir)
+        .args(["run", "--pg", &db, "--lake", &format!("file://{}", lake_dir.display()), "--addr", "127.0.0.1:0"])
+        .args(["--status-addr", &format!("127.0.0.1:{port}"), "--poll-ms", "100"])
+        .env(
+            "WEIR_SERVE_TOKEN",
+            format!("bench-{}", std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH)?.as_nanos()),
+        )
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .context("starting weir run")?;
+    for _ in 0..100 {
+        if http_get(port, "/health").await.is_ok() {
+            break;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+    }
+    // The writer: one transaction per tick, a new price for a listing and its price_last.
+    let client = weir_postgres::connect(&db).await?;
+    let max: i64 = client.query_one("SELECT max(listing_id) FROM listings", &[]).await?.get(0);
+    let started = Instant::now();
+    let tick = std::time::Duration::from_secs_f64(1.0 / rate.max(0.1));
+    let mut n = 0u64;
+    while started.elapsed() < std::time::Duration::from_secs(seconds) {
+        let id = 21 + (n.wrapping_mul(2_654_435_761) % (max as u64 - 20)) as i64;
+        client
+            .batch_execute(&format!(
+                "BEGIN;
+                 INSERT INTO price_log SELECT listing_id, clock_timestamp(), price_last * 0.99, 'EUR' FROM listings
+                  WHERE listing_id = {id} AND price_last IS NOT NULL;
+                 UPDATE listings SET price_last = round(price_last * 0.99, 2), updated_at = clock_timestamp()
+                  WHERE listing_id = {id} AND price_last IS NOT NULL;
+                 COMMIT;"
+            ))
+            .await?;
+        n += 1;
+        tokio::time::sleep(tick).await;
+    }
+    println!("writer: {n} transactions in {:.1} s", started.elapsed().as_secs_f64());
+    // Let the loop catch up, then read its figures.
+    tokio::time::sleep(std::time::Duration::from_secs(5)).await;
+    let metrics = http_get(port, "/metrics").await?;
+    let health = http_get(port, "/health").await?;
+    let _ = Command::new("kill").args(["-TERM", &child.id().to_string()]).status();
+    let _ = child.wait();
+    let get =
+        |name: &str| metrics.lines().find_map(|l| l.strip_prefix(name).and_then(|v| v.trim().parse::<f64>().ok()));
+    println!("weir run /health: {}", health.trim());
+    println!();
+    println!(
+        "freshness lag at SF {scale}, {rate} transactions/s for {seconds} s (source commit → every mart committed):"
+    );
+    println!(
+        "  p50 {:.2} s, p95 {:.2} s over {} derive cycles (target p95 ≤ 5 s)",
+        get("weir_freshness_lag_p50_seconds ").unwrap_or(f64::NAN),
+        get("weir_freshness_lag_p95_seconds ").unwrap_or(f64::NAN),
+        get("weir_derive_runs_total ").unwrap_or(f64::NAN)
     );
     Ok(())
 }

@@ -27,13 +27,14 @@
 --! LEFT JOIN current c ON c.listing_id = d.listing_id
 --! """
 --! [incremental.affects]
---! # A listing that disappears or changes make: recomputed. A new listing's price rows are
---! # new rows, folded like any; only one with older price rows (logged before the listing)
---! # is recomputed.
+--! # A listing that changes make, or is deleted and back again: recomputed. A new listing's
+--! # price rows are new rows, folded like any; only one with older price rows (logged before
+--! # the listing) is recomputed.
 --! "bronze.listings" = """
---! SELECT listing_id FROM changes
---! GROUP BY listing_id
---! HAVING bool_or(_change_type = 'delete') OR count(DISTINCT make_id) > 1
+--! SELECT c.listing_id FROM changes c
+--! GROUP BY c.listing_id
+--! HAVING count(DISTINCT c.make_id) > 1
+--!     OR (bool_or(c._change_type = 'delete') AND bool_or(c._change_type = 'insert'))
 --! UNION
 --! SELECT DISTINCT p.listing_id
 --! FROM bronze.price_log p
@@ -47,6 +48,13 @@
 --! FROM bronze.price_log p
 --! JOIN changes c ON c.currency = p.currency AND c.day = CAST(p.changed_at AS DATE)
 --! WHERE NOT EXISTS (SELECT 1 FROM new_rows n WHERE n.listing_id = p.listing_id AND n.changed_at = p.changed_at)
+--! """
+--! [incremental.removes]
+--! # A listing that is gone has no row (the fold joins the listings): removed, history unread.
+--! "bronze.listings" = """
+--! SELECT DISTINCT c.listing_id FROM changes c
+--! WHERE c._change_type = 'delete'
+--!   AND NOT EXISTS (SELECT 1 FROM bronze.listings l WHERE l.listing_id = c.listing_id)
 --! """
 WITH p AS (
     SELECT p.listing_id,

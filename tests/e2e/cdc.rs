@@ -11,6 +11,7 @@ use weir_core::{LakeLocation, S3Settings};
 use weir_ingest::Sources;
 use weir_lake::Lake;
 use weir_postgres::pgoutput::parse_lsn;
+use weir_testkit::{S3Server, S3ServerConfig};
 
 use crate::common::{self, weir_bin};
 use crate::derive::{assert_parity, derive, legacy_all};
@@ -238,6 +239,44 @@ async fn sigkill_at_random_points_loses_and_doubles_nothing() {
     let out = sync(&url, &lake_url, &[]);
     assert!(out.contains("applied") || out.contains("nothing new"), "{out}");
     assert_lake_equals_postgres(&url, &lake, &format!("after {kills} kills")).await;
+
+    // `weir derive` killed at random points too (first builds, then an incremental run after
+    // another day): a final run leaves every mart equal to the legacy mart.
+    let lake_dir = dir.path().to_path_buf();
+    let derive_killed = |seed: &mut u64| {
+        *seed = seed.wrapping_mul(6_364_136_223_846_793_005).wrapping_add(1_442_695_040_888_963_407);
+        let delay = Duration::from_millis(200 + (*seed >> 33) % 4000);
+        let mut child = Command::new(weir_bin())
+            .current_dir(env!("CARGO_MANIFEST_DIR").to_string() + "/../..")
+            .args(["derive", "--lake", &format!("file://{}", lake_dir.display()), "--as-of", crate::derive::AS_OF])
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .unwrap();
+        std::thread::sleep(delay);
+        let killed = child.try_wait().unwrap().is_none();
+        if killed {
+            child.kill().unwrap();
+        }
+        child.wait().unwrap();
+        killed
+    };
+    let mut derive_kills = 0;
+    for _ in 0..3 {
+        derive_kills += usize::from(derive_killed(&mut seed));
+    }
+    let (ok, out, err) = derive(dir.path(), &[]);
+    assert!(ok, "{out}\n{err}");
+    day(&url, 4, 74, 0.0).await;
+    sync(&url, &lake_url, &[]);
+    for _ in 0..3 {
+        derive_kills += usize::from(derive_killed(&mut seed));
+    }
+    assert!(derive_kills > 0, "no derive was killed");
+    let (ok, out, err) = derive(dir.path(), &[]);
+    assert!(ok, "{out}\n{err}");
+    let slugs = legacy_all(&url).await;
+    assert_parity(&url, &lake, &slugs, &format!("after {derive_kills} killed derives")).await;
 }
 
 /// The LSN the backfill recorded (the same for every table).
@@ -265,28 +304,44 @@ async fn wait_for(port: u16, what: &str, ok: impl Fn(&serde_json::Value) -> bool
         if ok(&h) {
             return h;
         }
-        assert!(t.elapsed() < Duration::from_secs(90), "timed out waiting for {what}: {h}");
+        assert!(t.elapsed() < Duration::from_secs(180), "timed out waiting for {what}: {h}");
         tokio::time::sleep(Duration::from_millis(200)).await;
     }
 }
 
-/// `weir run`: applies a day and derives; survives a PostgreSQL restart (retries, then
-/// applies the next day); reports the freshness lag; SIGTERM stops it cleanly.
+/// `weir run` on an S3 lake: applies a day and derives; survives a PostgreSQL restart and an
+/// S3-server restart (retries, then applies the next day); reports the freshness lag;
+/// SIGTERM stops it cleanly.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn run_loop_applies_derives_and_survives_a_postgres_restart() {
+async fn run_loop_survives_postgres_and_s3_restarts() {
     let (pg, url) = common::marketplace(0.02, 33).await;
     let mut pg = pg;
     let dir = tempfile::tempdir().unwrap();
-    let lake_url = format!("file://{}", dir.path().display());
-    let lake = local(dir.path());
-    let (ok, out, err) = weir(&["backfill", "--pg", &url, "--lake", &lake_url]);
-    assert!(ok, "{out}\n{err}");
+    let mut cfg = S3ServerConfig::local(dir.path().join("s3"));
+    cfg.buckets = vec!["lake".into()];
+    let server = S3Server::start(cfg).await.unwrap();
+    let s3 = crate::backfill::s3_settings(&server);
+    let lake = Lake::open(LakeLocation::S3 { bucket: "lake".into(), prefix: "weir".into() }, &s3, false).unwrap();
+    let lake_url = "s3://lake/weir";
+    let env = [
+        ("AWS_ENDPOINT_URL", server.endpoint()),
+        ("AWS_REGION", "eu-central-1".to_string()),
+        ("AWS_ACCESS_KEY_ID", weir_testkit::DEFAULT_ACCESS_KEY.to_string()),
+        ("AWS_SECRET_ACCESS_KEY", weir_testkit::DEFAULT_SECRET_KEY.to_string()),
+        ("WEIR_SERVE_TOKEN", "run-test-token".to_string()),
+    ];
+    let out = Command::new(weir_bin())
+        .args(["backfill", "--pg", &url, "--lake", lake_url])
+        .envs(env.clone())
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
     let port = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
     let mut child = Command::new(weir_bin())
         .current_dir(env!("CARGO_MANIFEST_DIR").to_string() + "/../..")
-        .args(["run", "--pg", &url, "--lake", &lake_url, "--addr", "127.0.0.1:0", "--poll-ms", "200"])
+        .args(["run", "--pg", &url, "--lake", lake_url, "--addr", "127.0.0.1:0", "--poll-ms", "200", "--make", "vw"])
         .args(["--status-addr", &format!("127.0.0.1:{port}")])
-        .env("WEIR_SERVE_TOKEN", "run-test-token")
+        .envs(env)
         .stdout(Stdio::null())
         .stderr(Stdio::piped())
         .spawn()
@@ -298,7 +353,7 @@ async fn run_loop_applies_derives_and_survives_a_postgres_restart() {
     assert!(h["changes"].as_u64().unwrap() > 100, "{h}");
     assert!(h["freshness_lag_ms"].as_f64().is_some(), "{h}");
     assert_lake_equals_postgres(&url, &lake, "after the first day under weir run").await;
-    assert!(dir.path().join("gold/ads_vw/_delta_log").exists(), "the marts are derived");
+    assert!(weir_lake::open_table(&lake, "gold/ads_vw").await.unwrap().version().is_some(), "the marts are derived");
 
     // PostgreSQL goes away and comes back: the loop retries, then carries on.
     let _pg = tokio::task::spawn_blocking(move || {
@@ -309,10 +364,21 @@ async fn run_loop_applies_derives_and_survives_a_postgres_restart() {
     })
     .await
     .unwrap();
-    wait_for(port, "a failed iteration during the restart", |h| h["errors"].as_u64() >= Some(1)).await;
+    wait_for(port, "a failed iteration during the PostgreSQL restart", |h| h["errors"].as_u64() >= Some(1)).await;
     day(&url, 2, 82, 0.0).await;
     wait_for(port, "the second day", |h| h["derives"].as_u64() >= Some(2) && h["status"] == "ok").await;
     assert_lake_equals_postgres(&url, &lake, "after a PostgreSQL restart under weir run").await;
+
+    // The S3 server goes away (with a day committed meanwhile) and comes back on its port.
+    let errors = health(port).await["errors"].as_u64().unwrap();
+    let mut config = server.config().clone();
+    config.addr = server.addr();
+    server.stop().await;
+    day(&url, 3, 83, 0.0).await;
+    wait_for(port, "a failed iteration during the S3 restart", |h| h["errors"].as_u64() > Some(errors)).await;
+    let server = S3Server::start(config).await.unwrap();
+    wait_for(port, "the third day", |h| h["derives"].as_u64() >= Some(3) && h["status"] == "ok").await;
+    assert_lake_equals_postgres(&url, &lake, "after an S3 restart under weir run").await;
 
     // SIGTERM: the batch in hand finishes, the process exits 0.
     let pid = child.id().to_string();
@@ -329,4 +395,5 @@ async fn run_loop_applies_derives_and_survives_a_postgres_restart() {
     std::io::Read::read_to_string(child.stderr.as_mut().unwrap(), &mut stderr).unwrap();
     assert!(status.success(), "{stderr}");
     assert!(stderr.contains("retrying") && stderr.contains("weir run: stopped"), "{stderr}");
+    server.stop().await;
 }

@@ -241,6 +241,9 @@ pub struct RunArgs {
     /// How often to look for new changes, in milliseconds.
     #[arg(long, default_value_t = 500)]
     pub poll_ms: u64,
+    /// Keep only this make's mart fresh (default: every make's).
+    #[arg(long)]
+    pub make: Option<String>,
     /// The replication slot the backfill created (default: weir_<hash of the lake URL>).
     #[arg(long)]
     pub slot: Option<String>,

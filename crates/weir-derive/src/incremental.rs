@@ -42,6 +42,9 @@ pub struct IncrementalReport {
     pub deleted: u64,
     /// `bronze.price_log v3 → v4`, …
     pub inputs: Vec<String>,
+    /// Where the time went: reading the change feeds, the rules, the fold of the new rows and
+    /// its merge SQL, the recomputed keys, the Delta MERGE.
+    pub phases: Vec<(&'static str, std::time::Duration)>,
 }
 
 pub enum Attempt {
@@ -97,7 +100,7 @@ pub async fn attempt(
         if !name.starts_with("bronze.") || to < from {
             return Ok(Na(format!("{name} v{from} → v{to} is not a change feed Weir reads")));
         }
-        if *name != inc.fold && !inc.affects.contains_key(name) {
+        if *name != inc.fold && !inc.affects.contains_key(name) && !inc.removes.contains_key(name) {
             return Ok(Na(format!("{name} changed and the job has no incremental rule for it")));
         }
         changed.push(Changed { name: name.clone(), from, to });
@@ -136,6 +139,14 @@ pub async fn attempt(
 
     let ctx = &session.ctx;
     let key = &job.key[0];
+    let mut phases = Vec::new();
+    let mut clock = std::time::Instant::now();
+    macro_rules! lap {
+        ($name:expr) => {{
+            phases.push(($name, clock.elapsed()));
+            clock = std::time::Instant::now();
+        }};
+    }
     let fold_provider = ctx.table_provider(inc.fold.as_str()).await.map_err(df_err(format!("reading {}", inc.fold)))?;
     let fold_schema = fold_provider.schema();
     let quoted: Vec<String> = fold_schema.fields().iter().map(|f| format!("\"{}\"", f.name())).collect();
@@ -170,24 +181,36 @@ pub async fn attempt(
         None => MemTable::try_new(fold_schema.clone(), vec![vec![]]).map_err(df_err("new rows"))?,
     };
     ctx.register_table("new_rows", Arc::new(new_table)).map_err(df_err("registering new_rows"))?;
+    lap!("change feeds");
 
-    // The other inputs: each rule's keys.
+    // The other inputs: each rule's keys to recompute, and to remove.
+    let mut removed: HashSet<ScalarValue> = HashSet::new();
     for (c, cdf) in feeds.iter().filter(|(c, _)| c.name != inc.fold) {
         ctx.register_table("changes", cdf.clone()).map_err(df_err("registering the change feed"))?;
-        let rule = &inc.affects[&c.name];
-        let result = collect(rule.clone()).await;
-        ctx.deregister_table("changes").map_err(df_err("deregistering"))?;
-        for b in result? {
-            add_keys(&mut recompute, b.column(0))?;
+        let mut result = Ok(());
+        for (rules, into) in [(&inc.affects, &mut recompute), (&inc.removes, &mut removed)] {
+            let Some(rule) = rules.get(&c.name) else { continue };
+            match collect(rule.clone()).await {
+                Ok(batches) => {
+                    for b in batches {
+                        add_keys(into, b.column(0))?;
+                    }
+                }
+                Err(e) => result = Err(e),
+            }
         }
+        ctx.deregister_table("changes").map_err(df_err("deregistering"))?;
+        result?;
     }
-    let keys: Vec<ScalarValue> = recompute.into_iter().filter(|k| !k.is_null()).collect();
+    let keys: Vec<ScalarValue> = recompute.into_iter().filter(|k| !k.is_null() && !removed.contains(k)).collect();
+    let removed: Vec<ScalarValue> = removed.into_iter().filter(|k| !k.is_null()).collect();
+    lap!("rules");
 
     // delta: the job over the new rows whose keys are not recomputed.
     let restore = |p| session.replace(&inc.fold, p);
     let mut new_view = ctx.table("new_rows").await.map_err(df_err("new_rows"))?;
-    if !keys.is_empty() {
-        let ks: Vec<_> = keys.iter().map(|k| lit(k.clone())).collect();
+    if !keys.is_empty() || !removed.is_empty() {
+        let ks: Vec<_> = keys.iter().chain(&removed).map(|k| lit(k.clone())).collect();
         new_view = new_view.filter(in_list(col(key.as_str()), ks, true)).map_err(df_err("filtering new rows"))?;
     }
     session.replace(&inc.fold, new_view.into_view())?;
@@ -208,6 +231,7 @@ pub async fn attempt(
         ctx.deregister_table(t).map_err(df_err("deregistering"))?;
     }
     let merged = merged?;
+    lap!("fold + merge SQL");
 
     // Keys recomputed from their history (the fold source restricted to them).
     let mut recomputed = Vec::new();
@@ -222,6 +246,7 @@ pub async fn attempt(
         restore(fold_provider.clone())?;
         recomputed = r?;
     }
+    lap!("recompute");
 
     // One MERGE by key: upserts from both, deletes for recomputed keys without a row.
     let target: SchemaRef = table
@@ -240,7 +265,7 @@ pub async fn attempt(
         }
         parts.push(with_op(&target, b, "U", out)?);
     }
-    let gone: Vec<ScalarValue> = keys.iter().filter(|k| !found.contains(*k)).cloned().collect();
+    let gone: Vec<ScalarValue> = keys.iter().filter(|k| !found.contains(*k)).chain(&removed).cloned().collect();
     if !gone.is_empty() {
         parts.push(deletes(&target, key, &gone, out)?);
     }
@@ -253,6 +278,7 @@ pub async fn attempt(
     let inputs: Vec<String> = changed.iter().map(|c| format!("{} v{} → v{}", c.name, c.from, c.to)).collect();
     let summary = json!({
         "new_rows": new_rows, "merged": merged_keys, "recomputed": keys.len(), "deleted": gone.len(), "inputs": inputs,
+        "phases_ms": phases.iter().map(|(n, d)| (n.to_string(), json!(d.as_millis() as u64))).collect::<serde_json::Map<_, _>>(),
     });
     let props = CommitProperties::default().with_metadata([
         (crate::run::STATE_KEY.to_string(), Value::String(recorded.to_string())),
@@ -263,6 +289,7 @@ pub async fn attempt(
     let (table, _) =
         weir_lake::merge_by_key(table, &rel, source, std::slice::from_ref(key), crate::run::writer_properties(), props)
             .await?;
+    phases.push(("Delta merge", clock.elapsed()));
     Ok(Attempt::Done(IncrementalReport {
         version: table.version().map_or(0, |v| v as i64),
         new_rows,
@@ -270,6 +297,7 @@ pub async fn attempt(
         recomputed: keys.len() as u64,
         deleted: gone.len() as u64,
         inputs,
+        phases,
     }))
 }
 

@@ -94,6 +94,10 @@ pub struct Incremental {
     /// inserted rows) returning the keys to recompute from their whole history.
     #[serde(default)]
     pub affects: BTreeMap<String, String>,
+    /// Keys whose row is removed outright (the job produces none for them any more, e.g. an
+    /// inner-joined entity that was deleted): SQL over `changes`, like `affects`.
+    #[serde(default)]
+    pub removes: BTreeMap<String, String>,
 }
 
 /// One job, as declared.
@@ -251,7 +255,7 @@ pub fn parse_job(file: &Path, text: &str) -> Result<Job, JobError> {
                 "incremental needs a table job (not per make) with a one-column key",
             ));
         }
-        for s in std::iter::once(&inc.fold).chain(inc.affects.keys()) {
+        for s in std::iter::once(&inc.fold).chain(inc.affects.keys()).chain(inc.removes.keys()) {
             if !h.sources.contains(s) {
                 return Err(JobError::new(file, line, format!("incremental names {s}, which is not in sources")));
             }

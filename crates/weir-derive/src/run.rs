@@ -244,7 +244,15 @@ pub async fn derive(
                                     deleted: r.deleted,
                                     elapsed: t.elapsed(),
                                 },
-                                reason: r.inputs.join(", "),
+                                reason: format!(
+                                    "{} ({})",
+                                    r.inputs.join(", "),
+                                    r.phases
+                                        .iter()
+                                        .map(|(n, d)| format!("{n} {:.2} s", d.as_secs_f64()))
+                                        .collect::<Vec<_>>()
+                                        .join(", ")
+                                ),
                             });
                             continue;
                         }

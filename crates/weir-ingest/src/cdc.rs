@@ -151,6 +151,7 @@ pub async fn sync(
         ..Default::default()
     };
     let mut position = slot_position(&client, slot).await?;
+    let pages = WalPages::read(&client).await?;
     let mut upto = current_lsn(&client).await?;
     loop {
         if stop.load(Ordering::Relaxed) {
@@ -173,7 +174,7 @@ pub async fn sync(
             // boundary (the insert position), so moving the slot there skips no commit record
             // that straddles it; with synchronous_commit = off the WAL writer flushes a commit
             // a moment after it returned, hence the wait.
-            if flushed >= upto {
+            if flushed >= pages.record_end(upto) {
                 if upto > position {
                     advance(&client, slot, upto).await?;
                     position = upto;
@@ -305,6 +306,40 @@ async fn flush_lsn(client: &Client) -> Result<u64, IngestError> {
         .map_err(PgError::query("reading the flushed WAL position"))?
         .get(0);
     parse_lsn(&text)
+}
+
+/// WAL page geometry: the insert position right after a page header is where the previous
+/// record ended (the flush position then stops at the page boundary, short of it).
+struct WalPages {
+    block: u64,
+    segment: u64,
+}
+
+impl WalPages {
+    async fn read(client: &Client) -> Result<Self, IngestError> {
+        let row = client
+            .query_one(
+                "SELECT current_setting('wal_block_size')::bigint, pg_size_bytes(current_setting('wal_segment_size'))",
+                &[],
+            )
+            .await
+            .map_err(PgError::query("reading the WAL page size"))?;
+        let (block, segment): (i64, i64) = (row.get(0), row.get(1));
+        Ok(Self { block: block.max(1) as u64, segment: segment.max(1) as u64 })
+    }
+
+    /// The end of the last record before `insert` (PostgreSQL's XLogBytePosToEndRecPtr).
+    fn record_end(&self, insert: u64) -> u64 {
+        const SHORT_HEADER: u64 = 24;
+        const LONG_HEADER: u64 = 40;
+        if insert % self.segment == LONG_HEADER {
+            insert - LONG_HEADER
+        } else if insert % self.block == SHORT_HEADER {
+            insert - SHORT_HEADER
+        } else {
+            insert
+        }
+    }
 }
 
 /// Where the next WAL record goes: every committed transaction's commit record ends at or
@@ -902,6 +937,14 @@ mod tests {
             ]
         );
         assert!(st.update(Some(row(8, Some("x"))), row(9, None)).is_err(), "key change with an unsent TOAST value");
+    }
+
+    #[test]
+    fn the_insert_position_after_a_page_header_is_the_previous_records_end() {
+        let p = WalPages { block: 8192, segment: 16 << 20 };
+        assert_eq!(p.record_end(0x1BD_6018), 0x1BD_6000);
+        assert_eq!(p.record_end(0x200_0028), 0x200_0000, "a segment's first page has the long header");
+        assert_eq!(p.record_end(0x1BD_45D0), 0x1BD_45D0);
     }
 
     #[test]

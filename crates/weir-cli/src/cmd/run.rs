@@ -158,7 +158,7 @@ pub async fn run(a: RunArgs, cfg: &Config) -> Result<()> {
     let mut backoff = Duration::from_millis(500);
     while !stop.load(Ordering::Relaxed) {
         status.cycles.fetch_add(1, Ordering::Relaxed);
-        match cycle(&url, &lake, &sources.tables, &jobs, &bronze, &sync_opts, &stop, &status).await {
+        match cycle(&url, &lake, &sources.tables, &jobs, &bronze, &sync_opts, a.make.as_deref(), &stop, &status).await {
             Ok(()) => {
                 backoff = Duration::from_millis(500);
                 status.last_error.lock().unwrap_or_else(|p| p.into_inner()).clear();
@@ -196,6 +196,7 @@ async fn cycle(
     jobs: &weir_derive::Jobs,
     bronze: &[String],
     opts: &SyncOptions,
+    make: Option<&str>,
     stop: &AtomicBool,
     status: &Status,
 ) -> Result<()> {
@@ -217,7 +218,7 @@ async fn cycle(
         weir_derive::run::default_as_of(lake, bronze).await?.unwrap_or_else(|| chrono::Utc::now().timestamp_micros());
     let opts = weir_derive::DeriveOptions {
         job: None,
-        makes: weir_derive::MakeSelection::All,
+        makes: make.map_or(weir_derive::MakeSelection::All, |m| weir_derive::MakeSelection::One(m.to_string())),
         as_of_micros: as_of,
         full: false,
         target_file_bytes: 128 << 20,

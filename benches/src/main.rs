@@ -86,6 +86,9 @@ enum Bench {
         seconds: u64,
         #[arg(long, default_value_t = 20.0)]
         rate: f64,
+        /// Keep only this make's mart fresh (`weir run --make`); default: every make's.
+        #[arg(long)]
+        make: Option<String>,
     },
     /// One SQL statement over an existing lake's tables (bronze.*, silver.*, gold.*), timed,
     /// with EXPLAIN ANALYZE: for trying a job's SQL before changing it.
@@ -111,7 +114,7 @@ fn main() -> Result<()> {
         Bench::Derive { scale, make, runs, lake_dir } => rt.block_on(derive(scale, &make, runs, lake_dir)),
         Bench::Serve { scale, make, runs, lookups } => rt.block_on(serve(scale, &make, runs, lookups)),
         Bench::Cdc { scale, runs } => rt.block_on(cdc(scale, runs)),
-        Bench::Lag { scale, seconds, rate } => rt.block_on(lag(scale, seconds, rate)),
+        Bench::Lag { scale, seconds, rate, make } => rt.block_on(lag(scale, seconds, rate, make)),
         Bench::Query { lake_dir, sql, runs, explain } => rt.block_on(query(&lake_dir, &sql, runs, explain)),
     }
 }
@@ -530,6 +533,9 @@ async fn cdc(scale: f64, runs: u32) -> Result<()> {
             _ => None,
         });
         let Some(fold) = fold else { bail!("silver.listing_price was not brought up to date incrementally") };
+        if let Some(r) = reports.iter().find(|r| r.output == "silver.listing_price") {
+            println!("run {run}: listing_price: {}", r.reason);
+        }
         println!(
             "run {run}: day {date} ({} new listings, {} updated, {} price rows): weir sync {sync_s:.3} s ({} changes) + weir derive {derive_s:.3} s (listing_price incremental {fold:.3} s) = {:.3} s",
             day.new_listings,
@@ -592,7 +598,7 @@ async fn http_get(port: u16, path: &str) -> Result<String> {
     Ok(text.split("\r\n\r\n").nth(1).unwrap_or_default().to_string())
 }
 
-async fn lag(scale: f64, seconds: u64, rate: f64) -> Result<()> {
+async fn lag(scale: f64, seconds: u64, rate: f64, make: Option<String>) -> Result<()> {
     let Landed { pg: _pg, db, lake, lake_dir, bronze, jobs, .. } = landed(scale, None, true).await?;
     let as_of = weir_derive::run::default_as_of(&lake, &bronze).await?.context("no bronze tables")?;
     let opts = weir_derive::DeriveOptions { as_of_micros: as_of, ..all_options(chrono::Utc::now(), false) };
@@ -607,6 +613,7 @@ async fn lag(scale: f64, seconds: u64, rate: f64) -> Result<()> {
     let mut child = Command::new(&weir)
         .args(["run", "--pg", &db, "--lake", &format!("file://{}", lake_dir.display()), "--addr", "127.0.0.1:0"])
         .args(["--status-addr", &format!("127.0.0.1:{port}"), "--poll-ms", "100"])
+        .args(make.iter().flat_map(|m| ["--make", m.as_str()]))
         .env(
             "WEIR_SERVE_TOKEN",
             format!("bench-{}", std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH)?.as_nanos()),
@@ -632,10 +639,10 @@ async fn lag(scale: f64, seconds: u64, rate: f64) -> Result<()> {
         client
             .batch_execute(&format!(
                 "BEGIN;
-                 INSERT INTO price_log SELECT listing_id, clock_timestamp(), price_last * 0.99, 'EUR' FROM listings
-                  WHERE listing_id = {id} AND price_last IS NOT NULL;
-                 UPDATE listings SET price_last = round(price_last * 0.99, 2), updated_at = clock_timestamp()
-                  WHERE listing_id = {id} AND price_last IS NOT NULL;
+                 INSERT INTO price_log SELECT listing_id, clock_timestamp(), 1000 + {n} % 50000, 'EUR' FROM listings
+                  WHERE listing_id = {id};
+                 UPDATE listings SET mileage_km = coalesce(mileage_km, 0) + 1, updated_at = clock_timestamp()
+                  WHERE listing_id = {id};
                  COMMIT;"
             ))
             .await?;
@@ -654,7 +661,8 @@ async fn lag(scale: f64, seconds: u64, rate: f64) -> Result<()> {
     println!("weir run /health: {}", health.trim());
     println!();
     println!(
-        "freshness lag at SF {scale}, {rate} transactions/s for {seconds} s (source commit → every mart committed):"
+        "freshness lag at SF {scale}, {rate} transactions/s for {seconds} s (source commit → {} committed):",
+        make.as_deref().map_or("every mart".to_string(), |m| format!("ads_{m}"))
     );
     println!(
         "  p50 {:.2} s, p95 {:.2} s over {} derive cycles (target p95 ≤ 5 s)",

@@ -41,13 +41,13 @@
 --! JOIN changes c ON c.listing_id = p.listing_id AND c._change_type = 'insert'
 --! WHERE NOT EXISTS (SELECT 1 FROM new_rows n WHERE n.listing_id = p.listing_id AND n.changed_at = p.changed_at)
 --! """
---! # A rate that arrives or changes for a day with older price rows in that currency: their
---! # EUR values change, so those listings are recomputed (new price rows already use it).
+--! # A rate that arrives or changes for a day some listing already had prices on: those
+--! # listings are recomputed (price rows new in this run already use the new rate). The
+--! # stored first/last price times bound the days a listing has prices on.
 --! "bronze.fx_rates" = """
---! SELECT DISTINCT p.listing_id
---! FROM bronze.price_log p
---! JOIN changes c ON c.currency = p.currency AND c.day = CAST(p.changed_at AS DATE)
---! WHERE NOT EXISTS (SELECT 1 FROM new_rows n WHERE n.listing_id = p.listing_id AND n.changed_at = p.changed_at)
+--! SELECT DISTINCT cur.listing_id
+--! FROM current cur
+--! JOIN changes c ON CAST(cur.first_price_at AS DATE) <= c.day AND CAST(cur.last_price_at AS DATE) >= c.day
 --! """
 --! [incremental.removes]
 --! # A listing that is gone has no row (the fold joins the listings): removed, history unread.

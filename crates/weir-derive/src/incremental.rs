@@ -183,7 +183,10 @@ pub async fn attempt(
     ctx.register_table("new_rows", Arc::new(new_table)).map_err(df_err("registering new_rows"))?;
     lap!("change feeds");
 
-    // The other inputs: each rule's keys to recompute, and to remove.
+    // The other inputs: each rule's keys to recompute, and to remove. Rules may read the
+    // stored table as `current`.
+    let current = ctx.table_provider(out).await.map_err(df_err(format!("reading {out}")))?;
+    ctx.register_table("current", current).map_err(df_err("registering current"))?;
     let mut removed: HashSet<ScalarValue> = HashSet::new();
     for (c, cdf) in feeds.iter().filter(|(c, _)| c.name != inc.fold) {
         ctx.register_table("changes", cdf.clone()).map_err(df_err("registering the change feed"))?;
@@ -224,8 +227,6 @@ pub async fn attempt(
     };
     ctx.register_table("delta", Arc::new(MemTable::try_new(delta_schema, vec![delta]).map_err(df_err("delta"))?))
         .map_err(df_err("registering delta"))?;
-    let current = ctx.table_provider(out).await.map_err(df_err(format!("reading {out}")))?;
-    ctx.register_table("current", current).map_err(df_err("registering current"))?;
     let merged = collect(inc.merge.clone()).await;
     for t in ["delta", "current", "new_rows"] {
         ctx.deregister_table(t).map_err(df_err("deregistering"))?;

@@ -122,8 +122,10 @@ pub async fn attempt(
             return Ok(Na(format!("{} has no change data feed (a new `weir backfill --force` enables it)", c.name)));
         }
         let latest = t.version().map_or(0, |v| v as i64);
-        let history =
-            t.history(None).await.map_err(|e| DeriveError::Write { table: c.name.clone(), message: e.to_string() })?;
+        let history = t
+            .history(Some((latest - c.from).max(0) as usize))
+            .await
+            .map_err(|e| DeriveError::Write { table: c.name.clone(), message: e.to_string() })?;
         for (i, ci) in history.enumerate() {
             let v = latest - i as i64;
             if v > c.from && v <= c.to && !ci.info.contains_key("weir.cdc.lsn") {

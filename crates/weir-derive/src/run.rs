@@ -553,6 +553,6 @@ async fn write(
     meta.insert("weir.derive.key".to_string(), json!(job.key));
     let value = u.scope.map(|id| id.to_string());
     let partition = value.as_deref().map(|v| (MAKE_ID, v));
-    let version = weir_lake::commit_files(table, rel, &schema, &job.partition, adds, meta, partition).await?;
+    let version = weir_lake::commit_files(table, rel, &schema, &job.partition, adds, meta, partition, None).await?;
     Ok((rows, files, bytes, version))
 }

@@ -322,8 +322,11 @@ pub async fn backfill(
         .collect();
         let table = weir_lake::open_table(lake, &t.bronze_path()).await?;
         let partition_cols: Vec<String> = t.partition_column().into_iter().collect();
+        // CDC starts at the snapshot's LSN: recorded where `weir sync` keeps its position.
+        let txn = weir_postgres::pgoutput::parse_lsn(&work.run.snapshot_lsn)
+            .map(|l| deltalake::kernel::Transaction::new(crate::cdc::APP_ID, l as i64));
         let version =
-            weir_lake::commit_files(table, &t.bronze_path(), &work.schema, &partition_cols, adds, metadata, None)
+            weir_lake::commit_files(table, &t.bronze_path(), &work.schema, &partition_cols, adds, metadata, None, txn)
                 .await?;
         let seconds = match (
             *work.first_start.lock().unwrap_or_else(|p| p.into_inner()),

@@ -412,16 +412,7 @@ async fn check_slot(client: &Client, slot: &str) -> Result<(), IngestError> {
 /// Every synced table must be in the publication named like the slot: a table added to a
 /// publication only publishes changes from then on, so one missing now has lost changes.
 async fn check_publication(client: &Client, publication: &str, tables: &[SourceTable]) -> Result<(), IngestError> {
-    let published: Vec<String> = client
-        .query(
-            "SELECT tablename::text FROM pg_publication_tables WHERE pubname = $1 AND schemaname = 'public'",
-            &[&publication],
-        )
-        .await
-        .map_err(PgError::query(format!("reading publication {publication}")))?
-        .iter()
-        .map(|r| r.get(0))
-        .collect();
+    let published = published_tables(client, publication).await?;
     for t in tables {
         if !published.contains(&t.name) {
             return Err(IngestError::Cdc {
@@ -435,6 +426,20 @@ async fn check_publication(client: &Client, publication: &str, tables: &[SourceT
     Ok(())
 }
 
+/// The tables of schema public in a publication (none if it does not exist).
+async fn published_tables(client: &Client, publication: &str) -> Result<Vec<String>, IngestError> {
+    Ok(client
+        .query(
+            "SELECT tablename::text FROM pg_publication_tables WHERE pubname = $1 AND schemaname = 'public'",
+            &[&publication],
+        )
+        .await
+        .map_err(PgError::query(format!("reading publication {publication}")))?
+        .iter()
+        .map(|r| r.get(0))
+        .collect())
+}
+
 /// Creates the publication CDC reads (named like the slot) or adds missing tables to it.
 /// Called by the backfill before it fixes its starting LSN, so no change is unpublished.
 pub async fn ensure_publication(client: &Client, name: &str, tables: &[SourceTable]) -> Result<(), IngestError> {
@@ -443,20 +448,7 @@ pub async fn ensure_publication(client: &Client, name: &str, tables: &[SourceTab
         .await
         .map_err(PgError::query(format!("looking up publication {name}")))?
         .get(0);
-    let published: Vec<String> = if exists {
-        client
-            .query(
-                "SELECT tablename::text FROM pg_publication_tables WHERE pubname = $1 AND schemaname = 'public'",
-                &[&name],
-            )
-            .await
-            .map_err(PgError::query(format!("reading publication {name}")))?
-            .iter()
-            .map(|r| r.get(0))
-            .collect()
-    } else {
-        Vec::new()
-    };
+    let published = if exists { published_tables(client, name).await? } else { Vec::new() };
     let missing: Vec<String> = tables
         .iter()
         .filter(|t| !published.contains(&t.name))
@@ -478,23 +470,23 @@ fn quote_ident(s: &str) -> String {
     format!("\"{}\"", s.replace('"', "\"\""))
 }
 
-/// The position a table's Delta log says it holds: the LSN of its last CDC commit, or the
-/// snapshot LSN of its latest backfill, whichever is later.
+/// The position a table's Delta log says it holds: the LSN of its `weir.cdc` application
+/// transaction (written by the backfill with its snapshot LSN, then by every CDC commit). A
+/// table landed before the backfill wrote it falls back to its newest backfill commit's
+/// `weir.snapshot_lsn`.
 pub async fn applied_lsn(table: &DeltaTable, rel: &str) -> Result<Option<u64>, IngestError> {
     let state = table.snapshot().map_err(|e| delta_err(rel, e))?;
-    let txn = state.transaction_version(table.log_store().as_ref(), APP_ID).await.map_err(|e| delta_err(rel, e))?;
-    let mut backfill = None;
+    if let Some(v) =
+        state.transaction_version(table.log_store().as_ref(), APP_ID).await.map_err(|e| delta_err(rel, e))?
+    {
+        return Ok(Some(v as u64));
+    }
     for ci in table.history(None).await.map_err(|e| delta_err(rel, e))? {
         if let Some(lsn) = ci.info.get("weir.snapshot_lsn").and_then(Json::as_str) {
-            backfill = Some(parse_lsn(lsn)?);
-            break;
+            return Ok(Some(parse_lsn(lsn)?));
         }
     }
-    Ok(match (txn, backfill) {
-        (Some(t), Some(b)) => Some((t as u64).max(b)),
-        (Some(t), None) => Some(t as u64),
-        (None, b) => b,
-    })
+    Ok(None)
 }
 
 fn delta_err(rel: &str, e: deltalake::DeltaTableError) -> IngestError {

@@ -46,8 +46,9 @@ pub async fn last_commit_info(table: &DeltaTable, rel: &str) -> Result<Option<Ha
 /// Commits `adds` as the table's content in one commit: creates the table (schema and
 /// partitioning) when it does not exist, otherwise replaces every current file (overwrite),
 /// or with `partition` (`column = value`) only that partition's files. Returns the new
-/// version. A concurrent writer that commits first makes this fail, never corrupt: the
-/// commit file is written with put-if-absent.
+/// version; `txn` (an application transaction) goes into the same commit. A concurrent writer
+/// that commits first makes this fail, never corrupt: the commit file is put-if-absent.
+#[allow(clippy::too_many_arguments)]
 pub async fn commit_files(
     table: DeltaTable,
     rel: &str,
@@ -56,8 +57,12 @@ pub async fn commit_files(
     adds: Vec<Add>,
     metadata: HashMap<String, Value>,
     partition: Option<(&str, &str)>,
+    txn: Option<deltalake::kernel::Transaction>,
 ) -> Result<i64, DeltaError> {
-    let props = CommitProperties::default().with_metadata(metadata.clone());
+    let mut props = CommitProperties::default().with_metadata(metadata.clone());
+    if let Some(t) = &txn {
+        props = props.with_application_transaction(t.clone());
+    }
     if table.version().is_none() {
         let kernel: StructType = schema.try_into_kernel().map_err(|e| DeltaError::Delta {
             table: rel.to_string(),
@@ -98,6 +103,7 @@ pub async fn commit_files(
         actions.push(Action::Metadata(meta));
     }
     actions.extend(adds.into_iter().map(Action::Add));
+    actions.extend(txn.map(Action::Txn));
     let op = DeltaOperation::Write {
         mode: SaveMode::Overwrite,
         partition_by: Some(partition_columns.to_vec()),

@@ -397,3 +397,56 @@ async fn run_loop_survives_postgres_and_s3_restarts() {
     assert!(stderr.contains("retrying") && stderr.contains("weir run: stopped"), "{stderr}");
     server.stop().await;
 }
+
+/// `weir sync --follow` keeps applying until SIGTERM, then exits 0 after the batch in hand.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn follow_applies_new_days_until_sigterm() {
+    let (_pg, url) = common::marketplace(0.02, 34).await;
+    let dir = tempfile::tempdir().unwrap();
+    let lake_url = format!("file://{}", dir.path().display());
+    let lake = local(dir.path());
+    let (ok, out, err) = weir(&["backfill", "--pg", &url, "--lake", &lake_url]);
+    assert!(ok, "{out}\n{err}");
+    let mut child = Command::new(weir_bin())
+        .args(["sync", "--pg", &url, "--lake", &lake_url, "--follow", "--poll-ms", "100"])
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let c = common::client(&url).await;
+    for d in 1..=2 {
+        day(&url, d, 90 + u64::from(d), 0.0).await;
+        let expected = common::scalar_i64(&c, "SELECT count(*) FROM price_log").await;
+        let t = Instant::now();
+        loop {
+            let table = weir_lake::open_table(&lake, "bronze/price_log").await.unwrap();
+            let applied = weir_ingest::cdc::applied_lsn(&table, "bronze/price_log").await.unwrap().unwrap_or(0);
+            let lsn: String = c.query_one("SELECT pg_current_wal_insert_lsn()::text", &[]).await.unwrap().get(0);
+            if applied > 0 && lakecheck_rows(&lake, expected).await {
+                break;
+            }
+            assert!(
+                t.elapsed() < Duration::from_secs(60),
+                "day {d} not applied by --follow (lake at {applied:X}, WAL at {lsn})"
+            );
+            tokio::time::sleep(Duration::from_millis(200)).await;
+        }
+    }
+    assert_lake_equals_postgres(&url, &lake, "under --follow").await;
+    assert!(Command::new("kill").args(["-TERM", &child.id().to_string()]).status().unwrap().success());
+    let out = child.wait_with_output().unwrap();
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(out.status.success(), "{stdout}\n{}", String::from_utf8_lossy(&out.stderr));
+    assert!(stdout.matches(" → ").count() >= 2 && stdout.contains("applied"), "{stdout}");
+}
+
+/// Whether bronze.price_log holds `rows` rows.
+async fn lakecheck_rows(lake: &Lake, rows: i64) -> bool {
+    let table = weir_lake::open_table(lake, "bronze/price_log").await.unwrap();
+    let ctx = datafusion::prelude::SessionContext::new();
+    table.update_datafusion_session(&ctx.state()).unwrap();
+    ctx.register_table("t", table.table_provider().await.unwrap()).unwrap();
+    let b = ctx.sql("SELECT count(*) FROM t").await.unwrap().collect().await.unwrap();
+    let n = b[0].column(0).as_any().downcast_ref::<arrow::array::Int64Array>().unwrap().value(0);
+    n == rows
+}

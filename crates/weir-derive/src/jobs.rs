@@ -410,6 +410,26 @@ mod tests {
     }
 
     #[test]
+    fn incremental_headers_are_checked() {
+        let head = "--! layer = \"silver\"\n--! key = [\"id\"]\n--! sources = [\"bronze.t\", \"bronze.u\"]\n";
+        let ok = format!(
+            "{head}--! [incremental]\n--! fold = \"bronze.t\"\n--! merge = \"\"\"\n--! SELECT * FROM delta\n--! \"\"\"\n--! [incremental.removes]\n--! \"bronze.u\" = \"SELECT id FROM changes\"\nSELECT 1 AS id\n"
+        );
+        let job = parse_job(Path::new("x.sql"), &ok).unwrap();
+        let inc = job.incremental.expect("declared");
+        assert_eq!(inc.fold, "bronze.t");
+        assert_eq!(inc.merge.trim(), "SELECT * FROM delta");
+        assert_eq!(inc.removes.get("bronze.u").map(String::as_str), Some("SELECT id FROM changes"));
+        let unknown = ok.replace("fold = \"bronze.t\"", "fold = \"bronze.v\"");
+        let e = parse_job(Path::new("x.sql"), &unknown).unwrap_err();
+        assert!(e.to_string().contains("incremental names bronze.v, which is not in sources"), "{e}");
+        assert_eq!(e.line, 4, "the [incremental] line: {e}");
+        let view = ok.replace("[incremental]\n", "materialize = \"view\"\n--! [incremental]\n");
+        let e = parse_job(Path::new("x.sql"), &view).unwrap_err();
+        assert!(e.to_string().contains("incremental needs a table job"), "{e}");
+    }
+
+    #[test]
     fn header_errors_name_the_line() {
         let text = "--! layer = \"silver\"\n--! key = [\"id\"]\n--! sources = [\"bronze.t\"]\n--! materialise = \"view\"\nSELECT 1\n";
         let e = parse_job(Path::new("x.sql"), text).unwrap_err();

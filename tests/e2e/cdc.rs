@@ -407,7 +407,7 @@ async fn follow_applies_new_days_until_sigterm() {
     let lake = local(dir.path());
     let (ok, out, err) = weir(&["backfill", "--pg", &url, "--lake", &lake_url]);
     assert!(ok, "{out}\n{err}");
-    let mut child = Command::new(weir_bin())
+    let child = Command::new(weir_bin())
         .args(["sync", "--pg", &url, "--lake", &lake_url, "--follow", "--poll-ms", "100"])
         .stdout(Stdio::piped())
         .stderr(Stdio::piped())

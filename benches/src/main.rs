@@ -502,6 +502,17 @@ fn all_options(as_of: chrono::DateTime<chrono::Utc>, full: bool) -> weir_derive:
     }
 }
 
+/// Seconds silver.listing_price took in a derive, if it was brought up to date incrementally
+/// (`incremental`) or rebuilt (otherwise).
+fn fold_seconds(reports: &[weir_derive::JobReport], incremental: bool) -> Option<f64> {
+    let r = reports.iter().find(|r| r.output == "silver.listing_price")?;
+    match (&r.outcome, incremental) {
+        (weir_derive::JobOutcome::Incremental { elapsed, .. }, true)
+        | (weir_derive::JobOutcome::Built { elapsed, .. }, false) => Some(elapsed.as_secs_f64()),
+        _ => None,
+    }
+}
+
 async fn cdc(scale: f64, runs: u32) -> Result<()> {
     let Landed { pg: _pg, db, lake, lake_dir: _, sources, bronze, jobs, as_of } = landed(scale, None, true).await?;
     let mut client = weir_postgres::connect(&db).await?;
@@ -526,12 +537,7 @@ async fn cdc(scale: f64, runs: u32) -> Result<()> {
         let t = Instant::now();
         let reports = weir_derive::derive(&lake, &jobs, &bronze, &all_options(as_of, false), |_| {}).await?;
         let derive_s = t.elapsed().as_secs_f64();
-        let fold = reports.iter().find_map(|r| match &r.outcome {
-            weir_derive::JobOutcome::Incremental { elapsed, .. } if r.output == "silver.listing_price" => {
-                Some(elapsed.as_secs_f64())
-            }
-            _ => None,
-        });
+        let fold = fold_seconds(&reports, true);
         let Some(fold) = fold else { bail!("silver.listing_price was not brought up to date incrementally") };
         if let Some(r) = reports.iter().find(|r| r.output == "silver.listing_price") {
             println!("run {run}: listing_price: {}", r.reason);
@@ -562,12 +568,7 @@ async fn cdc(scale: f64, runs: u32) -> Result<()> {
         let t = Instant::now();
         let reports = weir_derive::derive(&lake, &jobs, &bronze, &all_options(as_of, true), |_| {}).await?;
         let full_s = t.elapsed().as_secs_f64();
-        let fold = reports.iter().find_map(|r| match &r.outcome {
-            weir_derive::JobOutcome::Built { elapsed, .. } if r.output == "silver.listing_price" => {
-                Some(elapsed.as_secs_f64())
-            }
-            _ => None,
-        });
+        let fold = fold_seconds(&reports, false);
         println!(
             "run {run}: weir derive --full (every mart) {full_s:.3} s (listing_price {:.3} s)",
             fold.unwrap_or(f64::NAN)

@@ -66,6 +66,17 @@ fn fold_outcome(out: &str) -> String {
         .to_string()
 }
 
+/// A generated marketplace backfilled by `weir backfill` (with its slot) into a local lake.
+async fn backfilled(scale: f64, seed: u64) -> (weir_testkit::PgCluster, String, tempfile::TempDir, String, Lake) {
+    let (pg, url) = common::marketplace(scale, seed).await;
+    let dir = tempfile::tempdir().unwrap();
+    let lake_url = format!("file://{}", dir.path().display());
+    let lake = local(dir.path());
+    let (ok, out, err) = weir(&["backfill", "--pg", &url, "--lake", &lake_url]);
+    assert!(ok, "{out}\n{err}");
+    (pg, url, dir, lake_url, lake)
+}
+
 fn local(dir: &std::path::Path) -> Lake {
     Lake::open(LakeLocation::Local { root: dir.to_path_buf() }, &S3Settings::default(), false).unwrap()
 }
@@ -77,12 +88,7 @@ fn local(dir: &std::path::Path) -> Lake {
 /// legacy marts. Other DDL and a missing slot stop with errors that name them.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn sync_applies_days_ddl_and_truncates_exactly() {
-    let (_pg, url) = common::marketplace(0.05, 31).await;
-    let dir = tempfile::tempdir().unwrap();
-    let lake_url = format!("file://{}", dir.path().display());
-    let lake = local(dir.path());
-    let (ok, out, err) = weir(&["backfill", "--pg", &url, "--lake", &lake_url]);
-    assert!(ok, "{out}\n{err}");
+    let (_pg, url, dir, lake_url, lake) = backfilled(0.05, 31).await;
 
     let out = sync(&url, &lake_url, &[]);
     assert!(out.contains("nothing new"), "{out}");
@@ -182,12 +188,7 @@ async fn sync_applies_days_ddl_and_truncates_exactly() {
 /// primary keys), and after every kill the slot stands at or before what the lake records (or the lake holds everything).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn sigkill_at_random_points_loses_and_doubles_nothing() {
-    let (_pg, url) = common::marketplace(0.05, 32).await;
-    let dir = tempfile::tempdir().unwrap();
-    let lake_url = format!("file://{}", dir.path().display());
-    let lake = local(dir.path());
-    let (ok, out, err) = weir(&["backfill", "--pg", &url, "--lake", &lake_url]);
-    assert!(ok, "{out}\n{err}");
+    let (_pg, url, dir, lake_url, lake) = backfilled(0.05, 32).await;
     for (d, seed) in [(1, 71), (2, 72), (3, 73)] {
         day(&url, d, seed, 0.5).await;
     }
@@ -401,12 +402,7 @@ async fn run_loop_survives_postgres_and_s3_restarts() {
 /// `weir sync --follow` keeps applying until SIGTERM, then exits 0 after the batch in hand.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn follow_applies_new_days_until_sigterm() {
-    let (_pg, url) = common::marketplace(0.02, 34).await;
-    let dir = tempfile::tempdir().unwrap();
-    let lake_url = format!("file://{}", dir.path().display());
-    let lake = local(dir.path());
-    let (ok, out, err) = weir(&["backfill", "--pg", &url, "--lake", &lake_url]);
-    assert!(ok, "{out}\n{err}");
+    let (_pg, url, _dir, lake_url, lake) = backfilled(0.02, 34).await;
     let child = Command::new(weir_bin())
         .args(["sync", "--pg", &url, "--lake", &lake_url, "--follow", "--poll-ms", "100"])
         .stdout(Stdio::piped())

@@ -299,13 +299,19 @@ async fn advance(client: &Client, slot: &str, lsn: u64) -> Result<(), IngestErro
     Ok(())
 }
 
-async fn flush_lsn(client: &Client) -> Result<u64, IngestError> {
-    let text: String = client
-        .query_one("SELECT pg_current_wal_flush_lsn()::text", &[])
-        .await
-        .map_err(PgError::query("reading the flushed WAL position"))?
-        .get(0);
+/// One LSN from a query returning it as text.
+async fn query_lsn(
+    client: &Client,
+    sql: &str,
+    params: &[&(dyn tokio_postgres::types::ToSql + Sync)],
+    context: &str,
+) -> Result<u64, IngestError> {
+    let text: String = client.query_one(sql, params).await.map_err(PgError::query(context))?.get(0);
     parse_lsn(&text)
+}
+
+async fn flush_lsn(client: &Client) -> Result<u64, IngestError> {
+    query_lsn(client, "SELECT pg_current_wal_flush_lsn()::text", &[], "reading the flushed WAL position").await
 }
 
 /// WAL page geometry: the insert position right after a page header is where the previous
@@ -345,12 +351,7 @@ impl WalPages {
 /// Where the next WAL record goes: every committed transaction's commit record ends at or
 /// before it, and no record straddles it (unlike the write and flush positions).
 async fn current_lsn(client: &Client) -> Result<u64, IngestError> {
-    let text: String = client
-        .query_one("SELECT pg_current_wal_insert_lsn()::text", &[])
-        .await
-        .map_err(PgError::query("reading the WAL position"))?
-        .get(0);
-    parse_lsn(&text)
+    query_lsn(client, "SELECT pg_current_wal_insert_lsn()::text", &[], "reading the WAL position").await
 }
 
 fn parse_lsn(text: &str) -> Result<u64, IngestError> {
@@ -358,12 +359,8 @@ fn parse_lsn(text: &str) -> Result<u64, IngestError> {
 }
 
 async fn slot_position(client: &Client, slot: &str) -> Result<u64, IngestError> {
-    let text: String = client
-        .query_one("SELECT confirmed_flush_lsn::text FROM pg_replication_slots WHERE slot_name = $1", &[&slot])
-        .await
-        .map_err(PgError::query(format!("reading replication slot {slot}")))?
-        .get(0);
-    parse_lsn(&text)
+    let sql = "SELECT confirmed_flush_lsn::text FROM pg_replication_slots WHERE slot_name = $1";
+    query_lsn(client, sql, &[&slot], &format!("reading replication slot {slot}")).await
 }
 
 /// The slot must exist (created by the backfill, before its snapshot), be a pgoutput slot in

@@ -159,13 +159,17 @@ pub async fn merge_by_key(
     use deltalake::datafusion::prelude::SessionContext;
 
     let schema = source.schema();
+    let has_deletes = source
+        .column_by_name(OP_COLUMN)
+        .and_then(|c| c.as_any().downcast_ref::<deltalake::arrow::array::StringArray>())
+        .is_some_and(|ops| ops.iter().any(|o| o == Some("D")));
     let ctx = SessionContext::new();
     let dferr = |e: deltalake::datafusion::error::DataFusionError| delta_err(rel)(e.into());
     let df = ctx.read_batch(source).map_err(dferr)?;
     // Delete rows whose key is not in the table are dropped first: a source row no clause
     // applies to breaks delta-rs' change-data-feed writer (it checks the table's NOT NULL
     // columns on an all-NULL placeholder row).
-    let df = if table.version().is_some() {
+    let df = if has_deletes && table.version().is_some() {
         use deltalake::datafusion::common::JoinType;
         use deltalake::datafusion::logical_expr::col;
         table.update_datafusion_session(&ctx.state()).map_err(delta_err(rel))?;

@@ -26,7 +26,7 @@ fn table_names() -> Vec<String> {
         .collect()
 }
 
-fn weir(args: &[&str]) -> (bool, String, String) {
+pub(crate) fn weir(args: &[&str]) -> (bool, String, String) {
     let out = Command::new(weir_bin())
         .current_dir(env!("CARGO_MANIFEST_DIR").to_string() + "/../..")
         .args(args)
@@ -35,7 +35,7 @@ fn weir(args: &[&str]) -> (bool, String, String) {
     (out.status.success(), String::from_utf8_lossy(&out.stdout).into(), String::from_utf8_lossy(&out.stderr).into())
 }
 
-fn sync(url: &str, lake: &str, extra: &[&str]) -> String {
+pub(crate) fn sync(url: &str, lake: &str, extra: &[&str]) -> String {
     let mut args = vec!["sync", "--pg", url, "--lake", lake];
     args.extend_from_slice(extra);
     let (ok, out, err) = weir(&args);
@@ -43,7 +43,7 @@ fn sync(url: &str, lake: &str, extra: &[&str]) -> String {
     out
 }
 
-async fn day(url: &str, d: u32, seed: u64, taxonomy_rate: f64) {
+pub(crate) async fn day(url: &str, d: u32, seed: u64, taxonomy_rate: f64) {
     let date = NaiveDate::from_ymd_opt(2026, 7, d).unwrap();
     weir_synth::apply_day(url, &weir_synth::DayOptions { date, seed, taxonomy_rate }).await.unwrap();
 }
@@ -67,7 +67,10 @@ fn fold_outcome(out: &str) -> String {
 }
 
 /// A generated marketplace backfilled by `weir backfill` (with its slot) into a local lake.
-async fn backfilled(scale: f64, seed: u64) -> (weir_testkit::PgCluster, String, tempfile::TempDir, String, Lake) {
+pub(crate) async fn backfilled(
+    scale: f64,
+    seed: u64,
+) -> (weir_testkit::PgCluster, String, tempfile::TempDir, String, Lake) {
     let (pg, url) = common::marketplace(scale, seed).await;
     let dir = tempfile::tempdir().unwrap();
     let lake_url = format!("file://{}", dir.path().display());

@@ -12,4 +12,5 @@ mod generator;
 mod interop;
 mod lakecheck;
 mod legacy;
+mod ml;
 mod services;

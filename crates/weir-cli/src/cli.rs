@@ -36,6 +36,10 @@ pub enum Command {
     Run(RunArgs),
     /// Run the jobs in tables/jobs over the lake: silver entities and gold marts, incrementally.
     Derive(DeriveArgs),
+    /// ML: the feature tables of tables/features (point-in-time versions), the Lance vector table and its index, the price rating.
+    Features(FeaturesArgs),
+    /// The listings nearest to one listing in the vector table, and its price rating.
+    Similar(SimilarArgs),
     /// Compare a mart in the lake with the legacy table in PostgreSQL: counts, checksums, first differences.
     Parity(ParityArgs),
     /// Serve every lake table and view over Arrow Flight SQL (ADBC, pyarrow, JDBC clients).
@@ -319,6 +323,60 @@ pub struct DeriveArgs {
     /// Parquet file target size in MiB.
     #[arg(long, default_value_t = 128)]
     pub target_file_mb: usize,
+    /// Accept an S3 bucket outside the EU.
+    #[arg(long)]
+    pub allow_non_eu: bool,
+}
+
+#[derive(Debug, Args)]
+pub struct FeaturesArgs {
+    /// Lake URI: file://path or s3://bucket/prefix (or WEIR_LAKE, or lake in weir.toml).
+    #[arg(long, env = "WEIR_LAKE")]
+    pub lake: Option<String>,
+    /// The instant the new feature versions are valid from, e.g. 2026-07-01T00:00:00Z
+    /// (default: when the newest bronze table was committed). Never before the last run's.
+    #[arg(long)]
+    pub as_of: Option<String>,
+    /// Recompute the features and rebuild the vector table (refits the embedding, retrains the index).
+    #[arg(long)]
+    pub full: bool,
+    /// Embedding dimension (a multiple of 8, 16 to 1024); changing it rebuilds the vector table.
+    #[arg(long, default_value_t = 32)]
+    pub dim: usize,
+    /// Neighbours the price rating compares a listing's price with.
+    #[arg(long, default_value_t = 10)]
+    pub rating_k: usize,
+    /// The entity jobs folder (default: tables/jobs when present, else the built-in copy).
+    #[arg(long)]
+    pub jobs_dir: Option<PathBuf>,
+    /// The feature jobs folder (default: tables/features when present, else the built-in copy).
+    #[arg(long)]
+    pub features_dir: Option<PathBuf>,
+    /// The sources file (default: tables/sources.toml when present, else the built-in copy).
+    #[arg(long)]
+    pub sources: Option<PathBuf>,
+    /// Accept an S3 bucket outside the EU.
+    #[arg(long)]
+    pub allow_non_eu: bool,
+}
+
+#[derive(Debug, Args)]
+pub struct SimilarArgs {
+    /// Lake URI: file://path or s3://bucket/prefix (or WEIR_LAKE, or lake in weir.toml).
+    #[arg(long, env = "WEIR_LAKE")]
+    pub lake: Option<String>,
+    /// The listing whose neighbours are wanted.
+    #[arg(long)]
+    pub listing: i64,
+    /// How many neighbours.
+    #[arg(short, long, default_value_t = 5)]
+    pub k: usize,
+    /// A filter on the neighbours, e.g. "country = 'DE' AND is_active".
+    #[arg(long)]
+    pub filter: Option<String>,
+    /// Exact search (a flat scan) instead of the index.
+    #[arg(long)]
+    pub exact: bool,
     /// Accept an S3 bucket outside the EU.
     #[arg(long)]
     pub allow_non_eu: bool,

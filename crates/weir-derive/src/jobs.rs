@@ -6,7 +6,8 @@
 //! --! layer = "silver"                      # silver (entities) or gold (marts)
 //! --! key = ["listing_id"]                  # one row per key
 //! --! sources = ["bronze.price_log", "silver.model"]
-//! --! materialize = "table"                 # or "view" (planned into its readers, not stored)
+//! --! materialize = "table"                 # or "view" (planned into its readers, not stored),
+//! --!                                       #   or "history" (versions with valid_from/valid_to)
 //! --! partition = ["make_id"]               # optional Delta partition columns
 //! --! per = "make"                          # optional: one output per make, ads_<slug>;
 //! --!                                       #   the SQL uses ${slug} (and may use ${make_id})
@@ -56,6 +57,10 @@ pub enum Materialize {
     #[default]
     Table,
     View,
+    /// A table of versions: every run compares the job's result with the open versions and
+    /// closes what changed or went (`valid_to` = the run's as-of) and opens new versions
+    /// (`valid_from` = the as-of). See [`crate::history`].
+    History,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
@@ -246,6 +251,13 @@ pub fn parse_job(file: &Path, text: &str) -> Result<Job, JobError> {
             "a view has no partitions and no per-make outputs",
         ));
     }
+    if h.materialize == Materialize::History && (!h.partition.is_empty() || h.per.is_some()) {
+        return Err(JobError::new(
+            file,
+            header_line("materialize"),
+            "a history job has no partitions and no per-make outputs",
+        ));
+    }
     if let Some(inc) = &h.incremental {
         let line = header_line("[incremental]");
         if h.materialize != Materialize::Table || h.per.is_some() || h.key.len() != 1 {
@@ -281,6 +293,11 @@ pub fn parse_job(file: &Path, text: &str) -> Result<Job, JobError> {
 /// Loads every `*.sql` under `dir`, checks sources against `bronze` (the source tables) and
 /// the other jobs, and orders the DAG. Cycles and unknown sources are errors naming the file.
 pub fn load_dir(dir: &Path, bronze: &[String]) -> Result<Jobs, JobError> {
+    order(parse_dir(dir)?, bronze)
+}
+
+/// Parses every `*.sql` under `dir`, without checking sources (see [`order`]).
+pub fn parse_dir(dir: &Path) -> Result<Vec<Job>, JobError> {
     let entries =
         std::fs::read_dir(dir).map_err(|e| JobError::new(dir, 0, format!("cannot read the jobs folder: {e}")))?;
     let mut files: Vec<PathBuf> = entries
@@ -296,7 +313,7 @@ pub fn load_dir(dir: &Path, bronze: &[String]) -> Result<Jobs, JobError> {
         let text = std::fs::read_to_string(f).map_err(|e| JobError::new(f, 0, format!("cannot read: {e}")))?;
         jobs.push(parse_job(f, &text)?);
     }
-    order(jobs, bronze)
+    Ok(jobs)
 }
 
 /// Loads jobs from (name, text) pairs, e.g. a copy built into the binary.

@@ -4,6 +4,7 @@
 
 pub mod aggregates;
 pub mod functions;
+pub mod history;
 pub mod incremental;
 pub mod jobs;
 pub mod parity;

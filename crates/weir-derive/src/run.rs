@@ -16,6 +16,7 @@ use futures::StreamExt;
 use serde_json::{Value, json};
 use weir_lake::Lake;
 
+use crate::history;
 use crate::incremental::{self, Attempt};
 use crate::jobs::{Job, Jobs, Materialize, Per};
 use crate::session::LakeSession;
@@ -64,6 +65,13 @@ pub enum JobOutcome {
         elapsed: Duration,
     },
     View,
+    /// A history job's new versions (see [`crate::history`]).
+    Versioned {
+        version: i64,
+        opened: u64,
+        closed: u64,
+        elapsed: Duration,
+    },
 }
 
 #[derive(Debug, Clone)]
@@ -182,7 +190,7 @@ pub async fn derive(
                     reason: "planned into its readers".into(),
                 });
             }
-            Materialize::Table => {
+            Materialize::Table | Materialize::History => {
                 let rel = out.replace('.', "/");
                 let table = weir_lake::open_table(lake, &rel).await?;
                 let stored = match weir_lake::last_commit_info(&table, &rel).await? {
@@ -260,6 +268,26 @@ pub async fn derive(
                     }
                 }
                 let df = plan(&session, u, opts.as_of_micros).await?;
+                let df = match (u.job.materialize, table.version()) {
+                    (Materialize::History, Some(_)) => {
+                        let r = history::apply(&session, u.job, &out, table, df, &recorded, opts.as_of_micros).await?;
+                        session.register_delta(lake, &out).await?;
+                        tokens.insert(out.clone(), format!("v{}", r.version));
+                        reports.push(JobReport {
+                            output: out,
+                            outcome: JobOutcome::Versioned {
+                                version: r.version,
+                                opened: r.opened,
+                                closed: r.closed,
+                                elapsed: t.elapsed(),
+                            },
+                            reason,
+                        });
+                        continue;
+                    }
+                    (Materialize::History, None) => history::opened(df, opts.as_of_micros)?,
+                    _ => df,
+                };
                 let (rows, files, bytes, version) = write(lake, table, &rel, u, df, &recorded, opts).await?;
                 session.register_delta(lake, &out).await?;
                 tokens.insert(out.clone(), format!("v{version}"));

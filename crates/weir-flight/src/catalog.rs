@@ -16,6 +16,8 @@ use weir_lake::Lake;
 use crate::ServeError;
 
 pub const LAYERS: [&str; 3] = ["bronze", "silver", "gold"];
+/// The schema of the Lance datasets (`vectors.listings`).
+pub const VECTORS: &str = "vectors";
 
 /// One table or view as listed by GetTables.
 #[derive(Debug, Clone)]
@@ -29,6 +31,8 @@ pub struct Entry {
 struct Snapshot {
     taken: Instant,
     tables: Vec<(String, String, DeltaTable, Arc<dyn TableProvider>)>,
+    /// Lance datasets under `vectors/`, by name (`listings`).
+    vectors: Vec<(String, Arc<dyn TableProvider>)>,
     /// Tables and planned views, shared by every query's session until the next refresh.
     catalog: Arc<dyn CatalogProvider>,
 }
@@ -50,6 +54,10 @@ impl std::fmt::Debug for Catalog {
 impl Catalog {
     pub fn new(lake: Lake, jobs: Jobs, refresh: Duration, memory_limit: usize) -> Self {
         Catalog { lake, jobs, refresh, memory_limit, snapshot: tokio::sync::Mutex::new(None) }
+    }
+
+    pub fn lake(&self) -> &Lake {
+        &self.lake
     }
 
     pub fn memory_limit(&self) -> usize {
@@ -79,8 +87,13 @@ impl Catalog {
                 tables.push((layer.to_string(), name, table, provider));
             }
         }
-        let catalog = self.build_catalog(&tables).await?;
-        let snap = Arc::new(Snapshot { taken: Instant::now(), tables, catalog });
+        let mut vectors: Vec<(String, Arc<dyn TableProvider>)> = Vec::new();
+        if let Some(ds) = weir_ml::vectors::open(&self.lake).await.map_err(|e| ServeError::Lake(e.to_string()))? {
+            let provider = lance::datafusion::LanceTableProvider::new(Arc::new(ds), false, false);
+            vectors.push(("listings".to_string(), Arc::new(provider)));
+        }
+        let catalog = self.build_catalog(&tables, &vectors).await?;
+        let snap = Arc::new(Snapshot { taken: Instant::now(), tables, vectors, catalog });
         *guard = Some(snap.clone());
         Ok(snap)
     }
@@ -90,8 +103,15 @@ impl Catalog {
     async fn build_catalog(
         &self,
         tables: &[(String, String, DeltaTable, Arc<dyn TableProvider>)],
+        vectors: &[(String, Arc<dyn TableProvider>)],
     ) -> Result<Arc<dyn CatalogProvider>, ServeError> {
         let ctx = weir_derive::session::session_context().map_err(|e| ServeError::Lake(e.to_string()))?;
+        if let Some(c) = ctx.catalog(weir_derive::session::CATALOG) {
+            c.register_schema(VECTORS, Arc::new(datafusion::catalog::MemorySchemaProvider::new()))?;
+        }
+        for (name, provider) in vectors {
+            ctx.register_table(format!("{VECTORS}.{name}").as_str(), provider.clone())?;
+        }
         for (layer, name, table, provider) in tables {
             table.update_datafusion_session(&ctx.state()).map_err(|e| ServeError::Lake(e.to_string()))?;
             ctx.register_table(format!("{layer}.{name}").as_str(), provider.clone())?;
@@ -131,6 +151,7 @@ impl Catalog {
         let ctx = weir_derive::session::session_context_limited(Some(self.memory_limit))
             .map_err(|e| ServeError::Lake(e.to_string()))?;
         ctx.register_catalog(weir_derive::session::CATALOG, snap.catalog.clone());
+        weir_ml::sql::register(&ctx, &self.lake);
         for (_, _, table, _) in &snap.tables {
             table.update_datafusion_session(&ctx.state()).map_err(|e| ServeError::Lake(e.to_string()))?;
         }
@@ -161,6 +182,14 @@ impl Catalog {
                     arrow_schema: provider.schema(),
                 });
             }
+        }
+        for (name, provider) in &snap.vectors {
+            out.push(Entry {
+                schema: VECTORS.to_string(),
+                name: name.clone(),
+                kind: "TABLE",
+                arrow_schema: provider.schema(),
+            });
         }
         // The views as planned into the snapshot's catalog (absent when their sources are).
         for job in self.jobs.ordered.iter().filter(|j| j.materialize == Materialize::View) {

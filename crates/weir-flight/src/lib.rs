@@ -3,6 +3,7 @@
 //! PostgreSQL-exact functions); gold marts also by their bare names (`ads_vw`).
 
 pub mod catalog;
+pub mod ml;
 pub mod service;
 
 use std::net::SocketAddr;

@@ -551,7 +551,21 @@ impl FlightSqlService for WeirFlightSql {
         message: Any,
     ) -> Result<Response<<Self as FlightService>::DoGetStream>, Status> {
         self.auth.check(request.metadata())?;
-        Err(Status::unimplemented(format!("unsupported ticket {}", message.type_url)))
+        match message.type_url.as_str() {
+            crate::ml::SIMILAR_LISTINGS => Ok(Response::new(crate::ml::similar(self.catalog.lake(), &message).await?)),
+            other => Err(Status::unimplemented(format!(
+                "unsupported ticket {other} (Weir's own: {})",
+                crate::ml::SIMILAR_LISTINGS
+            ))),
+        }
+    }
+
+    async fn do_exchange_fallback(
+        &self,
+        request: Request<Streaming<arrow_flight::FlightData>>,
+    ) -> Result<Response<<Self as FlightService>::DoExchangeStream>, Status> {
+        self.auth.check(request.metadata())?;
+        Ok(Response::new(crate::ml::exchange(self.catalog.lake(), request.into_inner()).await?))
     }
 
     async fn register_sql_info(&self, _id: i32, _result: &SqlInfo) {}

@@ -118,6 +118,24 @@ pub async fn commit_files(
     Ok(done.version() as i64)
 }
 
+/// A commit that changes no data and records `metadata` (e.g. the state a derived table is
+/// now known to be built from, after a run that found nothing to change).
+pub async fn commit_metadata(
+    table: &DeltaTable,
+    rel: &str,
+    metadata: HashMap<String, Value>,
+) -> Result<i64, DeltaError> {
+    let snapshot = table.snapshot().map_err(delta_err(rel))?;
+    let op = DeltaOperation::Write { mode: SaveMode::Append, partition_by: None, predicate: None };
+    let done = CommitBuilder::default()
+        .with_actions(vec![])
+        .with_app_metadata(metadata)
+        .build(Some(snapshot), table.log_store(), op)
+        .await
+        .map_err(|source| classify(rel, source))?;
+    Ok(done.version() as i64)
+}
+
 fn classify(rel: &str, source: deltalake::DeltaTableError) -> DeltaError {
     let text = source.to_string().to_lowercase();
     if text.contains("already exists")

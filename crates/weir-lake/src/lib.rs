@@ -6,7 +6,8 @@ pub mod doctor;
 pub mod store;
 
 pub use delta::{
-    DeltaError, KEEP_PREFIX, MergeStats, OP_COLUMN, commit_files, last_commit_info, merge_by_key, open_table,
+    DeltaError, KEEP_PREFIX, MergeStats, OP_COLUMN, commit_files, commit_metadata, last_commit_info, merge_by_key,
+    open_table,
 };
 pub use doctor::{Check, run_checks};
 pub use store::{Lake, LakeStoreError};

@@ -105,6 +105,17 @@ pub fn print_reports(reports: &[JobReport]) {
                     r.reason
                 );
             }
+            JobOutcome::Versioned { version, opened, closed, elapsed } => {
+                built += 1;
+                println!(
+                    "  {:width$}  versioned v{version}: {} versions opened, {} closed in {} — {}",
+                    r.output,
+                    thousands(*opened),
+                    thousands(*closed),
+                    secs(*elapsed),
+                    r.reason
+                );
+            }
             JobOutcome::UpToDate { version } => println!("  {:width$}  up to date (v{version})", r.output),
             JobOutcome::View => println!("  {:width$}  view ({})", r.output, r.reason),
         }

@@ -5,6 +5,7 @@ mod demo;
 pub mod derive;
 mod doctor;
 mod fdw;
+pub mod features;
 mod generate;
 mod legacy;
 mod parity;
@@ -30,6 +31,8 @@ pub async fn run(cli: Cli) -> Result<()> {
         Command::Run(a) => run::run(a, &cfg).await,
         Command::Sync(a) => sync::run(a, &cfg).await,
         Command::Derive(a) => derive::run(a, &cfg).await,
+        Command::Features(a) => features::run(a, &cfg).await,
+        Command::Similar(a) => features::similar(a, &cfg).await,
         Command::Parity(a) => parity::run(a, &cfg).await,
         Command::Serve(a) => serve::run(a, &cfg).await,
         Command::Fdw(FdwCmd::Install(a)) => fdw::install(a, &cfg).await,

@@ -1,0 +1,231 @@
+//! `materialize = "history"`: a job whose table keeps every version of each key, valid from
+//! one run's as-of to the next change, so any past state can be read back (point-in-time
+//! correct: a version is only ever visible from the instant the lake knew it).
+//!
+//! Each run compares the job's result with the open versions (`valid_to IS NULL`):
+//! - a key whose values differ, or that is new, gets a version `valid_from` = the as-of;
+//! - its previous open version is closed (`valid_to` = the as-of);
+//! - a key the result no longer has is closed;
+//! - a version opened at this very as-of (a rerun after a definition change) is replaced.
+//!
+//! All of it is one Delta MERGE on (key…, valid_from): a crash leaves the previous state.
+
+use std::sync::Arc;
+
+use arrow::array::{ArrayRef, RecordBatch};
+use arrow::datatypes::{DataType, Field, Schema, SchemaRef};
+use datafusion::dataframe::DataFrame;
+use deltalake::kernel::transaction::CommitProperties;
+use serde_json::{Value, json};
+
+use crate::jobs::Job;
+use crate::session::LakeSession;
+use crate::{DeriveError, df_err};
+
+pub const VALID_FROM: &str = "valid_from";
+pub const VALID_TO: &str = "valid_to";
+
+const CURRENT: &str = "__weir_current";
+const HISTORY: &str = "__weir_history";
+
+#[derive(Debug, Clone)]
+pub struct HistoryReport {
+    pub version: i64,
+    /// New versions (changed or new keys).
+    pub opened: u64,
+    /// Versions closed because their key changed or went.
+    pub closed: u64,
+}
+
+/// The SQL literal of an as-of instant, typed like the job's `${as_of}`.
+fn as_of_literal(as_of_micros: i64) -> String {
+    format!("(to_timestamp_micros({as_of_micros}) AT TIME ZONE 'UTC')")
+}
+
+fn quoted(c: &str) -> String {
+    format!("\"{}\"", c.replace('"', "\"\""))
+}
+
+/// The first build: every row of the result opens a version at the as-of.
+pub(crate) fn opened(df: DataFrame, as_of_micros: i64) -> Result<DataFrame, DeriveError> {
+    use datafusion::prelude::{Expr, col, lit, when};
+    let at = Expr::Literal(
+        datafusion::scalar::ScalarValue::TimestampMicrosecond(Some(as_of_micros), Some("UTC".into())),
+        None,
+    );
+    let never = when(lit(false), at.clone()).end().map_err(df_err("a history table"))?;
+    let mut exprs: Vec<Expr> =
+        df.schema().fields().iter().map(|f| col(datafusion::common::Column::from_name(f.name()))).collect();
+    exprs.push(at.alias(VALID_FROM));
+    exprs.push(never.alias(VALID_TO));
+    df.select(exprs).map_err(df_err("a history table"))
+}
+
+/// Applies one run's result to an existing history table (see the module docs).
+#[allow(clippy::too_many_arguments)]
+pub(crate) async fn apply(
+    session: &LakeSession,
+    job: &Job,
+    out: &str,
+    table: deltalake::DeltaTable,
+    current: DataFrame,
+    recorded: &Value,
+    as_of_micros: i64,
+) -> Result<HistoryReport, DeriveError> {
+    let werr = |m: String| DeriveError::Write { table: out.to_string(), message: m };
+    let cols: Vec<String> = current.schema().fields().iter().map(|f| f.name().clone()).collect();
+    for k in &job.key {
+        if !cols.contains(k) {
+            return Err(werr(format!("the job's result has no key column {k}")));
+        }
+    }
+    let target: SchemaRef = table.snapshot().map_err(|e| werr(e.to_string()))?.snapshot().arrow_schema();
+    for c in &cols {
+        if target.field_with_name(c).is_err() {
+            return Err(werr(format!(
+                "the job now returns column {c}, which the history table does not have: a history keeps its columns (drop the table to start a new history)"
+            )));
+        }
+    }
+    let ctx = &session.ctx;
+    let _ = ctx.deregister_table(CURRENT);
+    let _ = ctx.deregister_table(HISTORY);
+    ctx.register_table(CURRENT, current.into_view()).map_err(df_err("a history table"))?;
+    table.update_datafusion_session(&ctx.state()).map_err(|e| werr(e.to_string()))?;
+    ctx.register_table(HISTORY, table.table_provider().await.map_err(df_err(format!("reading {out}")))?)
+        .map_err(df_err("a history table"))?;
+    let result = run(ctx, job, out, &cols, &target, as_of_micros).await;
+    let _ = ctx.deregister_table(CURRENT);
+    let _ = ctx.deregister_table(HISTORY);
+    let (source, opened, closed) = result?;
+    let summary = json!({ "opened": opened, "closed": closed, "as_of_micros": as_of_micros });
+    let metadata = [
+        (crate::run::STATE_KEY.to_string(), Value::String(recorded.to_string())),
+        ("weir.derive.key".to_string(), json!(job.key)),
+        ("weir.derive.history".to_string(), summary),
+    ];
+    let rel = out.replace('.', "/");
+    if source.num_rows() == 0 {
+        // Nothing changed: record that the table is built from these inputs.
+        let version = weir_lake::commit_metadata(&table, &rel, metadata.into_iter().collect()).await?;
+        return Ok(HistoryReport { version, opened, closed });
+    }
+    let props = CommitProperties::default().with_metadata(metadata);
+    let mut on = job.key.clone();
+    on.push(VALID_FROM.to_string());
+    let (table, _) = weir_lake::merge_by_key(table, &rel, source, &on, crate::run::writer_properties(), props).await?;
+    Ok(HistoryReport { version: table.version().map_or(0, |v| v as i64), opened, closed })
+}
+
+async fn run(
+    ctx: &datafusion::prelude::SessionContext,
+    job: &Job,
+    out: &str,
+    cols: &[String],
+    target: &SchemaRef,
+    as_of_micros: i64,
+) -> Result<(RecordBatch, u64, u64), DeriveError> {
+    let werr = |m: String| DeriveError::Write { table: out.to_string(), message: m };
+    let at = as_of_literal(as_of_micros);
+    let newest = ctx
+        .sql(&format!("SELECT CAST(max({VALID_FROM}) AS BIGINT) AS m FROM {HISTORY}"))
+        .await
+        .map_err(df_err(format!("reading {out}")))?
+        .collect()
+        .await
+        .map_err(df_err(format!("reading {out}")))?;
+    let newest = newest
+        .first()
+        .and_then(|b| b.column(0).as_any().downcast_ref::<arrow::array::Int64Array>().and_then(|a| a.iter().next()))
+        .flatten();
+    if let Some(n) = newest.filter(|n| *n > as_of_micros) {
+        return Err(werr(format!(
+            "the as-of {} is before the history's newest version ({}): a history only moves forward",
+            micros_text(as_of_micros),
+            micros_text(n)
+        )));
+    }
+    let list = cols.iter().map(|c| quoted(c)).collect::<Vec<_>>().join(", ");
+    let o_list = cols.iter().map(|c| format!("o.{}", quoted(c))).collect::<Vec<_>>().join(", ");
+    let keys = job.key.iter().map(|c| quoted(c)).collect::<Vec<_>>().join(", ");
+    let on = |a: &str, b: &str| {
+        job.key.iter().map(|k| format!("{a}.{} = {b}.{}", quoted(k), quoted(k))).collect::<Vec<_>>().join(" AND ")
+    };
+    let null_key = job.key.iter().map(|k| format!("{} IS NULL", quoted(k))).collect::<Vec<_>>().join(" OR ");
+    let nulls = ctx
+        .sql(&format!("SELECT count(*) FROM {CURRENT} WHERE {null_key}"))
+        .await
+        .map_err(df_err(format!("checking {out}'s keys")))?
+        .collect()
+        .await
+        .map_err(df_err(format!("checking {out}'s keys")))?;
+    let null_count = nulls
+        .first()
+        .and_then(|b| b.column(0).as_any().downcast_ref::<arrow::array::Int64Array>().map(|a| a.value(0)))
+        .unwrap_or(0);
+    if null_count > 0 {
+        return Err(werr(format!(
+            "{null_count} rows of the job's result have a NULL key ({}): a history needs a key on every row",
+            job.key.join(", ")
+        )));
+    }
+    let sql = format!(
+        "WITH open AS (SELECT * FROM {HISTORY} WHERE {VALID_TO} IS NULL),
+         fresh AS (SELECT {list} FROM {CURRENT} EXCEPT SELECT {list} FROM open),
+         gone AS (SELECT {keys} FROM open EXCEPT SELECT {keys} FROM {CURRENT}),
+         touched AS (SELECT {keys} FROM fresh UNION SELECT {keys} FROM gone)
+         SELECT {list}, {at} AS {VALID_FROM}, CASE WHEN false THEN {at} END AS {VALID_TO}, 'U' AS {op} FROM fresh
+         UNION ALL
+         SELECT {o_list}, o.{VALID_FROM}, {at} AS {VALID_TO}, 'U' AS {op}
+         FROM open o JOIN touched t ON {on_t} WHERE o.{VALID_FROM} < {at}
+         UNION ALL
+         SELECT {o_list}, o.{VALID_FROM}, o.{VALID_TO}, 'D' AS {op}
+         FROM open o JOIN gone g ON {on_g} WHERE o.{VALID_FROM} = {at}",
+        op = weir_lake::OP_COLUMN,
+        on_t = on("o", "t"),
+        on_g = on("o", "g"),
+    );
+    let batches = ctx
+        .sql(&sql)
+        .await
+        .map_err(df_err(format!("comparing {} with its open versions", job.file.display())))?
+        .collect()
+        .await
+        .map_err(df_err(format!("comparing {} with its open versions", job.file.display())))?;
+    // The merge source: the table's columns, in its order and types, plus the operation.
+    let mut fields: Vec<Field> =
+        target.fields().iter().map(|f| Field::new(f.name(), f.data_type().clone(), true)).collect();
+    fields.push(Field::new(weir_lake::OP_COLUMN, DataType::Utf8, false));
+    let schema = Arc::new(Schema::new(fields));
+    let mut parts = Vec::new();
+    let (mut opened, mut closed) = (0u64, 0u64);
+    for b in &batches {
+        let mut columns: Vec<ArrayRef> = Vec::new();
+        for f in schema.fields() {
+            let c = b.column_by_name(f.name()).ok_or_else(|| werr(format!("no column {} in the result", f.name())))?;
+            columns.push(if c.data_type() == f.data_type() {
+                c.clone()
+            } else {
+                arrow::compute::cast(c, f.data_type()).map_err(|e| werr(e.to_string()))?
+            });
+        }
+        let batch = RecordBatch::try_new(schema.clone(), columns).map_err(|e| werr(e.to_string()))?;
+        let ops = batch.column(schema.fields().len() - 1).as_any().downcast_ref::<arrow::array::StringArray>();
+        if let (Some(ops), Some(to)) = (ops, batch.column_by_name(VALID_TO)) {
+            for (i, op) in ops.iter().enumerate() {
+                match (op, to.is_null(i)) {
+                    (Some("U"), true) => opened += 1,
+                    (Some("U"), false) => closed += 1,
+                    _ => {}
+                }
+            }
+        }
+        parts.push(batch);
+    }
+    let source = arrow::compute::concat_batches(&schema, &parts).map_err(|e| werr(e.to_string()))?;
+    Ok((source, opened, closed))
+}
+
+fn micros_text(us: i64) -> String {
+    chrono::DateTime::from_timestamp_micros(us).map_or_else(|| us.to_string(), |t| t.to_rfc3339())
+}

@@ -90,6 +90,20 @@ enum Bench {
         #[arg(long)]
         make: Option<String>,
     },
+    /// ML: ANN search (IVF_PQ) queries/s and recall@10 vs exact brute-force search over the
+    /// vector table; point-in-time retrieval of --pit-rows (listing, timestamp) rows; the
+    /// incremental vector refresh after one generated day vs a full rebuild.
+    Ml {
+        #[arg(long, default_value_t = 10.0)]
+        scale: f64,
+        /// ANN queries timed (exact search runs on the first --exact of them).
+        #[arg(long, default_value_t = 1000)]
+        queries: usize,
+        #[arg(long, default_value_t = 100)]
+        exact: usize,
+        #[arg(long, default_value_t = 100_000)]
+        pit_rows: usize,
+    },
     /// One SQL statement over an existing lake's tables (bronze.*, silver.*, gold.*), timed,
     /// with EXPLAIN ANALYZE: for trying a job's SQL before changing it.
     Query {
@@ -115,6 +129,7 @@ fn main() -> Result<()> {
         Bench::Serve { scale, make, runs, lookups } => rt.block_on(serve(scale, &make, runs, lookups)),
         Bench::Cdc { scale, runs } => rt.block_on(cdc(scale, runs)),
         Bench::Lag { scale, seconds, rate, make } => rt.block_on(lag(scale, seconds, rate, make)),
+        Bench::Ml { scale, queries, exact, pit_rows } => rt.block_on(ml(scale, queries, exact, pit_rows)),
         Bench::Query { lake_dir, sql, runs, explain } => rt.block_on(query(&lake_dir, &sql, runs, explain)),
     }
 }
@@ -870,5 +885,153 @@ async fn serve(scale: f64, make: &str, runs: u32, lookups: u32) -> Result<()> {
             pct(&mut lat, 0.95)
         );
     }
+    Ok(())
+}
+
+/// The entity jobs plus tables/features, as `weir features` loads them.
+fn feature_jobs(bronze: &[String]) -> Result<weir_derive::Jobs> {
+    let mut all = weir_derive::jobs::parse_dir(Path::new("tables/jobs"))?;
+    all.extend(weir_derive::jobs::parse_dir(Path::new("tables/features"))?);
+    Ok(weir_derive::jobs::order(all, bronze)?)
+}
+
+async fn features_at(
+    lake: &weir_lake::Lake,
+    jobs: &weir_derive::Jobs,
+    bronze: &[String],
+    as_of: chrono::DateTime<chrono::Utc>,
+) -> Result<f64> {
+    let t = Instant::now();
+    let opts = weir_derive::DeriveOptions { job: None, ..all_options(as_of, false) };
+    for r in weir_ml::build_features(lake, jobs, bronze, &opts, |_| {}).await? {
+        let took = match r.outcome {
+            weir_derive::JobOutcome::Built { elapsed, .. }
+            | weir_derive::JobOutcome::Incremental { elapsed, .. }
+            | weir_derive::JobOutcome::Versioned { elapsed, .. } => elapsed,
+            _ => continue,
+        };
+        println!("  {}: {:.3} s", r.output, took.as_secs_f64());
+    }
+    Ok(t.elapsed().as_secs_f64())
+}
+
+fn phases(r: &weir_ml::vectors::RefreshReport) -> String {
+    r.phases.iter().map(|(n, d)| format!("{n} {:.2} s", d.as_secs_f64())).collect::<Vec<_>>().join(", ")
+}
+
+async fn ml(scale: f64, queries: usize, exact: usize, pit_rows: usize) -> Result<()> {
+    use weir_ml::search::{Query, SimilarRequest};
+    let Landed { pg: _pg, db, lake, lake_dir: _, sources, bronze, jobs: _, as_of } = landed(scale, None, true).await?;
+    let jobs = feature_jobs(&bronze)?;
+    let secs = features_at(&lake, &jobs, &bronze, as_of).await?;
+    println!("feature jobs (entities, gold.listing_features, gold.segment_price), first build: {secs:.3} s");
+    let opts = weir_ml::vectors::RefreshOptions::default();
+    let t = Instant::now();
+    let full0 = weir_ml::vectors::refresh(&lake, &opts).await?;
+    println!("vector table, first build: {:.3} s ({} rows; {})", t.elapsed().as_secs_f64(), full0.rows, phases(&full0));
+
+    // ANN vs exact.
+    let ds = weir_ml::vectors::open(&lake).await?.context("the vector table")?;
+    let ids: Vec<i64> = {
+        let mut scan = ds.scan();
+        scan.project(&["listing_id"])?;
+        let b = scan.try_into_batch().await?;
+        let a = b.column(0).as_any().downcast_ref::<arrow::array::Int64Array>().context("listing_id")?;
+        a.values().to_vec()
+    };
+    let step = (ids.len() / queries.max(1)).max(1);
+    let probes: Vec<i64> = ids.iter().step_by(step).take(queries).copied().collect();
+    let req = |id, exact| SimilarRequest { query: Query::Listing(id), k: 10, filter: None, columns: vec![], exact };
+    let ids_of = |b: &arrow::array::RecordBatch| -> Vec<i64> {
+        b.column(0).as_any().downcast_ref::<arrow::array::Int64Array>().map(|a| a.values().to_vec()).unwrap_or_default()
+    };
+    let mut approx = Vec::new();
+    let t = Instant::now();
+    for &id in &probes {
+        approx.push(ids_of(&weir_ml::search::similar(&ds, &req(id, false)).await?));
+    }
+    let ann_qps = probes.len() as f64 / t.elapsed().as_secs_f64();
+    let t = Instant::now();
+    let mut hits = 0usize;
+    let n_exact = exact.min(probes.len());
+    for (i, &id) in probes.iter().take(n_exact).enumerate() {
+        let truth = ids_of(&weir_ml::search::similar(&ds, &req(id, true)).await?);
+        hits += approx[i].iter().filter(|x| truth.contains(x)).count();
+    }
+    let exact_qps = n_exact as f64 / t.elapsed().as_secs_f64();
+    let recall = hits as f64 / (10 * n_exact) as f64;
+
+    // Point in time: a day later there are two versions of the changed listings.
+    let date = (as_of + chrono::Duration::days(1)).date_naive();
+    let day = weir_synth::apply_day(&db, &weir_synth::DayOptions { date, seed: 901, taxonomy_rate: 0.0 }).await?;
+    let sync_opts = weir_ingest::SyncOptions::new(weir_ingest::default_slot_name(lake.url().as_str()));
+    let stop = std::sync::atomic::AtomicBool::new(false);
+    let t = Instant::now();
+    let synced = weir_ingest::sync(&db, &lake, &sources.tables, &sync_opts, &stop, |_| {}).await?;
+    println!(
+        "day {date}: {} new listings, {} updated, {} price rows; weir sync {:.3} s ({} changes)",
+        day.new_listings,
+        day.updated,
+        day.price_rows,
+        t.elapsed().as_secs_f64(),
+        synced.changes
+    );
+    let next = as_of + chrono::Duration::days(1);
+    let secs = features_at(&lake, &jobs, &bronze, next).await?;
+    println!("feature jobs after the day (incremental fold, new versions only): {secs:.3} s");
+    let t = Instant::now();
+    let inc = weir_ml::vectors::refresh(&lake, &opts).await?;
+    let inc_s = t.elapsed().as_secs_f64();
+    println!("vector refresh after the day: {inc_s:.3} s — {} ({}); index {}", inc.mode, phases(&inc), inc.index);
+    let t = Instant::now();
+    let full =
+        weir_ml::vectors::refresh(&lake, &weir_ml::vectors::RefreshOptions { full: true, ..opts.clone() }).await?;
+    let full_s = t.elapsed().as_secs_f64();
+    println!("vector full rebuild: {full_s:.3} s ({})", phases(&full));
+
+    let start = as_of.timestamp_micros() - 86_400_000_000;
+    let span = 3 * 86_400_000_000i64;
+    let mut rng = 0x2545_f491_4f6c_dd1du64;
+    let mut next_u64 = || {
+        rng ^= rng << 13;
+        rng ^= rng >> 7;
+        rng ^= rng << 17;
+        rng
+    };
+    let (mut rid, mut rts) = (Vec::with_capacity(pit_rows), Vec::with_capacity(pit_rows));
+    for _ in 0..pit_rows {
+        rid.push(ids[(next_u64() % ids.len() as u64) as usize]);
+        rts.push(start + (next_u64() % span as u64) as i64);
+    }
+    let request = arrow::array::RecordBatch::try_from_iter(vec![
+        ("listing_id", Arc::new(arrow::array::Int64Array::from(rid)) as arrow::array::ArrayRef),
+        ("ts", Arc::new(arrow::array::TimestampMicrosecondArray::from(rts).with_timezone("UTC"))),
+    ])?;
+    let t = Instant::now();
+    let store = weir_ml::pit::FeatureStore::open(&lake).await?;
+    let open_s = t.elapsed().as_secs_f64();
+    let mut pit = f64::MAX;
+    let mut found = 0;
+    for _ in 0..3 {
+        let t = Instant::now();
+        let out = store.retrieve(&request).await?;
+        pit = pit.min(t.elapsed().as_secs_f64());
+        found = out.num_rows() - out.column_by_name("feature_valid_from").map_or(0, |c| c.null_count());
+    }
+    println!();
+    println!("ML at SF {scale} ({} listings in the vector table, dim {}):", inc.rows, opts.dim);
+    println!(
+        "  ANN (IVF_PQ, nprobes {}, refine {}): {ann_qps:.0} queries/s; exact flat search {exact_qps:.1} queries/s → {:.1}x; recall@10 {recall:.3} over {n_exact} queries",
+        weir_ml::search::NPROBES,
+        weir_ml::search::REFINE,
+        ann_qps / exact_qps
+    );
+    println!(
+        "  point-in-time retrieval of {pit_rows} (listing, ts) rows: {pit:.3} s (best of 3; opening the tables {open_s:.3} s); {found} rows had a version"
+    );
+    println!(
+        "  vector refresh after one day: incremental {inc_s:.3} s vs full rebuild {full_s:.3} s → {:.1} %",
+        100.0 * inc_s / full_s
+    );
     Ok(())
 }

@@ -20,7 +20,9 @@ SELECT l.listing_id,
        l.power_kw,
        p.price_last_eur,
        ln(CAST(p.price_last_eur AS DOUBLE)) AS log_price,
-       CASE WHEN l.mileage_km > 0 THEN CAST(p.price_last_eur AS DOUBLE) * 1000.0 / l.mileage_km END AS price_per_1000km,
+       -- float arithmetic (a literal like 1000.0 would be numeric, and its division PostgreSQL's)
+       CASE WHEN l.mileage_km > 0
+            THEN CAST(p.price_last_eur AS DOUBLE) * 1000 / CAST(l.mileage_km AS DOUBLE) END AS price_per_1000km,
        CAST(coalesce(p.price_rows - 1, 0) AS INT) AS price_changes,
        -- the mart's formula: PostgreSQL numeric division, half away from zero
        fit_numeric(CASE WHEN p.price_first_eur > 0

@@ -344,6 +344,7 @@ async fn run_loop_survives_postgres_and_s3_restarts() {
     let mut child = Command::new(weir_bin())
         .current_dir(env!("CARGO_MANIFEST_DIR").to_string() + "/../..")
         .args(["run", "--pg", &url, "--lake", lake_url, "--addr", "127.0.0.1:0", "--poll-ms", "200", "--make", "vw"])
+        .arg("--features")
         .args(["--status-addr", &format!("127.0.0.1:{port}")])
         .envs(env)
         .stdout(Stdio::null())
@@ -358,6 +359,8 @@ async fn run_loop_survives_postgres_and_s3_restarts() {
     assert!(h["freshness_lag_ms"].as_f64().is_some(), "{h}");
     assert_lake_equals_postgres(&url, &lake, "after the first day under weir run").await;
     assert!(weir_lake::open_table(&lake, "gold/ads_vw").await.unwrap().version().is_some(), "the marts are derived");
+    wait_for(port, "the first feature run", |h| h["feature_runs"].as_u64() >= Some(1)).await;
+    assert_vectors_follow(&url, &lake, "after the first day under weir run --features").await;
 
     // PostgreSQL goes away and comes back: the loop retries, then carries on.
     let _pg = tokio::task::spawn_blocking(move || {
@@ -383,6 +386,8 @@ async fn run_loop_survives_postgres_and_s3_restarts() {
     let server = S3Server::start(config).await.unwrap();
     wait_for(port, "the third day", |h| h["derives"].as_u64() >= Some(3) && h["status"] == "ok").await;
     assert_lake_equals_postgres(&url, &lake, "after an S3 restart under weir run").await;
+    wait_for(port, "the third feature run", |h| h["feature_runs"].as_u64() >= Some(3) && h["status"] == "ok").await;
+    assert_vectors_follow(&url, &lake, "after an S3 restart under weir run --features").await;
 
     // SIGTERM: the batch in hand finishes, the process exits 0.
     let pid = child.id().to_string();
@@ -400,6 +405,24 @@ async fn run_loop_survives_postgres_and_s3_restarts() {
     assert!(status.success(), "{stderr}");
     assert!(stderr.contains("retrying") && stderr.contains("weir run: stopped"), "{stderr}");
     server.stop().await;
+}
+
+/// The vector table (Lance, here on the S3 server) holds exactly PostgreSQL's listings.
+async fn assert_vectors_follow(url: &str, lake: &Lake, when: &str) {
+    use futures::TryStreamExt;
+    let ds = weir_ml::vectors::open(lake).await.unwrap().unwrap_or_else(|| panic!("{when}: no vector table"));
+    let mut scan = ds.scan();
+    scan.project(&["listing_id"]).unwrap();
+    let batches: Vec<arrow::array::RecordBatch> = scan.try_into_stream().await.unwrap().try_collect().await.unwrap();
+    let mut got: Vec<i64> = batches
+        .iter()
+        .flat_map(|b| b.column(0).as_any().downcast_ref::<arrow::array::Int64Array>().unwrap().values().to_vec())
+        .collect();
+    got.sort_unstable();
+    let c = common::client(url).await;
+    let want: Vec<i64> =
+        c.query("SELECT listing_id FROM listings ORDER BY 1", &[]).await.unwrap().iter().map(|r| r.get(0)).collect();
+    assert_eq!(got, want, "{when}: the vector table's listings");
 }
 
 /// `weir sync --follow` keeps applying until SIGTERM, then exits 0 after the batch in hand.

@@ -1,6 +1,6 @@
 //! `weir features`: point-in-time feature versions across generated days, the Lance vector
-//! table in step with the entities, ANN recall against exact search, and the ML reads from
-//! PyPI clients (pylance, pyarrow.flight, ADBC).
+//! table in step with the entities (also after SIGKILLs), ANN recall against exact search,
+//! and the ML reads from PyPI clients (pylance, pyarrow.flight, ADBC).
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::process::Command;
@@ -69,6 +69,35 @@ async fn pg_listing_ids(url: &str) -> BTreeSet<i64> {
     c.query("SELECT listing_id FROM listings", &[]).await.unwrap().iter().map(|r| r.get(0)).collect()
 }
 
+/// `weir features` SIGKILLed at random points, several times: what the next run finds must
+/// be a state it completes (the checks after the final run prove it).
+fn kill_features_at_random_points(lake_url: &str, as_of: &str) {
+    let mut seed = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap().as_nanos() as u64;
+    let mut kills = 0;
+    for _ in 0..4 {
+        seed = seed.wrapping_mul(6_364_136_223_846_793_005).wrapping_add(1_442_695_040_888_963_407);
+        let delay = std::time::Duration::from_millis(100 + (seed >> 33) % 2500);
+        let mut child = Command::new(common::weir_bin())
+            .current_dir(env!("CARGO_MANIFEST_DIR").to_string() + "/../..")
+            .args(["features", "--lake", lake_url, "--as-of", as_of])
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::null())
+            .spawn()
+            .unwrap();
+        let started = std::time::Instant::now();
+        while started.elapsed() < delay && child.try_wait().unwrap().is_none() {
+            std::thread::sleep(std::time::Duration::from_millis(10));
+        }
+        if child.try_wait().unwrap().is_none() {
+            child.kill().unwrap();
+            kills += 1;
+        }
+        let status = child.wait().unwrap();
+        eprintln!("weir features after {delay:?}: {status}");
+    }
+    assert!(kills > 0, "no run was killed: the kill points are too late");
+}
+
 fn plus_hour(ts: &str) -> String {
     (weir_core::parse_timestamp(ts).unwrap() + chrono::Duration::hours(1)).to_rfc3339()
 }
@@ -98,13 +127,18 @@ async fn features_are_point_in_time_and_vectors_follow_the_entities() {
             }
             sync(&url, &lake_url, &[]);
         }
+        if i == 2 {
+            kill_features_at_random_points(&lake_url, as_of);
+        }
         let (ok, out, err) = weir(&["features", "--lake", &lake_url, "--as-of", as_of]);
         assert!(ok, "features as of {as_of}:\n{out}\n{err}");
         let vectors = out.lines().find(|l| l.contains("vectors/listings.lance")).unwrap_or_default().to_string();
         if i == 0 {
             assert!(vectors.contains("full (first build)") && vectors.contains("index trained"), "{out}");
         } else {
-            assert!(vectors.contains("incremental ("), "a day is an incremental refresh: {out}");
+            // (After the kills, a killed run may have finished the refresh already.)
+            let done = i == 2 && vectors.contains("up to date");
+            assert!(vectors.contains("incremental (") || done, "a day is an incremental refresh: {out}");
         }
         assert_eq!(vector_ids(&lake).await, pg_listing_ids(&url).await, "run {i}: the vector table's listings");
         snapshots.push(legacy_vw(&url, as_of).await);
@@ -210,7 +244,7 @@ async fn features_are_point_in_time_and_vectors_follow_the_entities() {
     let py: Value = serde_json::from_str(stdout.lines().last().unwrap_or_default()).unwrap();
     assert_eq!(py["pylance_rows"], all.len(), "{py}");
     assert_eq!(py["pylance_id_sum"], all.iter().sum::<i64>(), "{py}");
-    assert_eq!(py["pylance_indices"], serde_json::json!([weir_ml::vectors::INDEX_NAME]), "{py}");
+    assert_eq!(py["pylance_indices"], serde_json::json!([weir_ml::vectors::INDEX_NAME, weir_ml::vectors::KEY_INDEX]), "{py}");
     let near = weir_ml::search::similar(
         &ds,
         &SimilarRequest { query: Query::Listing(probe), k: 5, filter: None, columns: vec![], exact: false },

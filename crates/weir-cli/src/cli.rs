@@ -248,6 +248,10 @@ pub struct RunArgs {
     /// Keep only this make's mart fresh (default: every make's).
     #[arg(long)]
     pub make: Option<String>,
+    /// Also keep the ML layer fresh after each change: the feature versions and the vector
+    /// table (as `weir features` with its defaults).
+    #[arg(long)]
+    pub features: bool,
     /// The replication slot the backfill created (default: weir_<hash of the lake URL>).
     #[arg(long)]
     pub slot: Option<String>,

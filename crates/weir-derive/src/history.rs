@@ -27,6 +27,7 @@ pub const VALID_TO: &str = "valid_to";
 
 const CURRENT: &str = "__weir_current";
 const HISTORY: &str = "__weir_history";
+const DIFF: &str = "__weir_history_diff";
 
 #[derive(Debug, Clone)]
 pub struct HistoryReport {
@@ -145,53 +146,46 @@ async fn run(
             micros_text(n)
         )));
     }
-    let list = cols.iter().map(|c| quoted(c)).collect::<Vec<_>>().join(", ");
-    let o_list = cols.iter().map(|c| format!("o.{}", quoted(c))).collect::<Vec<_>>().join(", ");
-    let keys = job.key.iter().map(|c| quoted(c)).collect::<Vec<_>>().join(", ");
-    let on = |a: &str, b: &str| {
-        job.key.iter().map(|k| format!("{a}.{} = {b}.{}", quoted(k), quoted(k))).collect::<Vec<_>>().join(" AND ")
-    };
-    let null_key = job.key.iter().map(|k| format!("{} IS NULL", quoted(k))).collect::<Vec<_>>().join(" OR ");
-    let nulls = ctx
-        .sql(&format!("SELECT count(*) FROM {CURRENT} WHERE {null_key}"))
-        .await
-        .map_err(df_err(format!("checking {out}'s keys")))?
-        .collect()
-        .await
-        .map_err(df_err(format!("checking {out}'s keys")))?;
-    let null_count = nulls
-        .first()
-        .and_then(|b| b.column(0).as_any().downcast_ref::<arrow::array::Int64Array>().map(|a| a.value(0)))
-        .unwrap_or(0);
-    if null_count > 0 {
-        return Err(werr(format!(
-            "{null_count} rows of the job's result have a NULL key ({}): a history needs a key on every row",
-            job.key.join(", ")
-        )));
-    }
-    let sql = format!(
-        "WITH open AS (SELECT * FROM {HISTORY} WHERE {VALID_TO} IS NULL),
-         fresh AS (SELECT {list} FROM {CURRENT} EXCEPT SELECT {list} FROM open),
-         gone AS (SELECT {keys} FROM open EXCEPT SELECT {keys} FROM {CURRENT}),
-         touched AS (SELECT {keys} FROM fresh UNION SELECT {keys} FROM gone)
-         SELECT {list}, {at} AS {VALID_FROM}, CASE WHEN false THEN {at} END AS {VALID_TO}, 'U' AS {op} FROM fresh
-         UNION ALL
-         SELECT {o_list}, o.{VALID_FROM}, {at} AS {VALID_TO}, 'U' AS {op}
-         FROM open o JOIN touched t ON {on_t} WHERE o.{VALID_FROM} < {at}
-         UNION ALL
-         SELECT {o_list}, o.{VALID_FROM}, o.{VALID_TO}, 'D' AS {op}
-         FROM open o JOIN gone g ON {on_g} WHERE o.{VALID_FROM} = {at}",
-        op = weir_lake::OP_COLUMN,
-        on_t = on("o", "t"),
-        on_g = on("o", "g"),
+    // One pass: the job's result against the open versions, by key; only keys whose
+    // values differ (or that exist on one side only) come back, and are few.
+    let on = job.key.iter().map(|k| format!("c.{q} = o.{q}", q = quoted(k))).collect::<Vec<_>>().join(" AND ");
+    let differs = cols.iter().map(|c| format!("(c.{q} IS DISTINCT FROM o.{q})", q = quoted(c))).collect::<Vec<_>>();
+    let side =
+        |p: &'static str| cols.iter().map(move |c| format!("{p}.{} AS {}", quoted(c), quoted(&format!("{p}__{c}"))));
+    let diff_cols: Vec<String> = side("c")
+        .chain(side("o"))
+        .chain([
+            format!("o.{VALID_FROM} AS o__{VALID_FROM}"),
+            format!("o.{VALID_TO} AS o__{VALID_TO}"),
+            "c.__weir_c AS c__present".to_string(),
+            "o.__weir_o AS o__present".to_string(),
+        ])
+        .collect();
+    let diff_sql = format!(
+        "SELECT {diff_cols}
+         FROM (SELECT *, true AS __weir_c FROM {CURRENT}) c
+         FULL OUTER JOIN (SELECT *, true AS __weir_o FROM {HISTORY} WHERE {VALID_TO} IS NULL) o ON {on}
+         WHERE (c.__weir_c IS NULL) OR (o.__weir_o IS NULL) OR {differs}",
+        diff_cols = diff_cols.join(", "),
+        differs = differs.join(" OR "),
     );
-    let batches = ctx
-        .sql(&sql)
-        .await
-        .map_err(df_err(format!("comparing {} with its open versions", job.file.display())))?
-        .collect()
-        .await
-        .map_err(df_err(format!("comparing {} with its open versions", job.file.display())))?;
+    let context = format!("comparing {} with its open versions", job.file.display());
+    let diff = ctx.sql(&diff_sql).await.map_err(df_err(&context))?.collect().await.map_err(df_err(&context))?;
+    let Some(diff_schema) = diff.first().map(|b| b.schema()) else {
+        return Err(werr("the comparison returned no batch".into()));
+    };
+    let _ = ctx.deregister_table(DIFF);
+    let mem = datafusion::catalog::MemTable::try_new(diff_schema, vec![diff]).map_err(df_err(&context))?;
+    ctx.register_table(DIFF, Arc::new(mem)).map_err(df_err(&context))?;
+    let result = versions(ctx, job, cols, &at, &context).await;
+    let _ = ctx.deregister_table(DIFF);
+    let batches = result.map_err(|e| match e {
+        Versions::NullKeys(n) => werr(format!(
+            "{n} rows of the job's result have a NULL key ({}): a history needs a key on every row",
+            job.key.join(", ")
+        )),
+        Versions::Failed(e) => e,
+    })?;
     // The merge source: the table's columns, in its order and types, plus the operation.
     let mut fields: Vec<Field> =
         target.fields().iter().map(|f| Field::new(f.name(), f.data_type().clone(), true)).collect();
@@ -224,6 +218,54 @@ async fn run(
     }
     let source = arrow::compute::concat_batches(&schema, &parts).map_err(|e| werr(e.to_string()))?;
     Ok((source, opened, closed))
+}
+
+enum Versions {
+    NullKeys(i64),
+    Failed(DeriveError),
+}
+
+/// From the registered difference: the new versions, the closed ones and the deleted ones
+/// (opened at this very as-of and gone again), each with its merge operation.
+async fn versions(
+    ctx: &datafusion::prelude::SessionContext,
+    job: &Job,
+    cols: &[String],
+    at: &str,
+    context: &str,
+) -> Result<Vec<RecordBatch>, Versions> {
+    let run = |sql: String| async move {
+        ctx.sql(&sql).await.map_err(df_err(context))?.collect().await.map_err(df_err(context))
+    };
+    let null_key = job.key.iter().map(|k| format!("{} IS NULL", quoted(&format!("c__{k}")))).collect::<Vec<_>>();
+    let nulls = run(format!("SELECT count(*) FROM {DIFF} WHERE c__present AND ({})", null_key.join(" OR ")))
+        .await
+        .map_err(Versions::Failed)?;
+    let null_count = nulls
+        .first()
+        .and_then(|b| b.column(0).as_any().downcast_ref::<arrow::array::Int64Array>().map(|a| a.value(0)))
+        .unwrap_or(0);
+    if null_count > 0 {
+        return Err(Versions::NullKeys(null_count));
+    }
+    let pick = |p: &str| {
+        cols.iter().map(|c| format!("{} AS {}", quoted(&format!("{p}__{c}")), quoted(c))).collect::<Vec<_>>().join(", ")
+    };
+    run(format!(
+        "SELECT {c}, {at} AS {VALID_FROM}, CASE WHEN false THEN {at} END AS {VALID_TO}, 'U' AS {op}
+         FROM {DIFF} WHERE c__present
+         UNION ALL
+         SELECT {o}, o__{VALID_FROM} AS {VALID_FROM}, {at} AS {VALID_TO}, 'U' AS {op}
+         FROM {DIFF} WHERE o__present AND o__{VALID_FROM} < {at}
+         UNION ALL
+         SELECT {o}, o__{VALID_FROM} AS {VALID_FROM}, o__{VALID_TO} AS {VALID_TO}, 'D' AS {op}
+         FROM {DIFF} WHERE o__present AND c__present IS NULL AND o__{VALID_FROM} = {at}",
+        c = pick("c"),
+        o = pick("o"),
+        op = weir_lake::OP_COLUMN,
+    ))
+    .await
+    .map_err(Versions::Failed)
 }
 
 fn micros_text(us: i64) -> String {

@@ -5,9 +5,12 @@
 
 use serde::{Deserialize, Serialize};
 
-/// The numeric inputs, in order: registration year, log(1 + mileage km), power kW,
-/// log EUR price, log(1 + price changes).
-pub const NUMERIC: [&str; 5] = ["registration_year", "log_mileage", "power_kw", "log_price", "log_price_changes"];
+/// The numeric inputs, in order: registration year, log(1 + mileage km), power kW. What the
+/// vehicle is, not what it is offered for: the price rating compares a listing's price with
+/// its neighbours', so the price must not choose the neighbours.
+pub const NUMERIC: [&str; N] = ["registration_year", "log_mileage", "power_kw"];
+/// How many numeric inputs.
+pub const N: usize = 3;
 
 /// The categorical inputs and their weights.
 pub const CATEGORICAL: [(&str, f32); 7] = [
@@ -29,7 +32,7 @@ const CLIP: f64 = 4.0;
 #[derive(Debug, Clone, Default, PartialEq)]
 pub struct Inputs<'a> {
     /// NaN where the value is missing (it embeds as the mean).
-    pub numeric: [f64; 5],
+    pub numeric: [f64; N],
     /// In [`CATEGORICAL`] order; None where missing.
     pub categorical: [Option<&'a str>; 7],
     pub title: Option<&'a str>,
@@ -40,8 +43,8 @@ pub struct Inputs<'a> {
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct Standardization {
     pub dim: usize,
-    pub mean: [f64; 5],
-    pub std: [f64; 5],
+    pub mean: [f64; N],
+    pub std: [f64; N],
 }
 
 #[derive(Debug, thiserror::Error, PartialEq)]
@@ -54,10 +57,10 @@ pub fn check_dimension(dim: usize) -> Result<usize, BadDimension> {
 
 impl Standardization {
     /// Fits mean and (population) standard deviation over the non-missing values.
-    pub fn fit<'a>(dim: usize, rows: impl IntoIterator<Item = &'a [f64; 5]>) -> Self {
-        let (mut n, mut sum, mut sq) = ([0u64; 5], [0f64; 5], [0f64; 5]);
+    pub fn fit<'a>(dim: usize, rows: impl IntoIterator<Item = &'a [f64; N]>) -> Self {
+        let (mut n, mut sum, mut sq) = ([0u64; N], [0f64; N], [0f64; N]);
         for r in rows {
-            for i in 0..5 {
+            for i in 0..N {
                 if r[i].is_finite() {
                     n[i] += 1;
                     sum[i] += r[i];
@@ -65,9 +68,9 @@ impl Standardization {
                 }
             }
         }
-        let mut mean = [0f64; 5];
-        let mut std = [1f64; 5];
-        for i in 0..5 {
+        let mut mean = [0f64; N];
+        let mut std = [1f64; N];
+        for i in 0..N {
             if n[i] > 0 {
                 mean[i] = sum[i] / n[i] as f64;
                 let var = (sq[i] / n[i] as f64 - mean[i] * mean[i]).max(0.0);
@@ -140,7 +143,7 @@ mod tests {
 
     fn inputs<'a>(country: &'a str, title: &'a str, year: f64) -> Inputs<'a> {
         Inputs {
-            numeric: [year, 10.0, 100.0, 9.5, 0.0],
+            numeric: [year, 10.0, 100.0],
             categorical: [Some(country), Some("vw"), Some("Golf"), Some("compact"), Some("petrol"), None, None],
             title: Some(title),
         }
@@ -148,21 +151,21 @@ mod tests {
 
     #[test]
     fn standardization_fits_and_clips() {
-        let rows = [[1.0, 2.0, f64::NAN, 5.0, 5.0], [3.0, 2.0, 4.0, 5.0, 5.0]];
+        let rows = [[1.0, 2.0, f64::NAN], [3.0, 2.0, 4.0]];
         let s = Standardization::fit(16, rows.iter());
-        assert_eq!(s.mean, [2.0, 2.0, 4.0, 5.0, 5.0]);
-        assert_eq!(s.std, [1.0, 1.0, 1.0, 1.0, 1.0], "constant columns get std 1, not a division by zero");
+        assert_eq!(s.mean, [2.0, 2.0, 4.0]);
+        assert_eq!(s.std, [1.0, 1.0, 1.0], "constant columns get std 1, not a division by zero");
         let mut x = inputs("DE", "", 1000.0);
-        x.numeric = [3.0, 2.0, f64::NAN, 5.0, 5.0];
+        x.numeric = [3.0, 2.0, f64::NAN];
         let v = s.embed(&x);
-        assert_eq!(&v[..5], &[1.0, 0.0, 0.0, 0.0, 0.0], "missing values embed as the mean");
+        assert_eq!(&v[..N], &[1.0, 0.0, 0.0], "missing values embed as the mean");
         x.numeric[0] = 1e9;
         assert_eq!(s.embed(&x)[0], 4.0, "clipped at 4 standard deviations");
     }
 
     #[test]
     fn embeddings_are_deterministic_and_similar_listings_are_closer() {
-        let s = Standardization { dim: 32, mean: [2015.0, 10.0, 100.0, 9.5, 0.0], std: [5.0, 1.0, 30.0, 1.0, 1.0] };
+        let s = Standardization { dim: 32, mean: [2015.0, 10.0, 100.0], std: [5.0, 1.0, 30.0] };
         let a = s.embed(&inputs("DE", "VW Golf 1.4 TSI Comfortline", 2015.0));
         assert_eq!(a, s.embed(&inputs("DE", "VW Golf 1.4 TSI Comfortline", 2015.0)));
         assert_eq!(a.len(), 32);

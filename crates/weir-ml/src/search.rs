@@ -105,18 +105,16 @@ pub async fn similar(ds: &Dataset, req: &SimilarRequest) -> Result<RecordBatch, 
     if vector.len() != dim {
         return Err(MlError::Request(format!("the query vector has {} values; the embedding has {dim}", vector.len())));
     }
-    let filter = match (&req.filter, exclude) {
-        (Some(f), Some(id)) => Some(format!("({f}) AND listing_id <> {id}")),
-        (Some(f), None) => Some(f.clone()),
-        (None, Some(id)) => Some(format!("listing_id <> {id}")),
-        (None, None) => None,
-    };
+    // The listing itself is dropped from the results afterwards (one more is asked for):
+    // a filter on it would turn every search into a prefiltered one.
+    let filter = req.filter.clone();
     let q = Float32Array::from(vector);
     let mut scan = ds.scan();
-    let mut project: Vec<&str> = vec!["listing_id"];
+    let mut project: Vec<&str> = vec!["listing_id", "_distance"];
     project.extend(columns.iter().map(String::as_str));
+    scan.disable_scoring_autoprojection();
     scan.project(&project).map_err(lerr("planning the search"))?;
-    scan.nearest("embedding", &q, req.k).map_err(lerr("planning the search"))?;
+    scan.nearest("embedding", &q, req.k + usize::from(exclude.is_some())).map_err(lerr("planning the search"))?;
     if let Some(f) = &filter {
         scan.filter(f).map_err(|e| MlError::Request(format!("filter {f:?}: {e}")))?;
         scan.prefilter(true);
@@ -152,7 +150,7 @@ pub async fn similar(ds: &Dataset, req: &SimilarRequest) -> Result<RecordBatch, 
     // Nearest first, ties by listing_id: the same answer every time.
     let ids = all.column(0).as_any().downcast_ref::<arrow::array::Int64Array>().expect("listing_id");
     let d = all.column(1).as_any().downcast_ref::<Float32Array>().expect("distance");
-    let mut order: Vec<usize> = (0..all.num_rows()).collect();
+    let mut order: Vec<usize> = (0..all.num_rows()).filter(|&i| Some(ids.value(i)) != exclude).collect();
     order.sort_by(|&a, &b| d.value(a).total_cmp(&d.value(b)).then(ids.value(a).cmp(&ids.value(b))));
     order.truncate(req.k);
     let idx = arrow::array::UInt32Array::from(order.iter().map(|&i| i as u32).collect::<Vec<_>>());

@@ -11,7 +11,7 @@
 //! killed at any point is completed by the next one. The upsert comes before the delete, so
 //! ratings written by a killed run already exclude the listings still to be deleted.
 
-use std::collections::{BTreeMap, BTreeSet, HashMap};
+use std::collections::{BTreeMap, BTreeSet, BinaryHeap, HashMap};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -39,6 +39,8 @@ pub const DATASET: &str = "vectors/listings.lance";
 /// The feature table it follows.
 pub const FEATURES: &str = "gold.listing_features";
 pub const INDEX_NAME: &str = "embedding_ivf_pq";
+/// The BTree on listing_id: lookups by listing and the upserts' key matching.
+pub const KEY_INDEX: &str = "listing_id_btree";
 /// Dataset config keys.
 const CONFIG_EMBEDDING: &str = "weir.embedding";
 const CONFIG_INDEXED_CHANGES: &str = "weir.changes_since_index";
@@ -244,7 +246,7 @@ fn prices(b: &RecordBatch, name: &str) -> Result<Vec<Option<i128>>, MlError> {
 async fn open_features(
     lake: &Lake,
     keys: Option<&[i64]>,
-) -> Result<(Vec<Row>, Vec<[f64; 5]>, Vec<FeatureText>), MlError> {
+) -> Result<(Vec<Row>, Vec<[f64; crate::embed::N]>, Vec<FeatureText>), MlError> {
     let mut session = weir_derive::LakeSession::open(lake, &[]).await?;
     if session.register_delta(lake, FEATURES).await?.is_none() {
         return Err(MlError::Missing(format!(
@@ -255,10 +257,8 @@ async fn open_features(
         "SELECT f.listing_id, f.valid_from, f.country, f.make, f.model, f.segment, f.is_active, f.seller_kind, f.fuel,
                 f.gearbox, f.title, f.price_last_eur,
                 CAST(date_part('year', f.first_registration) AS DOUBLE) AS registration_year,
-                ln(1.0 + CAST(f.mileage_km AS DOUBLE)) AS log_mileage,
-                CAST(f.power_kw AS DOUBLE) AS power_kw,
-                f.log_price,
-                ln(1.0 + CAST(f.price_changes AS DOUBLE)) AS log_price_changes
+                ln(1 + CAST(f.mileage_km AS DOUBLE)) AS log_mileage,
+                CAST(f.power_kw AS DOUBLE) AS power_kw
          FROM {FEATURES} f"
     );
     if let Some(keys) = keys {
@@ -307,7 +307,7 @@ async fn open_features(
                 neighbour_median: None,
                 rating: None,
             });
-            let mut x = [f64::NAN; 5];
+            let mut x = [f64::NAN; crate::embed::N];
             for (j, n) in nums.iter().enumerate() {
                 x[j] = n[i].unwrap_or(f64::NAN);
             }
@@ -332,7 +332,7 @@ struct FeatureText {
     title: Option<String>,
 }
 
-fn embed_rows(stats: &Standardization, rows: &mut [Row], numeric: &[[f64; 5]], texts: &[FeatureText]) {
+fn embed_rows(stats: &Standardization, rows: &mut [Row], numeric: &[[f64; crate::embed::N]], texts: &[FeatureText]) {
     for ((r, x), t) in rows.iter_mut().zip(numeric).zip(texts) {
         let categorical = [
             r.country.as_deref(),
@@ -350,7 +350,8 @@ fn embed_rows(stats: &Standardization, rows: &mut [Row], numeric: &[[f64; 5]], t
 
 /// Recomputes the price rating of every row in `groups` (all groups when None): the median
 /// EUR price of its `k` nearest active, priced neighbours in the same country, make and
-/// segment, by exact distance. Returns how many rows were rated.
+/// segment, by exact distance (ties by listing_id). Groups are rated in parallel. Returns
+/// how many rows were rated.
 fn rate(rows: &mut [Row], groups: Option<&BTreeSet<Group>>, k: usize) -> usize {
     let mut by_group: BTreeMap<Group, Vec<usize>> = BTreeMap::new();
     for (i, r) in rows.iter().enumerate() {
@@ -359,49 +360,87 @@ fn rate(rows: &mut [Row], groups: Option<&BTreeSet<Group>>, k: usize) -> usize {
             by_group.entry(g).or_default().push(i);
         }
     }
+    let members: Vec<Vec<usize>> = by_group.into_values().collect();
+    let threads = std::thread::available_parallelism().map_or(1, |n| n.get()).min(members.len().max(1));
+    let shared: &[Row] = rows;
+    // Largest groups first, dealt round-robin: the threads finish together.
+    let mut order: Vec<usize> = (0..members.len()).collect();
+    order.sort_by_key(|&g| std::cmp::Reverse(members[g].len()));
+    let results: Vec<Vec<Rated>> = std::thread::scope(|scope| {
+        let handles: Vec<_> = (0..threads)
+            .map(|t| {
+                let mine: Vec<&Vec<usize>> = order.iter().skip(t).step_by(threads).map(|&g| &members[g]).collect();
+                scope.spawn(move || mine.into_iter().flat_map(|m| rate_group(shared, m, k)).collect::<Vec<_>>())
+            })
+            .collect();
+        handles.into_iter().map(|h| h.join().expect("a rating thread panicked")).collect()
+    });
     let mut rated = 0;
-    for members in by_group.values() {
-        let candidates: Vec<usize> =
-            members.iter().copied().filter(|&j| rows[j].is_active && rows[j].price.is_some()).collect();
-        let mut ratings = Vec::with_capacity(members.len());
-        for &i in members {
-            let me = &rows[i];
-            let mut near: Vec<(f32, i64, i128)> = candidates
-                .iter()
-                .filter(|&&j| j != i)
-                .map(|&j| {
-                    (
-                        crate::embed::l2(&me.embedding, &rows[j].embedding),
-                        rows[j].listing_id,
-                        rows[j].price.unwrap_or_default(),
-                    )
-                })
-                .collect();
-            let by = |a: &(f32, i64, i128), b: &(f32, i64, i128)| a.0.total_cmp(&b.0).then(a.1.cmp(&b.1));
-            if near.len() > k {
-                near.select_nth_unstable_by(k - 1, by);
-                near.truncate(k);
-            }
-            let rating = match (me.price, near.len() >= MIN_NEIGHBOURS) {
-                (Some(p), true) => {
-                    let mut ps: Vec<i128> = near.iter().map(|n| n.2).collect();
-                    ps.sort_unstable();
-                    let m = ps.len();
-                    let median =
-                        if m % 2 == 1 { ps[m / 2] as f64 } else { (ps[m / 2 - 1] + ps[m / 2]) as f64 / 2.0 } / 100.0;
-                    (median > 0.0).then(|| (Some(median), Some((p as f64 / 100.0) / median)))
-                }
-                _ => None,
-            };
-            ratings.push((i, rating.unwrap_or((None, None))));
-        }
-        for (i, (median, rating)) in ratings {
-            rows[i].neighbour_median = median;
-            rows[i].rating = rating;
-            rated += 1;
-        }
+    for (i, median, rating) in results.into_iter().flatten() {
+        rows[i].neighbour_median = median;
+        rows[i].rating = rating;
+        rated += 1;
     }
     rated
+}
+
+/// (row, neighbours' median, rating).
+type Rated = (usize, Option<f64>, Option<f64>);
+
+/// [`Rated`] for every member of one group.
+fn rate_group(rows: &[Row], members: &[usize], k: usize) -> Vec<Rated> {
+    let candidates: Vec<usize> =
+        members.iter().copied().filter(|&j| rows[j].is_active && rows[j].price.is_some()).collect();
+    let mut out = Vec::with_capacity(members.len());
+    // The k nearest so far, the farthest on top: (distance, listing_id, price).
+    let mut near: BinaryHeap<(OrdF32, i64, i128)> = BinaryHeap::with_capacity(k + 1);
+    for &i in members {
+        let me = &rows[i];
+        near.clear();
+        for &j in &candidates {
+            if j == i {
+                continue;
+            }
+            let item = (OrdF32(crate::embed::l2(&me.embedding, &rows[j].embedding)), rows[j].listing_id);
+            if near.len() < k || near.peek().is_some_and(|top| item < (top.0, top.1)) {
+                if near.len() == k {
+                    near.pop();
+                }
+                near.push((item.0, item.1, rows[j].price.unwrap_or_default()));
+            }
+        }
+        let (median, rating) = match (me.price, near.len() >= MIN_NEIGHBOURS) {
+            (Some(p), true) => {
+                let mut ps: Vec<i128> = near.iter().map(|n| n.2).collect();
+                ps.sort_unstable();
+                let m = ps.len();
+                let median =
+                    if m % 2 == 1 { ps[m / 2] as f64 } else { (ps[m / 2 - 1] + ps[m / 2]) as f64 / 2.0 } / 100.0;
+                if median > 0.0 { (Some(median), Some((p as f64 / 100.0) / median)) } else { (None, None) }
+            }
+            _ => (None, None),
+        };
+        out.push((i, median, rating));
+    }
+    out
+}
+
+/// An f32 ordered by `total_cmp`, for the neighbour heap.
+#[derive(Debug, Clone, Copy, PartialEq)]
+struct OrdF32(f32);
+
+impl Eq for OrdF32 {}
+
+impl PartialOrd for OrdF32 {
+    fn partial_cmp(&self, other: &Self) -> Option<std::cmp::Ordering> {
+        Some(self.cmp(other))
+    }
+}
+
+impl Ord for OrdF32 {
+    fn cmp(&self, other: &Self) -> std::cmp::Ordering {
+        self.0.total_cmp(&other.0)
+    }
 }
 
 /// Brings the vector table in step with the open feature versions.
@@ -456,6 +495,15 @@ async fn full(lake: &Lake, opts: &RefreshOptions, exists: bool, why: String) -> 
     let mut ds = Dataset::write(reader, uri.as_str(), Some(params)).await.map_err(lerr(format!("writing {uri}")))?;
     phases.push(("write", t.elapsed()));
     let t = Instant::now();
+    ds.create_index(
+        &["listing_id"],
+        IndexType::BTree,
+        Some(KEY_INDEX.to_string()),
+        &lance_index::scalar::ScalarIndexParams::default(),
+        true,
+    )
+    .await
+    .map_err(lerr("indexing listing_id"))?;
     let index = if rows.len() >= MIN_INDEX_ROWS {
         train_index(&mut ds, rows.len(), opts.dim).await?;
         "trained".to_string()
@@ -642,6 +690,9 @@ async fn incremental(
     let since: usize =
         ds.config().get(CONFIG_INDEXED_CHANGES).and_then(|v| v.parse().ok()).unwrap_or(0) + changed.len() + gone.len();
     let has_index = ds.load_indices().await.map_err(lerr("reading the indices"))?.iter().any(|i| i.name == INDEX_NAME);
+    // New rows into every index (the listing_id BTree, the vectors' partitions) and the
+    // vector index trained again once the data has drifted far enough.
+    ds.optimize_indices(&Default::default()).await.map_err(lerr("adding new rows to the indices"))?;
     let (index, since) = if rows.len() < MIN_INDEX_ROWS {
         (format!("none ({} rows: flat search is exact)", rows.len()), 0)
     } else if !has_index || since * 3 > rows.len() {
@@ -655,7 +706,6 @@ async fn incremental(
             0,
         )
     } else {
-        ds.optimize_indices(&Default::default()).await.map_err(lerr("adding new rows to the index"))?;
         ("updated (new rows added to the index)".to_string(), since)
     };
     ds.update_config([(CONFIG_INDEXED_CHANGES, since.to_string().as_str())])

@@ -1,6 +1,7 @@
 //! `weir demo`: the whole chain on embedded defaults. Today: local services, the generated
 //! marketplace, lake checks on both lake kinds, the backfill, the legacy mart, the derived
-//! mart and the parity verdict.
+//! mart and the parity verdict, a day through CDC, Flight SQL and the FDW, and the ML layer
+//! (feature versions, vectors, similar listings, the price rating).
 
 use std::time::Instant;
 
@@ -143,6 +144,7 @@ pub async fn run(a: DemoArgs) -> Result<()> {
     derive_and_compare(&db_url, &lake, &jobs, &bronze, &a.make, as_of.timestamp_micros()).await?;
     let c = weir_postgres::connect(&db_url).await?;
 
+    let ml_listing = ml_build(&lake, &bronze, &a.make).await?;
     let flight = start_flight(&lake, &jobs).await?;
     let (flight_rows, flight_sum) = step(
         "serving the lake over Arrow Flight SQL and reading ads_vw back with a Flight SQL client",
@@ -153,6 +155,9 @@ pub async fn run(a: DemoArgs) -> Result<()> {
     )
     .await?;
     fdw_demo(&db_url, &flight, &mart.table).await?;
+    if let Some(id) = ml_listing {
+        ml_show(&flight, id).await?;
+    }
     flight.stop().await?;
 
     let row = c
@@ -272,10 +277,8 @@ async fn start_flight(lake: &Lake, jobs: &weir_derive::Jobs) -> Result<FlightDem
     Ok(FlightDemo { url: format!("grpc://{addr}"), password, stop, task })
 }
 
-/// count(*) and sum(price_last_eur) of a mart through a Flight SQL client (handshake,
-/// statement, DoGet).
-async fn query_flight(flight: &FlightDemo, table: &str) -> Result<(i64, String)> {
-    use arrow::array::{Array, AsArray};
+/// One statement through a Flight SQL client (handshake, statement, DoGet).
+async fn flight_sql(flight: &FlightDemo, sql: &str) -> Result<Vec<arrow::array::RecordBatch>> {
     use arrow_flight::sql::client::FlightSqlServiceClient;
     use futures::TryStreamExt;
 
@@ -283,11 +286,18 @@ async fn query_flight(flight: &FlightDemo, table: &str) -> Result<(i64, String)>
     let channel = tonic::transport::Endpoint::from_shared(endpoint)?.connect().await?;
     let mut client = FlightSqlServiceClient::new(channel);
     client.handshake("demo", &flight.password).await?;
-    let info = client
-        .execute(format!("SELECT count(*) AS n, CAST(sum(price_last_eur) AS VARCHAR) AS s FROM {table}"), None)
-        .await?;
+    let info = client.execute(sql.to_string(), None).await?;
     let ticket = info.endpoint.first().and_then(|e| e.ticket.clone()).context("no ticket")?;
-    let batches: Vec<arrow::array::RecordBatch> = client.do_get(ticket).await?.try_collect().await?;
+    Ok(client.do_get(ticket).await?.try_collect().await?)
+}
+
+/// count(*) and sum(price_last_eur) of a mart through a Flight SQL client.
+async fn query_flight(flight: &FlightDemo, table: &str) -> Result<(i64, String)> {
+    use arrow::array::{Array, AsArray};
+
+    let batches =
+        flight_sql(flight, &format!("SELECT count(*) AS n, CAST(sum(price_last_eur) AS VARCHAR) AS s FROM {table}"))
+            .await?;
     let b = batches.first().context("no rows from Flight")?;
     let n = b.column(0).as_primitive::<arrow::datatypes::Int64Type>().value(0);
     let s = arrow::compute::cast(b.column(1), &arrow::datatypes::DataType::Utf8)?;
@@ -421,5 +431,94 @@ async fn derive_and_compare(
         parity.columns.len(),
         secs(t.elapsed())
     );
+    Ok(())
+}
+
+/// The ML step: feature versions, the vector table and the price rating. Returns an active
+/// listing of the make with a rating, to show.
+async fn ml_build(lake: &Lake, bronze: &[String], make: &str) -> Result<Option<i64>> {
+    println!(
+        "▸ ML: feature versions (tables/features), the Lance vector table with its IVF_PQ index, the price rating"
+    );
+    let t = Instant::now();
+    let jobs = super::features::load_feature_jobs(None, None, bronze)?;
+    let as_of_micros = weir_derive::run::default_as_of(lake, bronze).await?.context("no bronze tables")?;
+    let opts = weir_derive::DeriveOptions {
+        job: None,
+        makes: weir_derive::MakeSelection::All,
+        as_of_micros,
+        full: false,
+        target_file_bytes: 128 << 20,
+    };
+    let run = super::features::build(lake, &jobs, bronze, &opts, &Default::default()).await?;
+    for r in run.reports.iter().filter(|r| r.output.starts_with("gold.")) {
+        if let weir_derive::JobOutcome::Built { rows, .. } = r.outcome {
+            println!("  {}: {} versions", r.output, thousands(rows));
+        }
+    }
+    super::features::print_vectors(&run.vectors);
+    let ds = weir_ml::vectors::open(lake).await?.context("the vector table was just built")?;
+    let mut scan = ds.scan();
+    scan.filter(&format!("make = '{make}' AND is_active AND price_rating IS NOT NULL"))?
+        .project(&["listing_id"])?
+        .limit(Some(1), None)?;
+    let batch = scan.try_into_batch().await?;
+    println!("  ✔ {} listings embedded ({})", thousands(run.vectors.rows as u64), secs(t.elapsed()));
+    Ok((batch.num_rows() > 0).then(|| {
+        use arrow::array::AsArray;
+        batch.column(0).as_primitive::<arrow::datatypes::Int64Type>().value(0)
+    }))
+}
+
+/// Five similar listings and the price rating of one listing, over Flight SQL.
+async fn ml_show(flight: &FlightDemo, id: i64) -> Result<()> {
+    println!("▸ similar listings and the price rating over Flight SQL: SELECT … FROM similar_listings({id}, 5)");
+    let show = |b: &arrow::array::RecordBatch, i: usize, c: &str| {
+        b.column_by_name(c).and_then(|a| arrow::util::display::array_value_to_string(a, i).ok()).unwrap_or_default()
+    };
+    let me = flight_sql(
+        flight,
+        &format!(
+            "SELECT country, make, model, CAST(price_last_eur AS VARCHAR) AS price, neighbour_median_eur, price_rating,
+                    price_rating_label FROM vectors.listings WHERE listing_id = {id}"
+        ),
+    )
+    .await?;
+    let b = me.iter().find(|b| b.num_rows() > 0).context("the listing is not served")?;
+    println!(
+        "  listing {id} ({} {} {}): {} EUR; its 10 nearest active neighbours' median {:.2} EUR → {:.2} ({})",
+        show(b, 0, "country"),
+        show(b, 0, "make"),
+        show(b, 0, "model"),
+        show(b, 0, "price"),
+        show(b, 0, "neighbour_median_eur").parse::<f64>().unwrap_or(f64::NAN),
+        show(b, 0, "price_rating").parse::<f64>().unwrap_or(f64::NAN),
+        show(b, 0, "price_rating_label"),
+    );
+    let near = flight_sql(
+        flight,
+        &format!(
+            "SELECT listing_id, distance, country, make, model, CAST(price_last_eur AS VARCHAR) AS price
+             FROM similar_listings({id}, 5)"
+        ),
+    )
+    .await?;
+    let mut shown = 0;
+    for b in &near {
+        for i in 0..b.num_rows() {
+            shown += 1;
+            println!(
+                "    #{} distance {:.3}: {} {} {}, {} EUR",
+                show(b, i, "listing_id"),
+                show(b, i, "distance").parse::<f64>().unwrap_or(f64::NAN),
+                show(b, i, "country"),
+                show(b, i, "make"),
+                show(b, i, "model"),
+                show(b, i, "price")
+            );
+        }
+    }
+    anyhow::ensure!(shown == 5, "similar_listings returned {shown} rows, not 5");
+    println!("  ✔ served by weir serve: similar_listings(id, k), features_at(id, ts), vectors.listings");
     Ok(())
 }

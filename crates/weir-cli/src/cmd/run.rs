@@ -23,12 +23,18 @@ struct Status {
     transactions: AtomicU64,
     changes: AtomicU64,
     derives: AtomicU64,
+    feature_runs: AtomicU64,
     errors: AtomicU64,
     /// Milliseconds; -1 before the first measurement.
     last_lag_ms: AtomicI64,
     lags_ms: Mutex<VecDeque<f64>>,
     lsn: Mutex<String>,
     last_error: Mutex<String>,
+    /// Changes synced but not yet derived (a derive that failed is retried by the next
+    /// cycle even when it syncs nothing): the oldest source commit among them (µs).
+    pending: Mutex<Option<i64>>,
+    /// Whether anything is pending at all (a change without a commit time counts).
+    pending_any: AtomicBool,
 }
 
 impl Status {
@@ -52,6 +58,7 @@ impl Status {
         put("weir_cdc_transactions_total", "counter", "Source transactions applied", n(&self.transactions));
         put("weir_cdc_changes_total", "counter", "Row changes applied", n(&self.changes));
         put("weir_derive_runs_total", "counter", "Derive runs after changes", n(&self.derives));
+        put("weir_features_runs_total", "counter", "Feature and vector refreshes after changes", n(&self.feature_runs));
         put("weir_run_errors_total", "counter", "Failed iterations (retried)", n(&self.errors));
         let lag = self.last_lag_ms.load(Ordering::Relaxed);
         if lag >= 0 {
@@ -78,12 +85,13 @@ impl Status {
     fn health(&self) -> String {
         let lag = self.last_lag_ms.load(Ordering::Relaxed);
         format!(
-            "{{\"status\":\"{}\",\"lsn\":\"{}\",\"transactions\":{},\"changes\":{},\"derives\":{},\"errors\":{},\"freshness_lag_ms\":{},\"lag_p50_ms\":{},\"lag_p95_ms\":{},\"last_error\":{:?}}}\n",
+            "{{\"status\":\"{}\",\"lsn\":\"{}\",\"transactions\":{},\"changes\":{},\"derives\":{},\"feature_runs\":{},\"errors\":{},\"freshness_lag_ms\":{},\"lag_p50_ms\":{},\"lag_p95_ms\":{},\"last_error\":{:?}}}\n",
             if self.last_error.lock().unwrap_or_else(|p| p.into_inner()).is_empty() { "ok" } else { "retrying" },
             self.lsn.lock().unwrap_or_else(|p| p.into_inner()),
             self.transactions.load(Ordering::Relaxed),
             self.changes.load(Ordering::Relaxed),
             self.derives.load(Ordering::Relaxed),
+            self.feature_runs.load(Ordering::Relaxed),
             self.errors.load(Ordering::Relaxed),
             if lag >= 0 { lag.to_string() } else { "null".into() },
             self.quantile(0.5).map_or("null".into(), |v| format!("{v:.0}")),
@@ -99,6 +107,7 @@ pub async fn run(a: RunArgs, cfg: &Config) -> Result<()> {
     let sources = super::backfill::load_sources(None)?;
     let bronze: Vec<String> = sources.tables.iter().map(|t| t.name.clone()).collect();
     let jobs = super::derive::load_jobs(None, &bronze)?;
+    let features = if a.features { Some(super::features::load_feature_jobs(None, None, &bronze)?) } else { None };
     let sync_opts = SyncOptions {
         slot: a.slot.clone().unwrap_or_else(|| weir_ingest::default_slot_name(lake.url().as_str())),
         follow: false,
@@ -106,7 +115,10 @@ pub async fn run(a: RunArgs, cfg: &Config) -> Result<()> {
         poll: Duration::from_millis(a.poll_ms.max(1)),
     };
 
-    let status = Arc::new(Status { last_lag_ms: AtomicI64::new(-1), ..Default::default() });
+    // The first cycle derives whatever an earlier run synced but did not derive (a kill
+    // between the two), then only after changes.
+    let status =
+        Arc::new(Status { last_lag_ms: AtomicI64::new(-1), pending_any: AtomicBool::new(true), ..Default::default() });
     let handler: weir_ingest::metrics::Handler = {
         let status = status.clone();
         Arc::new(move |path: &str| match path {
@@ -158,7 +170,8 @@ pub async fn run(a: RunArgs, cfg: &Config) -> Result<()> {
     let mut backoff = Duration::from_millis(500);
     while !stop.load(Ordering::Relaxed) {
         status.cycles.fetch_add(1, Ordering::Relaxed);
-        match cycle(&url, &lake, &sources.tables, &jobs, &bronze, &sync_opts, a.make.as_deref(), &stop, &status).await {
+        let run = Cycle { jobs: &jobs, features: features.as_ref(), bronze: &bronze, make: a.make.as_deref() };
+        match cycle(&url, &lake, &sources.tables, &run, &sync_opts, &stop, &status).await {
             Ok(()) => {
                 backoff = Duration::from_millis(500);
                 status.last_error.lock().unwrap_or_else(|p| p.into_inner()).clear();
@@ -187,19 +200,26 @@ async fn sleep_unless(stop: &AtomicBool, d: Duration) {
     }
 }
 
+/// What a cycle derives.
+struct Cycle<'a> {
+    jobs: &'a weir_derive::Jobs,
+    /// The entity and feature jobs, when the ML layer is kept fresh too.
+    features: Option<&'a weir_derive::Jobs>,
+    bronze: &'a [String],
+    make: Option<&'a str>,
+}
+
 /// One iteration: apply what PostgreSQL committed, then derive what changed.
-#[allow(clippy::too_many_arguments)]
 async fn cycle(
     url: &str,
     lake: &weir_lake::Lake,
     tables: &[weir_ingest::SourceTable],
-    jobs: &weir_derive::Jobs,
-    bronze: &[String],
+    run: &Cycle<'_>,
     opts: &SyncOptions,
-    make: Option<&str>,
     stop: &AtomicBool,
     status: &Status,
 ) -> Result<()> {
+    let Cycle { jobs, bronze, make, .. } = *run;
     let mut oldest_commit: Option<i64> = None;
     let report = weir_ingest::sync(url, lake, tables, opts, stop, |b| {
         super::sync::print_batch(b);
@@ -211,9 +231,17 @@ async fn cycle(
     *status.lsn.lock().unwrap_or_else(|p| p.into_inner()) = report.lsn.clone();
     status.transactions.fetch_add(report.transactions, Ordering::Relaxed);
     status.changes.fetch_add(report.changes, Ordering::Relaxed);
-    if report.changes == 0 {
+    if report.changes > 0 {
+        status.pending_any.store(true, Ordering::Relaxed);
+        let mut pending = status.pending.lock().unwrap_or_else(|p| p.into_inner());
+        if let Some(t) = oldest_commit {
+            *pending = Some(pending.map_or(t, |o| o.min(t)));
+        }
+    }
+    if !status.pending_any.load(Ordering::Relaxed) {
         return Ok(());
     }
+    let oldest_commit = *status.pending.lock().unwrap_or_else(|p| p.into_inner());
     let as_of =
         weir_derive::run::default_as_of(lake, bronze).await?.unwrap_or_else(|| chrono::Utc::now().timestamp_micros());
     let opts = weir_derive::DeriveOptions {
@@ -225,7 +253,9 @@ async fn cycle(
     };
     let t = Instant::now();
     let reports = weir_derive::derive(lake, jobs, bronze, &opts, |_| {}).await?;
-    status.derives.fetch_add(1, Ordering::Relaxed);
+    if oldest_commit.is_some() || report.changes > 0 {
+        status.derives.fetch_add(1, Ordering::Relaxed);
+    }
     let built = reports
         .iter()
         .filter(|r| !matches!(r.outcome, weir_derive::JobOutcome::UpToDate { .. } | weir_derive::JobOutcome::View))
@@ -244,5 +274,15 @@ async fn cycle(
             lag_ms / 1e3
         );
     }
+    if let Some(feature_jobs) = run.features {
+        let t = Instant::now();
+        let fopts = weir_derive::DeriveOptions { makes: weir_derive::MakeSelection::All, ..opts };
+        weir_ml::build_features(lake, feature_jobs, bronze, &fopts, |_| {}).await?;
+        let v = weir_ml::vectors::refresh(lake, &Default::default()).await?;
+        status.feature_runs.fetch_add(1, Ordering::Relaxed);
+        println!("  features and vectors in {:.2} s: {}", t.elapsed().as_secs_f64(), v.mode);
+    }
+    *status.pending.lock().unwrap_or_else(|p| p.into_inner()) = None;
+    status.pending_any.store(false, Ordering::Relaxed);
     Ok(())
 }

@@ -244,7 +244,11 @@ async fn features_are_point_in_time_and_vectors_follow_the_entities() {
     let py: Value = serde_json::from_str(stdout.lines().last().unwrap_or_default()).unwrap();
     assert_eq!(py["pylance_rows"], all.len(), "{py}");
     assert_eq!(py["pylance_id_sum"], all.iter().sum::<i64>(), "{py}");
-    assert_eq!(py["pylance_indices"], serde_json::json!([weir_ml::vectors::INDEX_NAME, weir_ml::vectors::KEY_INDEX]), "{py}");
+    assert_eq!(
+        py["pylance_indices"],
+        serde_json::json!([weir_ml::vectors::INDEX_NAME, weir_ml::vectors::KEY_INDEX]),
+        "{py}"
+    );
     let near = weir_ml::search::similar(
         &ds,
         &SimilarRequest { query: Query::Listing(probe), k: 5, filter: None, columns: vec![], exact: false },

@@ -92,8 +92,7 @@ pub(crate) async fn apply(
     let _ = ctx.deregister_table(CURRENT);
     let _ = ctx.deregister_table(HISTORY);
     ctx.register_table(CURRENT, current.into_view()).map_err(df_err("a history table"))?;
-    table.update_datafusion_session(&ctx.state()).map_err(|e| werr(e.to_string()))?;
-    ctx.register_table(HISTORY, table.table_provider().await.map_err(df_err(format!("reading {out}")))?)
+    ctx.register_table(HISTORY, crate::session::provider(ctx, &table, out).await?)
         .map_err(df_err("a history table"))?;
     let result = run(ctx, job, out, &cols, &target, as_of_micros).await;
     let _ = ctx.deregister_table(CURRENT);

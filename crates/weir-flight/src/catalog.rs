@@ -72,7 +72,7 @@ impl Catalog {
         {
             return Ok(s.clone());
         }
-        let ctx = SessionContext::new();
+        let ctx = weir_derive::session::session_context().map_err(|e| ServeError::Lake(e.to_string()))?;
         let mut tables = Vec::new();
         for layer in LAYERS {
             for name in self.list(layer).await? {
@@ -82,8 +82,9 @@ impl Catalog {
                 if table.version().is_none() {
                     continue;
                 }
-                table.update_datafusion_session(&ctx.state()).map_err(|e| ServeError::Lake(format!("{rel}: {e}")))?;
-                let provider = table.table_provider().await.map_err(|e| ServeError::Lake(format!("{rel}: {e}")))?;
+                let provider = weir_derive::session::provider(&ctx, &table, &rel)
+                    .await
+                    .map_err(|e| ServeError::Lake(format!("{rel}: {e}")))?;
                 tables.push((layer.to_string(), name, table, provider));
             }
         }

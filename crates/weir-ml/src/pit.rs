@@ -71,8 +71,7 @@ impl FeatureStore {
             let Some(v) = table.version() else {
                 return Err(MlError::Missing(format!("{name} is not in the lake yet: run `weir features`")));
             };
-            table.update_datafusion_session(&ctx.state()).map_err(|e| MlError::Missing(format!("{name}: {e}")))?;
-            providers.push(table.table_provider().await.map_err(crate::df(format!("reading {name}")))?);
+            providers.push(weir_derive::session::provider(&ctx, &table, name).await?);
             versions.push(v as i64);
             tables.push(table);
         }

@@ -43,6 +43,20 @@ fn lerr(context: &str) -> impl FnOnce(lance::Error) -> MlError + '_ {
     move |e| MlError::Lance { context: context.to_string(), message: e.to_string() }
 }
 
+/// A search error; one the filter caused names the filter, without Lance's source location.
+fn search_err(filter: &Option<String>) -> impl Fn(lance::Error) -> MlError + '_ {
+    move |e| {
+        let text = e.to_string();
+        let text = text.split(", /").next().unwrap_or(&text).to_string();
+        match filter {
+            Some(f) if matches!(e, lance::Error::InvalidInput { .. }) => {
+                MlError::Request(format!("filter {f:?}: {}", text.trim_start_matches("Invalid user input: ")))
+            }
+            _ => MlError::Lance { context: "searching".into(), message: text },
+        }
+    }
+}
+
 /// A listing's embedding.
 pub async fn embedding_of(ds: &Dataset, listing_id: i64) -> Result<Vec<f32>, MlError> {
     let mut scan = ds.scan();
@@ -125,7 +139,7 @@ pub async fn similar(ds: &Dataset, req: &SimilarRequest) -> Result<RecordBatch, 
         scan.nprobes(NPROBES).refine(REFINE);
     }
     let batches: Vec<RecordBatch> =
-        scan.try_into_stream().await.map_err(lerr("searching"))?.try_collect().await.map_err(lerr("searching"))?;
+        scan.try_into_stream().await.map_err(search_err(&filter))?.try_collect().await.map_err(search_err(&filter))?;
     let out_schema = Arc::new(Schema::new(
         std::iter::once(Field::new("listing_id", DataType::Int64, false))
             .chain(std::iter::once(Field::new("distance", DataType::Float32, true)))

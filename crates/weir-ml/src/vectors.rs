@@ -8,8 +8,9 @@
 //! rating is recomputed for the (country, make, segment) groups they touch, and the index
 //! takes the new rows in (retrained when a third of the rows changed since it was trained).
 //! Every step is atomic in Lance and the comparison is made afresh each time, so a refresh
-//! killed at any point is completed by the next one. The upsert comes before the delete, so
-//! ratings written by a killed run already exclude the listings still to be deleted.
+//! killed at any point is completed by the next one: the upserts (in slices) write the new
+//! ratings of unchanged listings first and the changed listings last, then the deletes
+//! follow, so until a refresh is complete the next one still sees every group it touched.
 
 use std::collections::{BTreeMap, BTreeSet, BinaryHeap, HashMap};
 use std::sync::Arc;
@@ -46,6 +47,8 @@ const CONFIG_EMBEDDING: &str = "weir.embedding";
 const CONFIG_INDEXED_CHANGES: &str = "weir.changes_since_index";
 /// Below this many rows a flat search is exact and fast; no index.
 pub const MIN_INDEX_ROWS: usize = 4096;
+/// Rows per merge_insert commit.
+const MERGE_ROWS: usize = 50_000;
 /// Fewer valid neighbours than this: no rating.
 const MIN_NEIGHBOURS: usize = 3;
 
@@ -653,19 +656,23 @@ async fn incremental(
     rows.extend(fresh);
     let rated = rate(&mut rows, Some(&groups), opts.rating_k);
     let changed_set: BTreeSet<i64> = changed.iter().copied().collect();
-    let write: Vec<&Row> = rows
+    let mut write: Vec<&Row> = rows
         .iter()
         .filter(|r| {
             changed_set.contains(&r.listing_id) || before.get(&r.listing_id) != Some(&(r.neighbour_median, r.rating))
         })
         .collect();
+    // New ratings of unchanged listings first, the changed listings last: until the last of
+    // them is written, the next refresh still sees every touched group as changed.
+    write.sort_by_key(|r| changed_set.contains(&r.listing_id));
     phases.push(("rate", t.elapsed()));
     let t = Instant::now();
     let mut ds = Arc::new(ds);
-    if !write.is_empty() {
-        let batches: Vec<RecordBatch> =
-            write.chunks(65_536).map(|c| to_batch(c, opts.dim)).collect::<Result<_, _>>()?;
-        let reader = RecordBatchIterator::new(batches.into_iter().map(Ok), schema(opts.dim));
+    // In slices: Lance's merge holds its source in a fixed memory pool (100 MB by default).
+    // Each slice is its own commit; a refresh killed between them is completed by the next.
+    for slice in write.chunks(MERGE_ROWS) {
+        let batch = to_batch(slice, opts.dim)?;
+        let reader = RecordBatchIterator::new(std::iter::once(Ok(batch)), schema(opts.dim));
         let mut builder = MergeInsertBuilder::try_new(ds.clone(), vec!["listing_id".to_string()])
             .map_err(lerr("merging into the vector table"))?;
         builder.when_matched(WhenMatched::UpdateAll).when_not_matched(WhenNotMatched::InsertAll);

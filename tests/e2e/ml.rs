@@ -217,6 +217,50 @@ async fn features_are_point_in_time_and_vectors_follow_the_entities() {
     let recall = recall / probes.len() as f64;
     assert!(recall >= 0.9, "recall@10 = {recall:.3} over {} queries", probes.len());
 
+    // A filter applies before the top k; a vector query finds its own listing first.
+    let filtered = weir_ml::search::similar(
+        &ds,
+        &SimilarRequest {
+            query: Query::Listing(probes[0]),
+            k: 10,
+            filter: Some("country = 'DE' AND is_active".into()),
+            columns: vec!["country".into(), "is_active".into()],
+            exact: false,
+        },
+    )
+    .await
+    .unwrap();
+    assert_eq!(filtered.num_rows(), 10, "ten German active listings exist");
+    for i in 0..filtered.num_rows() {
+        assert_eq!(text(&filtered, "country", i).as_deref(), Some("DE"));
+        assert_eq!(text(&filtered, "is_active", i).as_deref(), Some("true"));
+        assert_ne!(text(&filtered, "listing_id", i), Some(probes[0].to_string()), "the query listing is left out");
+    }
+    let own = weir_ml::search::embedding_of(&ds, probes[2]).await.unwrap();
+    assert_eq!(own.len(), 32);
+    let by_vector = weir_ml::search::similar(
+        &ds,
+        &SimilarRequest { query: Query::Vector(own), k: 3, filter: None, columns: vec![], exact: true },
+    )
+    .await
+    .unwrap();
+    assert_eq!(text(&by_vector, "listing_id", 0), Some(probes[2].to_string()));
+    assert_eq!(text(&by_vector, "distance", 0).as_deref(), Some("0.0"));
+    let bad = weir_ml::search::similar(
+        &ds,
+        &SimilarRequest {
+            query: Query::Listing(probes[0]),
+            k: 3,
+            filter: Some("nope = 1".into()),
+            columns: vec![],
+            exact: false,
+        },
+    )
+    .await
+    .unwrap_err()
+    .to_string();
+    assert!(bad.starts_with("filter \"nope = 1\": ") && !bad.contains('\n'), "{bad}");
+
     // The CLI's view of one listing, and a clear error for an unknown one.
     let probe = probes[1];
     let (ok, out, err) = weir(&["similar", "--lake", &lake_url, "--listing", &probe.to_string(), "-k", "5"]);

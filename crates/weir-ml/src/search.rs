@@ -130,7 +130,10 @@ pub async fn similar(ds: &Dataset, req: &SimilarRequest) -> Result<RecordBatch, 
     scan.project(&project).map_err(lerr("planning the search"))?;
     scan.nearest("embedding", &q, req.k + usize::from(exclude.is_some())).map_err(lerr("planning the search"))?;
     if let Some(f) = &filter {
-        scan.filter(f).map_err(|e| MlError::Request(format!("filter {f:?}: {e}")))?;
+        scan.filter(f).map_err(|e| match search_err(&filter)(e) {
+            MlError::Lance { message, .. } => MlError::Request(format!("filter {f:?}: {message}")),
+            other => other,
+        })?;
         scan.prefilter(true);
     }
     if req.exact {

@@ -17,6 +17,7 @@ warnings.simplefilter("ignore")
 
 import adbc_driver_flightsql.dbapi as flightsql  # noqa: E402
 import pyarrow.flight as flight  # noqa: E402
+from protowire import any_of, field  # noqa: E402
 
 mode, port = sys.argv[1], sys.argv[2]
 uri = f"grpc://127.0.0.1:{port}"
@@ -44,26 +45,9 @@ def rows_of(table):
     return sorted(out, key=lambda r: r[0])
 
 
-def varint(n):
-    out = bytearray()
-    while True:
-        b = n & 0x7F
-        n >>= 7
-        if n:
-            out.append(b | 0x80)
-        else:
-            out.append(b)
-            return bytes(out)
-
-
-def field(num, payload):
-    return varint((num << 3) | 2) + varint(len(payload)) + payload
-
-
 def command(name, body=b""):
     """A Flight SQL command packed in google.protobuf.Any."""
-    type_url = f"type.googleapis.com/arrow.flight.protocol.sql.{name}".encode()
-    return field(1, type_url) + field(2, body)
+    return any_of(f"type.googleapis.com/arrow.flight.protocol.sql.{name}", body)
 
 
 def pyarrow_read(sql_or_cmd):

@@ -20,34 +20,11 @@ import adbc_driver_flightsql.dbapi as flightsql  # noqa: E402
 import lance  # noqa: E402
 import pyarrow as pa  # noqa: E402
 import pyarrow.flight as flight  # noqa: E402
+from protowire import any_of, field, number  # noqa: E402
 
 port, dataset, listing_id, requests = sys.argv[1], sys.argv[2], int(sys.argv[3]), json.loads(sys.argv[4])
 uri = f"grpc://127.0.0.1:{port}"
 USER, PASSWORD = "analyst", "s3cret"
-
-
-def varint(n):
-    out = bytearray()
-    while True:
-        b = n & 0x7F
-        n >>= 7
-        if n:
-            out.append(b | 0x80)
-        else:
-            out.append(b)
-            return bytes(out)
-
-
-def length_delimited(num, payload):
-    return varint((num << 3) | 2) + varint(len(payload)) + payload
-
-
-def number(num, n):
-    return varint(num << 3) + varint(n)
-
-
-def any_of(message, body):
-    return length_delimited(1, f"type.googleapis.com/weir.v1.{message}".encode()) + length_delimited(2, body)
 
 
 def jsonable(v):
@@ -70,12 +47,12 @@ header = client.authenticate_basic_token(USER.encode(), PASSWORD.encode())
 opts = flight.FlightCallOptions(headers=[header])
 
 # SimilarListings { listing_id = 1; k = 3; columns = 5 }
-similar = number(1, listing_id) + number(3, 5) + length_delimited(5, b"country") + length_delimited(5, b"make")
-table = client.do_get(flight.Ticket(any_of("SimilarListings", similar)), opts).read_all()
+similar = number(1, listing_id) + number(3, 5) + field(5, b"country") + field(5, b"make")
+table = client.do_get(flight.Ticket(any_of("type.googleapis.com/weir.v1.SimilarListings", similar)), opts).read_all()
 out["doget_similar"] = table.column("listing_id").to_pylist()
 out["doget_columns"] = table.column_names
 
-descriptor = flight.FlightDescriptor.for_command(any_of("PointInTimeFeatures", b""))
+descriptor = flight.FlightDescriptor.for_command(any_of("type.googleapis.com/weir.v1.PointInTimeFeatures", b""))
 writer, reader = client.do_exchange(descriptor, opts)
 req = pa.table({
     "listing_id": pa.array([r[0] for r in requests], pa.int64()),

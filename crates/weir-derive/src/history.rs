@@ -127,24 +127,7 @@ async fn run(
 ) -> Result<(RecordBatch, u64, u64), DeriveError> {
     let werr = |m: String| DeriveError::Write { table: out.to_string(), message: m };
     let at = as_of_literal(as_of_micros);
-    let newest = ctx
-        .sql(&format!("SELECT CAST(max({VALID_FROM}) AS BIGINT) AS m FROM {HISTORY}"))
-        .await
-        .map_err(df_err(format!("reading {out}")))?
-        .collect()
-        .await
-        .map_err(df_err(format!("reading {out}")))?;
-    let newest = newest
-        .first()
-        .and_then(|b| b.column(0).as_any().downcast_ref::<arrow::array::Int64Array>().and_then(|a| a.iter().next()))
-        .flatten();
-    if let Some(n) = newest.filter(|n| *n > as_of_micros) {
-        return Err(werr(format!(
-            "the as-of {} is before the history's newest version ({}): a history only moves forward",
-            micros_text(as_of_micros),
-            micros_text(n)
-        )));
-    }
+    check_forward(ctx, HISTORY, out, as_of_micros).await?;
     // One pass: the job's result against the open versions, by key; only keys whose
     // values differ (or that exist on one side only) come back, and are few.
     let on = job.key.iter().map(|k| format!("c.{q} = o.{q}", q = quoted(k))).collect::<Vec<_>>().join(" AND ");
@@ -217,6 +200,38 @@ async fn run(
     }
     let source = arrow::compute::concat_batches(&schema, &parts).map_err(|e| werr(e.to_string()))?;
     Ok((source, opened, closed))
+}
+
+/// Refuses an as-of before the newest version of the history registered as `table` in
+/// `ctx` (`out` names it in the error): a history only moves forward.
+pub async fn check_forward(
+    ctx: &datafusion::prelude::SessionContext,
+    table: &str,
+    out: &str,
+    as_of_micros: i64,
+) -> Result<(), DeriveError> {
+    let newest = ctx
+        .sql(&format!("SELECT CAST(max({VALID_FROM}) AS BIGINT) AS m FROM {table}"))
+        .await
+        .map_err(df_err(format!("reading {out}")))?
+        .collect()
+        .await
+        .map_err(df_err(format!("reading {out}")))?;
+    let newest = newest
+        .first()
+        .and_then(|b| b.column(0).as_any().downcast_ref::<arrow::array::Int64Array>().and_then(|a| a.iter().next()))
+        .flatten();
+    match newest.filter(|n| *n > as_of_micros) {
+        Some(n) => Err(DeriveError::Write {
+            table: out.to_string(),
+            message: format!(
+                "the as-of {} is before the history's newest version ({}): a history only moves forward",
+                micros_text(as_of_micros),
+                micros_text(n)
+            ),
+        }),
+        None => Ok(()),
+    }
 }
 
 enum Versions {

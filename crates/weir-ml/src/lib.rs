@@ -58,28 +58,7 @@ pub async fn build_features(
         if session.register_delta(lake, &out).await?.is_none() {
             continue;
         }
-        let newest = session
-            .ctx
-            .sql(&format!("SELECT CAST(max(valid_from) AS BIGINT) FROM {out}"))
-            .await
-            .map_err(df(format!("reading {out}")))?
-            .collect()
-            .await
-            .map_err(df(format!("reading {out}")))?;
-        let newest = newest
-            .first()
-            .and_then(|b| b.column(0).as_any().downcast_ref::<arrow::array::Int64Array>().and_then(|a| a.iter().next()))
-            .flatten();
-        if let Some(n) = newest.filter(|n| *n > opts.as_of_micros) {
-            let show = |us: i64| {
-                chrono::DateTime::from_timestamp_micros(us).map_or_else(|| us.to_string(), |t| t.to_rfc3339())
-            };
-            return Err(MlError::Config(format!(
-                "{out}: the as-of {} is before its newest version ({}): a history only moves forward",
-                show(opts.as_of_micros),
-                show(n)
-            )));
-        }
+        weir_derive::history::check_forward(&session.ctx, &out, &out, opts.as_of_micros).await?;
     }
     let mut reports: Vec<JobReport> = Vec::new();
     for name in FEATURE_JOBS {

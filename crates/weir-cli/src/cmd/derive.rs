@@ -38,12 +38,7 @@ pub async fn run(a: DeriveArgs, cfg: &Config) -> Result<()> {
         Some(m) => MakeSelection::One(weir_core::validate_slug(&m)?.to_string()),
         None => MakeSelection::All,
     };
-    let as_of_micros = match &a.as_of {
-        Some(t) => parse_timestamp(t)?.timestamp_micros(),
-        None => weir_derive::run::default_as_of(&lake, &bronze)
-            .await?
-            .context("the lake has no bronze tables yet: run `weir backfill` first")?,
-    };
+    let as_of_micros = as_of_or_default(a.as_of.as_deref(), &lake, &bronze).await?;
     let opts = DeriveOptions {
         job: a.job.clone(),
         makes,
@@ -55,6 +50,16 @@ pub async fn run(a: DeriveArgs, cfg: &Config) -> Result<()> {
     let reports = run_derive(&lake, &jobs, &bronze, &opts).await?;
     print_reports(&reports);
     Ok(())
+}
+
+/// `--as-of`, or when the newest bronze table was committed (µs).
+pub async fn as_of_or_default(as_of: Option<&str>, lake: &Lake, bronze: &[String]) -> Result<i64> {
+    Ok(match as_of {
+        Some(t) => parse_timestamp(t)?.timestamp_micros(),
+        None => weir_derive::run::default_as_of(lake, bronze)
+            .await?
+            .context("the lake has no bronze tables yet: run `weir backfill` first")?,
+    })
 }
 
 pub fn show_micros(us: i64) -> String {

@@ -5,7 +5,7 @@ use std::time::Instant;
 
 use anyhow::{Context, Result};
 use arrow::array::{Array, AsArray};
-use weir_core::{Config, parse_timestamp};
+use weir_core::Config;
 use weir_derive::{DeriveOptions, Jobs, MakeSelection};
 use weir_lake::Lake;
 use weir_ml::vectors::{RefreshOptions, RefreshReport};
@@ -83,12 +83,7 @@ pub async fn run(a: FeaturesArgs, cfg: &Config) -> Result<()> {
     let jobs = load_feature_jobs(a.jobs_dir.as_deref(), a.features_dir.as_deref(), &bronze)?;
     weir_ml::embed::check_dimension(a.dim)?;
     anyhow::ensure!(a.rating_k >= 3, "--rating-k must be at least 3, not {}", a.rating_k);
-    let as_of_micros = match &a.as_of {
-        Some(t) => parse_timestamp(t)?.timestamp_micros(),
-        None => weir_derive::run::default_as_of(&lake, &bronze)
-            .await?
-            .context("the lake has no bronze tables yet: run `weir backfill` first")?,
-    };
+    let as_of_micros = super::derive::as_of_or_default(a.as_of.as_deref(), &lake, &bronze).await?;
     let opts = DeriveOptions {
         job: None,
         makes: MakeSelection::All,

@@ -247,15 +247,9 @@ fn prices(b: &RecordBatch, name: &str) -> Result<Vec<Option<i128>>, MlError> {
 /// The open feature versions (all, or only `keys`), as rows to embed plus their numeric
 /// embedding inputs.
 async fn open_features(
-    lake: &Lake,
+    session: &weir_derive::LakeSession,
     keys: Option<&[i64]>,
 ) -> Result<(Vec<Row>, Vec<[f64; crate::embed::N]>, Vec<FeatureText>), MlError> {
-    let mut session = weir_derive::LakeSession::open(lake, &[]).await?;
-    if session.register_delta(lake, FEATURES).await?.is_none() {
-        return Err(MlError::Missing(format!(
-            "{FEATURES} is not in the lake yet: run `weir features` (it derives it)"
-        )));
-    }
     let mut sql = format!(
         "SELECT f.listing_id, f.valid_from, f.country, f.make, f.model, f.segment, f.is_active, f.seller_kind, f.fuel,
                 f.gearbox, f.title, f.price_last_eur,
@@ -271,6 +265,7 @@ async fn open_features(
         )
         .map_err(|e| MlError::Arrow(e.to_string()))?;
         let table = MemTable::try_new(batch.schema(), vec![vec![batch]]).map_err(crate::df("the changed keys"))?;
+        let _ = session.ctx.deregister_table("__weir_keys");
         session.ctx.register_table("__weir_keys", Arc::new(table)).map_err(crate::df("the changed keys"))?;
         sql.push_str(" JOIN __weir_keys k ON k.listing_id = f.listing_id");
     }
@@ -285,31 +280,12 @@ async fn open_features(
         .map_err(crate::df("reading the open feature versions"))?;
     let (mut rows, mut numeric, mut texts) = (Vec::new(), Vec::new(), Vec::new());
     for b in &batches {
-        let ids = i64s(b, "listing_id")?;
-        let from = micros(b, "valid_from")?;
-        let [country, make, model, segment, seller, fuel, gearbox, title] =
-            ["country", "make", "model", "segment", "seller_kind", "fuel", "gearbox", "title"]
-                .map(|n| strings_of(b, n));
-        let (country, make, model, segment) = (country?, make?, model?, segment?);
+        let [seller, fuel, gearbox, title] = ["seller_kind", "fuel", "gearbox", "title"].map(|n| strings_of(b, n));
         let (seller, fuel, gearbox, title) = (seller?, fuel?, gearbox?, title?);
-        let active = bools(b, "is_active")?;
-        let price = prices(b, "price_last_eur")?;
         let nums: Vec<Vec<Option<f64>>> = crate::embed::NUMERIC.iter().map(|n| f64s(b, n)).collect::<Result<_, _>>()?;
-        for i in 0..b.num_rows() {
-            let (Some(id), Some(valid_from)) = (ids[i], from[i]) else { continue };
-            rows.push(Row {
-                listing_id: id,
-                valid_from,
-                country: country[i].clone(),
-                make: make[i].clone(),
-                model: model[i].clone(),
-                segment: segment[i].clone(),
-                is_active: active[i].unwrap_or(false),
-                price: price[i],
-                embedding: vec![],
-                neighbour_median: None,
-                rating: None,
-            });
+        for (i, row) in base_rows(b)?.into_iter().enumerate() {
+            let Some(row) = row else { continue };
+            rows.push(row);
             let mut x = [f64::NAN; crate::embed::N];
             for (j, n) in nums.iter().enumerate() {
                 x[j] = n[i].unwrap_or(f64::NAN);
@@ -324,6 +300,45 @@ async fn open_features(
         }
     }
     Ok((rows, numeric, texts))
+}
+
+/// The columns the feature table and the vector table share, as rows without embedding or
+/// rating (None where listing_id or valid_from is NULL).
+fn base_rows(b: &RecordBatch) -> Result<Vec<Option<Row>>, MlError> {
+    let ids = i64s(b, "listing_id")?;
+    let from = micros(b, "valid_from")?;
+    let [country, make, model, segment] = ["country", "make", "model", "segment"].map(|n| strings_of(b, n));
+    let (country, make, model, segment) = (country?, make?, model?, segment?);
+    let active = bools(b, "is_active")?;
+    let price = prices(b, "price_last_eur")?;
+    Ok((0..b.num_rows())
+        .map(|i| {
+            Some(Row {
+                listing_id: ids[i]?,
+                valid_from: from[i]?,
+                country: country[i].clone(),
+                make: make[i].clone(),
+                model: model[i].clone(),
+                segment: segment[i].clone(),
+                is_active: active[i].unwrap_or(false),
+                price: price[i],
+                embedding: vec![],
+                neighbour_median: None,
+                rating: None,
+            })
+        })
+        .collect())
+}
+
+/// A session with the feature table registered.
+async fn features_session(lake: &Lake) -> Result<weir_derive::LakeSession, MlError> {
+    let mut session = weir_derive::LakeSession::open(lake, &[]).await?;
+    if session.register_delta(lake, FEATURES).await?.is_none() {
+        return Err(MlError::Missing(format!(
+            "{FEATURES} is not in the lake yet: run `weir features` (it derives it)"
+        )));
+    }
+    Ok(session)
 }
 
 /// The text inputs not kept in the vector table.
@@ -472,7 +487,7 @@ pub async fn refresh(lake: &Lake, opts: &RefreshOptions) -> Result<RefreshReport
 async fn full(lake: &Lake, opts: &RefreshOptions, exists: bool, why: String) -> Result<RefreshReport, MlError> {
     let mut phases = Vec::new();
     let t = Instant::now();
-    let (mut rows, numeric, texts) = open_features(lake, None).await?;
+    let (mut rows, numeric, texts) = open_features(&features_session(lake).await?, None).await?;
     phases.push(("read features", t.elapsed()));
     let t = Instant::now();
     let stats = Standardization::fit(opts.dim, numeric.iter());
@@ -552,12 +567,6 @@ async fn read_all(ds: &Dataset) -> Result<Vec<Row>, MlError> {
         .map_err(lerr("reading the vector table"))?;
     let mut rows = Vec::new();
     for b in &batches {
-        let ids = i64s(b, "listing_id")?;
-        let from = micros(b, "valid_from")?;
-        let (country, make, model, segment) =
-            (strings_of(b, "country")?, strings_of(b, "make")?, strings_of(b, "model")?, strings_of(b, "segment")?);
-        let active = bools(b, "is_active")?;
-        let price = prices(b, "price_last_eur")?;
         let median = f64s(b, "neighbour_median_eur")?;
         let rating = f64s(b, "price_rating")?;
         let emb = b
@@ -571,19 +580,13 @@ async fn read_all(ds: &Dataset) -> Result<Vec<Row>, MlError> {
             .downcast_ref::<Float32Array>()
             .ok_or_else(|| MlError::Arrow("the embedding is not float32".into()))?;
         let offset = emb.offset() * dim;
-        for i in 0..b.num_rows() {
+        for (i, row) in base_rows(b)?.into_iter().enumerate() {
+            let Some(row) = row else { continue };
             rows.push(Row {
-                listing_id: ids[i].unwrap_or_default(),
-                valid_from: from[i].unwrap_or_default(),
-                country: country[i].clone(),
-                make: make[i].clone(),
-                model: model[i].clone(),
-                segment: segment[i].clone(),
-                is_active: active[i].unwrap_or(false),
-                price: price[i],
                 embedding: values.values()[offset + i * dim..offset + (i + 1) * dim].to_vec(),
                 neighbour_median: median[i],
                 rating: rating[i],
+                ..row
             });
         }
     }
@@ -591,11 +594,7 @@ async fn read_all(ds: &Dataset) -> Result<Vec<Row>, MlError> {
 }
 
 /// (listing_id, valid_from) of every open feature version.
-async fn open_versions(lake: &Lake) -> Result<HashMap<i64, i64>, MlError> {
-    let mut session = weir_derive::LakeSession::open(lake, &[]).await?;
-    if session.register_delta(lake, FEATURES).await?.is_none() {
-        return Err(MlError::Missing(format!("{FEATURES} is not in the lake yet")));
-    }
+async fn open_versions(session: &weir_derive::LakeSession) -> Result<HashMap<i64, i64>, MlError> {
     let batches = session
         .ctx
         .sql(&format!("SELECT listing_id, valid_from FROM {FEATURES} WHERE valid_to IS NULL"))
@@ -623,7 +622,8 @@ async fn incremental(
 ) -> Result<RefreshReport, MlError> {
     let mut phases = Vec::new();
     let t = Instant::now();
-    let open = open_versions(lake).await?;
+    let session = features_session(lake).await?;
+    let open = open_versions(&session).await?;
     let mut rows = read_all(&ds).await?;
     let stored: HashMap<i64, i64> = rows.iter().map(|r| (r.listing_id, r.valid_from)).collect();
     let mut changed: Vec<i64> =
@@ -642,7 +642,7 @@ async fn incremental(
         });
     }
     let t = Instant::now();
-    let (mut fresh, numeric, texts) = open_features(lake, Some(&changed)).await?;
+    let (mut fresh, numeric, texts) = open_features(&session, Some(&changed)).await?;
     embed_rows(&stats, &mut fresh, &numeric, &texts);
     phases.push(("read + embed changes", t.elapsed()));
     let t = Instant::now();

@@ -9,7 +9,7 @@
 use std::time::{Duration, Instant};
 
 use crate::common;
-use crate::flight::{Served, serve_logged, served_vw};
+use crate::flight::{Served, serve_at, serve_logged, served_vw};
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn fdw_reads_the_mart_like_the_legacy_table() {
@@ -45,6 +45,20 @@ async fn fdw_reads_the_mart_like_the_legacy_table() {
         .unwrap()
         .get(0);
     assert_eq!(scale.split('.').nth(1).map(str::len), Some(2), "numeric keeps its scale: {scale}");
+    // The FDW builds numerics from their digits, not their text: the binary form (digits,
+    // weight, sign, display scale) equals the legacy table's, value by value, over negative,
+    // zero and whole values too.
+    let numerics = ["price_first_eur", "price_last_eur", "price_min_eur", "price_max_eur", "price_drop_pct"];
+    let differ = numerics
+        .iter()
+        .map(|c| format!("numeric_send(f.{c}) IS DISTINCT FROM numeric_send(l.{c})"))
+        .collect::<Vec<_>>()
+        .join(" OR ");
+    let sql = format!("SELECT count(*) FROM lake_ads_vw f JOIN ads_vw l USING (listing_id) WHERE {differ}");
+    assert_eq!(common::scalar_i64(&c, &sql).await, 0, "{sql}");
+    assert!(n("SELECT count(*) FROM ads_vw WHERE price_drop_pct < 0").await > 0);
+    assert!(n("SELECT count(*) FROM ads_vw WHERE price_drop_pct = 0").await > 0);
+    assert!(n("SELECT count(*) FROM ads_vw WHERE price_last_eur = trunc(price_last_eur, -2)").await > 0);
 
     // Pushdown: visible in EXPLAIN VERBOSE and in the server's log, results unchanged.
     let plan: Vec<String> = c
@@ -230,4 +244,16 @@ async fn fdw_reads_the_mart_like_the_legacy_table() {
     let took = t.elapsed();
     assert!(weir_postgres::conn::db_message(&err).contains("statement timeout"), "{err}");
     assert!(took < Duration::from_secs(3), "cancelled after {took:?}");
+
+    // The backend keeps its connection and token between scans; a restarted server (which
+    // has forgotten both) is reconnected and re-authenticated, not an error.
+    c.batch_execute("RESET statement_timeout").await.unwrap();
+    let port = server.port;
+    drop(server);
+    let _restarted = serve_at(&dir.path().join("lake"), &config, &[], None, port);
+    assert_eq!(n("SELECT count(*) FROM lake_ads_vw").await, legacy);
+    assert_eq!(
+        n("SELECT count(*) FROM lake_ads_vw WHERE listing_id = 21").await,
+        n("SELECT count(*) FROM ads_vw WHERE listing_id = 21").await
+    );
 }

@@ -39,9 +39,21 @@ pub fn serve_logged(
     extra: &[&str],
     log: Option<&std::path::Path>,
 ) -> Server {
+    serve_at(lake_dir, config, extra, log, 0)
+}
+
+/// [`serve_logged`] on a given port (0: a free one).
+pub fn serve_at(
+    lake_dir: &std::path::Path,
+    config: &std::path::Path,
+    extra: &[&str],
+    log: Option<&std::path::Path>,
+    port: u16,
+) -> Server {
+    let addr = format!("127.0.0.1:{port}");
     let mut child = Command::new(common::weir_bin())
         .current_dir(env!("CARGO_MANIFEST_DIR").to_string() + "/../..")
-        .args(["--config", config.to_str().unwrap(), "serve", "--addr", "127.0.0.1:0", "--refresh-ms", "100"])
+        .args(["--config", config.to_str().unwrap(), "serve", "--addr", &addr, "--refresh-ms", "100"])
         .args(["--lake", &format!("file://{}", lake_dir.display())])
         .args(extra)
         .env("WEIR_LOG", "warn,weir_flight=debug")

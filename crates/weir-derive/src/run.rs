@@ -528,6 +528,21 @@ pub(crate) fn writer_properties() -> WriterProperties {
         .build()
 }
 
+/// [`writer_properties`] for tables stored in key order and read by key: pages of at most
+/// [`LOOKUP_PAGE_ROWS`] rows and no dictionaries (a lookup would read and decode every
+/// column's whole dictionary page before its one data page).
+pub(crate) fn lookup_writer_properties() -> WriterProperties {
+    WriterProperties::builder()
+        .set_compression(Compression::ZSTD(ZstdLevel::try_new(3).expect("valid level")))
+        .set_statistics_enabled(EnabledStatistics::Page)
+        .set_data_page_row_count_limit(LOOKUP_PAGE_ROWS)
+        .set_dictionary_enabled(false)
+        .build()
+}
+
+/// Rows per data page of key-ordered tables: a point lookup decodes this many rows per column.
+pub const LOOKUP_PAGE_ROWS: usize = 4096;
+
 async fn write(
     lake: &Lake,
     table: deltalake::DeltaTable,
@@ -550,7 +565,15 @@ async fn write(
         }
     }
     let werr = |m: String| DeriveError::Write { table: rel.to_string(), message: m };
-    let props = writer_properties();
+    let (df, props) = if job.layer == crate::jobs::Layer::Gold && !job.key.is_empty() {
+        // Marts are what Flight clients and the FDW look up by key: stored in key order with
+        // small pages, a lookup's page-index pruning decodes one page per column, not the file.
+        let order = job.key.iter().map(|k| datafusion::prelude::ident(k).sort(true, false)).collect();
+        let df = df.sort(order).map_err(df_err(format!("sorting {}", job.file.display())))?;
+        (df, lookup_writer_properties())
+    } else {
+        (df, writer_properties())
+    };
     let partition = if job.partition.is_empty() { None } else { Some(job.partition.clone()) };
     let mut writer = RecordBatchWriter::try_new(
         lake.table_url(rel).as_str(),

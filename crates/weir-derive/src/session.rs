@@ -35,6 +35,17 @@ pub fn session_context() -> Result<SessionContext, DeriveError> {
 
 /// [`session_context`] with a memory limit for the whole session (bytes): a query over it
 /// fails with "Resources exhausted"; nothing spills to disk.
+/// Parquet footers and page indexes, shared by every memory-limited (per-query) session of
+/// the process: a point lookup should not re-read them each time. Keyed by path, size and
+/// modification time, so a rewritten file is never served from it.
+static SHARED_METADATA_CACHE: std::sync::LazyLock<
+    Arc<dyn datafusion::execution::cache::cache_manager::FileMetadataCache>,
+> = std::sync::LazyLock::new(|| {
+    Arc::new(datafusion::execution::cache::DefaultFilesMetadataCache::new(
+        datafusion::execution::cache::cache_manager::DEFAULT_METADATA_CACHE_LIMIT,
+    ))
+});
+
 pub fn session_context_limited(memory_limit: Option<usize>) -> Result<SessionContext, DeriveError> {
     let config = SessionConfig::new()
         .set_bool("datafusion.sql_parser.parse_float_as_decimal", true)
@@ -49,6 +60,10 @@ pub fn session_context_limited(memory_limit: Option<usize>) -> Result<SessionCon
         Some(bytes) => {
             let runtime = datafusion::execution::runtime_env::RuntimeEnvBuilder::new()
                 .with_memory_limit(bytes, 1.0)
+                .with_cache_manager(
+                    datafusion::execution::cache::cache_manager::CacheManagerConfig::default()
+                        .with_file_metadata_cache(Some(SHARED_METADATA_CACHE.clone())),
+                )
                 .with_disk_manager_builder(
                     datafusion::execution::disk_manager::DiskManagerBuilder::default()
                         .with_mode(datafusion::execution::disk_manager::DiskManagerMode::Disabled),

@@ -20,12 +20,19 @@
 
 use std::collections::HashMap;
 use std::ffi::CStr;
+use std::sync::Arc;
 use std::time::Duration;
 
 use arrow_array::cast::AsArray;
-use arrow_array::types::{Decimal128Type, Float32Type, Float64Type, Int16Type, Int32Type, Int64Type};
-use arrow_array::{Array, ArrayRef, RecordBatch};
+use arrow_array::types::{
+    Date32Type, Decimal128Type, Float32Type, Float64Type, Int16Type, Int32Type, Int64Type, TimestampMicrosecondType,
+};
+use arrow_array::{
+    Array, ArrayRef, BooleanArray, Date32Array, Decimal128Array, Float32Array, Float64Array, Int16Array, Int32Array,
+    Int64Array, LargeStringArray, RecordBatch, StringArray, StringViewArray, TimestampMicrosecondArray,
+};
 use arrow_flight::decode::FlightRecordBatchStream;
+use arrow_flight::error::FlightError;
 use arrow_flight::sql::client::FlightSqlServiceClient;
 use arrow_flight::sql::CommandGetTables;
 use arrow_schema::{DataType, Schema, TimeUnit};
@@ -34,9 +41,15 @@ use pgrx::pg_sys::panic::ErrorReport;
 use pgrx::prelude::*;
 use pgrx::{AnyNumeric, PgList, PgSqlErrorCode};
 use supabase_wrappers::prelude::*;
+use tokio::runtime::Runtime;
+use tokio::sync::mpsc;
 use tonic::transport::Channel;
 
 pgrx::pg_module_magic!();
+
+// Varlena headers and numeric digits are written in the little-endian layout.
+#[cfg(target_endian = "big")]
+compile_error!("weir_fdw writes PostgreSQL varlena headers for little-endian machines only");
 
 pgrx::extension_sql!(
     r#"CREATE FOREIGN DATA WRAPPER weir_fdw HANDLER weir_fdw_handler VALIDATOR weir_fdw_validator;"#,
@@ -128,16 +141,66 @@ fn server_err(e: impl std::fmt::Display) -> WeirFdwError {
     error_type = "WeirFdwError"
 )]
 pub(crate) struct WeirFdw {
-    rt: Runtime,
+    rt: Arc<Runtime>,
     url: String,
     credentials: HashMap<String, String>,
-    client: Option<FlightSqlServiceClient<Channel>>,
-    stream: Option<FlightRecordBatchStream>,
+    /// Batches read ahead by a task on the backend's runtime, while PostgreSQL converts the
+    /// current one.
+    rx: Option<mpsc::Receiver<Result<RecordBatch, FlightError>>>,
+    prefetch: Option<tokio::task::AbortHandle>,
     batch: Option<RecordBatch>,
-    /// For each target column, its index in the current batch.
-    index: Vec<usize>,
+    /// For each target column, its column of the current batch.
+    typed: Vec<Typed>,
     pos: usize,
     columns: Vec<Column>,
+}
+
+/// Batches a scan reads ahead of PostgreSQL.
+const PREFETCH_BATCHES: usize = 4;
+
+thread_local! {
+    /// One runtime per backend (PostgreSQL backends are single-threaded processes).
+    static RUNTIME: std::cell::OnceCell<Arc<Runtime>> = const { std::cell::OnceCell::new() };
+    /// Authenticated clients by server URL and credentials, kept for the backend's life: a
+    /// point lookup should not pay for a TCP connection, an HTTP/2 handshake and an auth
+    /// round trip every time.
+    static CLIENTS: std::cell::RefCell<HashMap<String, FlightSqlServiceClient<Channel>>> =
+        std::cell::RefCell::new(HashMap::new());
+}
+
+/// The backend's runtime: one worker thread that reads the network while the backend converts
+/// rows. Its threads block every signal, so PostgreSQL's handlers (statement_timeout, cancel)
+/// always run on the backend's own thread.
+fn runtime() -> Result<Arc<Runtime>, WeirFdwError> {
+    RUNTIME.with(|cell| {
+        if let Some(rt) = cell.get() {
+            return Ok(rt.clone());
+        }
+        let rt = tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(1)
+            .max_blocking_threads(1)
+            .enable_all()
+            .on_thread_start(|| {
+                // SAFETY: sigfillset initialises the set; pthread_sigmask only changes this thread.
+                unsafe {
+                    let mut all: libc::sigset_t = std::mem::zeroed();
+                    libc::sigfillset(&mut all);
+                    libc::pthread_sigmask(libc::SIG_BLOCK, &all, std::ptr::null_mut());
+                }
+            })
+            .build()
+            .map_err(|e| WeirFdwError::Other(format!("cannot start the network runtime: {e}")))?;
+        let rt = Arc::new(rt);
+        let _ = cell.set(rt.clone());
+        Ok(rt)
+    })
+}
+
+/// The key of a cached client: the URL and the credentials it authenticated with.
+fn client_key(url: &str, credentials: &HashMap<String, String>) -> String {
+    let mut parts: Vec<String> = credentials.iter().map(|(k, v)| format!("{k}={v}")).collect();
+    parts.sort();
+    format!("{url}\u{0}{}", parts.join("\u{0}"))
 }
 
 /// The current user's mapping options for a server (user, password or token).
@@ -176,9 +239,12 @@ impl WeirFdw {
         }
     }
 
-    fn connect(&mut self) -> Result<FlightSqlServiceClient<Channel>, WeirFdwError> {
-        if let Some(c) = &self.client {
-            return Ok(c.clone());
+    /// The backend's client for this server and user: reused when one is cached, else
+    /// connected and authenticated (the bool says which).
+    fn connect(&mut self) -> Result<(FlightSqlServiceClient<Channel>, bool), WeirFdwError> {
+        let key = client_key(&self.url, &self.credentials);
+        if let Some(c) = CLIENTS.with(|m| m.borrow().get(&key).cloned()) {
+            return Ok((c, true));
         }
         let url = self.url.clone();
         let endpoint = url.replacen("grpc+tls://", "https://", 1).replacen("grpc://", "http://", 1);
@@ -186,6 +252,7 @@ impl WeirFdw {
             .wait(async {
                 tonic::transport::Endpoint::from_shared(endpoint)?
                     .connect_timeout(Duration::from_secs(10))
+                    .tcp_nodelay(true)
                     .connect()
                     .await
             })
@@ -198,22 +265,71 @@ impl WeirFdw {
             let user = user.clone();
             self.wait(client.handshake(&user, &password)).map_err(server_err)?;
         }
-        self.client = Some(client.clone());
-        Ok(client)
+        CLIENTS.with(|m| m.borrow_mut().insert(key, client.clone()));
+        Ok((client, false))
     }
 
-    /// Runs one statement and keeps its result stream.
+    /// Forgets the cached client (its connection or token went stale).
+    fn disconnect(&self) {
+        let key = client_key(&self.url, &self.credentials);
+        CLIENTS.with(|m| m.borrow_mut().remove(&key));
+    }
+
+    /// Runs one statement and starts reading its result ahead. A failure on a reused client
+    /// (a restarted server forgets its tokens) is retried once on a fresh one.
     fn query(&mut self, sql: &str) -> Result<(), WeirFdwError> {
-        let mut client = self.connect()?;
+        let (client, reused) = self.connect()?;
+        let stream = match self.start(client, sql) {
+            Ok(s) => s,
+            Err(_) if reused => {
+                self.disconnect();
+                let (client, _) = self.connect()?;
+                self.start(client, sql)?
+            }
+            Err(e) => return Err(e),
+        };
+        let (tx, rx) = mpsc::channel(PREFETCH_BATCHES);
+        let task = self.rt.spawn(async move {
+            let mut stream = stream;
+            while let Some(item) = stream.next().await {
+                let failed = item.is_err();
+                if tx.send(item).await.is_err() || failed {
+                    break;
+                }
+            }
+        });
+        self.prefetch = Some(task.abort_handle());
+        self.rx = Some(rx);
+        Ok(())
+    }
+
+    fn start(
+        &self,
+        mut client: FlightSqlServiceClient<Channel>,
+        sql: &str,
+    ) -> Result<FlightRecordBatchStream, WeirFdwError> {
         let info = self.wait(client.execute(sql.to_string(), None)).map_err(server_err)?;
         let ticket = info
             .endpoint
             .first()
             .and_then(|e| e.ticket.clone())
             .ok_or_else(|| WeirFdwError::Server("no ticket in the answer".into()))?;
-        let stream = self.wait(client.do_get(ticket)).map_err(server_err)?;
-        self.stream = Some(stream);
-        Ok(())
+        self.wait(client.do_get(ticket)).map_err(server_err)
+    }
+
+    /// Stops reading ahead (the task ends and the server's stream is cancelled).
+    fn stop(&mut self) {
+        if let Some(task) = self.prefetch.take() {
+            task.abort();
+        }
+        self.rx = None;
+        self.batch = None;
+    }
+}
+
+impl Drop for WeirFdw {
+    fn drop(&mut self) {
+        self.stop();
     }
 }
 
@@ -278,46 +394,214 @@ fn translate(q: &Qual) -> Option<String> {
     }
 }
 
-/// The value at `row` of an Arrow column as a cell of PostgreSQL's type.
-fn cell(col: &ArrayRef, row: usize, name: &str) -> Result<Option<Cell>, WeirFdwError> {
-    if col.is_null(row) {
-        return Ok(None);
-    }
-    let bad = |message: String| WeirFdwError::Column { column: name.to_string(), message };
-    Ok(Some(match col.data_type() {
-        DataType::Boolean => Cell::Bool(col.as_boolean().value(row)),
-        DataType::Int16 => Cell::I16(col.as_primitive::<Int16Type>().value(row)),
-        DataType::Int32 => Cell::I32(col.as_primitive::<Int32Type>().value(row)),
-        DataType::Int64 => Cell::I64(col.as_primitive::<Int64Type>().value(row)),
-        DataType::Float32 => Cell::F32(col.as_primitive::<Float32Type>().value(row)),
-        DataType::Float64 => Cell::F64(col.as_primitive::<Float64Type>().value(row)),
-        DataType::Utf8 => Cell::String(col.as_string::<i32>().value(row).to_string()),
-        DataType::LargeUtf8 => Cell::String(col.as_string::<i64>().value(row).to_string()),
-        DataType::Utf8View => Cell::String(col.as_string_view().value(row).to_string()),
-        DataType::Decimal128(p, s) => {
-            let v = col.as_primitive::<Decimal128Type>().value(row);
-            // The text keeps the scale, so numeric keeps it too (12.30 stays 12.30).
-            let text = <Decimal128Type as arrow_array::types::DecimalType>::format_decimal(v, *p, *s);
-            Cell::Numeric(AnyNumeric::try_from(text.as_str()).map_err(|e| bad(e.to_string()))?)
-        }
-        DataType::Date32 => {
-            let days = col.as_primitive::<arrow_array::types::Date32Type>().value(row);
-            Cell::Date(pgrx::datum::Date::saturating_from_raw(days - PG_EPOCH_DAYS))
-        }
-        DataType::Timestamp(TimeUnit::Microsecond, tz) => {
-            let us = col.as_primitive::<arrow_array::types::TimestampMicrosecondType>().value(row) - PG_EPOCH_MICROS;
-            if tz.is_some() {
-                Cell::Timestamptz(pgrx::datum::TimestampWithTimeZone::try_from(us).map_err(|e| bad(format!("{e:?}")))?)
-            } else {
-                Cell::Timestamp(pgrx::datum::Timestamp::saturating_from_raw(us))
+/// One column of the current batch, downcast once per batch so that a cell costs no dynamic
+/// dispatch.
+enum Typed {
+    Bool(BooleanArray),
+    I16(Int16Array),
+    I32(Int32Array),
+    I64(Int64Array),
+    F32(Float32Array),
+    F64(Float64Array),
+    Utf8(StringArray),
+    LargeUtf8(LargeStringArray),
+    Utf8View(StringViewArray),
+    Decimal(Decimal128Array, u8, i8),
+    Date(Date32Array),
+    Timestamp(TimestampMicrosecondArray, bool),
+}
+
+impl Typed {
+    fn new(col: &ArrayRef, name: &str) -> Result<Typed, WeirFdwError> {
+        let bad = |message: String| WeirFdwError::Column { column: name.to_string(), message };
+        Ok(match col.data_type() {
+            DataType::Boolean => Typed::Bool(col.as_boolean().clone()),
+            DataType::Int16 => Typed::I16(col.as_primitive::<Int16Type>().clone()),
+            DataType::Int32 => Typed::I32(col.as_primitive::<Int32Type>().clone()),
+            DataType::Int64 => Typed::I64(col.as_primitive::<Int64Type>().clone()),
+            DataType::Float32 => Typed::F32(col.as_primitive::<Float32Type>().clone()),
+            DataType::Float64 => Typed::F64(col.as_primitive::<Float64Type>().clone()),
+            DataType::Utf8 => Typed::Utf8(col.as_string::<i32>().clone()),
+            DataType::LargeUtf8 => Typed::LargeUtf8(col.as_string::<i64>().clone()),
+            DataType::Utf8View => Typed::Utf8View(col.as_string_view().clone()),
+            DataType::Decimal128(p, s) => Typed::Decimal(col.as_primitive::<Decimal128Type>().clone(), *p, *s),
+            DataType::Date32 => Typed::Date(col.as_primitive::<Date32Type>().clone()),
+            DataType::Timestamp(TimeUnit::Microsecond, tz) => {
+                Typed::Timestamp(col.as_primitive::<TimestampMicrosecondType>().clone(), tz.is_some())
             }
+            DataType::Dictionary(_, v) if matches!(v.as_ref(), DataType::Utf8) => {
+                let plain = arrow_cast::cast(col, &DataType::Utf8).map_err(|e| bad(e.to_string()))?;
+                Typed::Utf8(plain.as_string::<i32>().clone())
+            }
+            other => return Err(bad(format!("the Arrow type {other} has no PostgreSQL mapping here"))),
+        })
+    }
+
+    /// The value at `row` as a cell of PostgreSQL's type (None for NULL).
+    fn cell(&self, row: usize, name: &str, arena: &mut RowArena) -> Result<Option<Cell>, WeirFdwError> {
+        let bad = |message: String| WeirFdwError::Column { column: name.to_string(), message };
+        macro_rules! value {
+            ($a:expr) => {{
+                if $a.is_null(row) {
+                    return Ok(None);
+                }
+                $a.value(row)
+            }};
         }
-        DataType::Dictionary(_, _) => {
-            let plain = arrow_cast::cast(col, &DataType::Utf8).map_err(|e| bad(e.to_string()))?;
-            return cell(&plain, row, name);
+        Ok(Some(match self {
+            Typed::Bool(a) => Cell::Bool(value!(a)),
+            Typed::I16(a) => Cell::I16(value!(a)),
+            Typed::I32(a) => Cell::I32(value!(a)),
+            Typed::I64(a) => Cell::I64(value!(a)),
+            Typed::F32(a) => Cell::F32(value!(a)),
+            Typed::F64(a) => Cell::F64(value!(a)),
+            Typed::Utf8(a) => arena.text(value!(a).as_bytes()),
+            Typed::LargeUtf8(a) => arena.text(value!(a).as_bytes()),
+            Typed::Utf8View(a) => arena.text(value!(a).as_bytes()),
+            Typed::Decimal(a, p, s) => {
+                let v = value!(a);
+                match arena.numeric(v, *s) {
+                    Some(n) => n,
+                    None => {
+                        // The text keeps the scale, so numeric keeps it too (12.30 stays 12.30).
+                        let text = <Decimal128Type as arrow_array::types::DecimalType>::format_decimal(v, *p, *s);
+                        Cell::Numeric(AnyNumeric::try_from(text.as_str()).map_err(|e| bad(e.to_string()))?)
+                    }
+                }
+            }
+            Typed::Date(a) => Cell::Date(pgrx::datum::Date::saturating_from_raw(value!(a) - PG_EPOCH_DAYS)),
+            Typed::Timestamp(a, tz) => {
+                let us = value!(a) - PG_EPOCH_MICROS;
+                if *tz {
+                    Cell::Timestamptz(
+                        pgrx::datum::TimestampWithTimeZone::try_from(us).map_err(|e| bad(format!("{e:?}")))?,
+                    )
+                } else {
+                    Cell::Timestamp(pgrx::datum::Timestamp::saturating_from_raw(us))
+                }
+            }
+        }))
+    }
+}
+
+/// PostgreSQL's numeric header bits (src/backend/utils/adt/numeric.c, short format).
+const NUMERIC_SHORT: u16 = 0x8000;
+const NUMERIC_SHORT_SIGN_MASK: u16 = 0x2000;
+const NUMERIC_SHORT_DSCALE_SHIFT: u16 = 7;
+const NUMERIC_SHORT_DSCALE_MAX: i8 = 63;
+const NUMERIC_SHORT_WEIGHT_SIGN_MASK: u16 = 0x0040;
+const NUMERIC_SHORT_WEIGHT_MASK: u16 = 0x003F;
+const NBASE: u64 = 10_000;
+
+/// Base-10000 digits of `n` × 10^-`scale` (most significant first, in `buf[start..]`) and
+/// the weight of the first, stripped of leading and trailing zero digits as numeric.c's
+/// make_result stores them; None when the aligned value does not fit 128 bits.
+fn numeric_digits(n: u128, scale: u32, buf: &mut [u16; 12]) -> Option<(usize, i32)> {
+    let pad = (4 - scale % 4) % 4;
+    let mut n = n.checked_mul(10u128.pow(pad))?;
+    let frac_groups = ((scale + pad) / 4) as i32;
+    // Filled from the end: buf[start..] is most significant first.
+    let mut start = buf.len();
+    while n > u64::MAX as u128 {
+        start -= 1;
+        buf[start] = (n % NBASE as u128) as u16;
+        n /= NBASE as u128;
+    }
+    let mut n = n as u64;
+    while n > 0 {
+        start -= 1;
+        buf[start] = (n % NBASE) as u16;
+        n /= NBASE;
+    }
+    let weight = (buf.len() - start) as i32 - 1 - frac_groups;
+    Some((start, weight))
+}
+
+/// Memory for one row's varlena values (text, numeric), palloc'd in the memory context that
+/// is current while the framework asks for a row: the executor's per-tuple context, reset
+/// before the next row, as file_fdw does. The values reach the slot as plain pointers
+/// (`Cell::Bytea`): no Rust allocation, no second copy, and nothing piles up in the
+/// framework's scan-long context (where `Cell::String` and `Cell::Numeric` datums are copied
+/// and only freed when the scan ends).
+struct RowArena {
+    next: *mut u8,
+    left: usize,
+}
+
+/// Bytes the arena asks PostgreSQL for at a time: well inside the per-tuple context's first
+/// block, so a row's values normally cost one palloc and no malloc.
+const ARENA_CHUNK: usize = 2048;
+
+impl RowArena {
+    /// An empty arena for one row: it must not outlive the row (the context is reset).
+    fn for_row() -> Self {
+        RowArena { next: std::ptr::null_mut(), left: 0 }
+    }
+
+    /// `len` bytes, 8-aligned (a varlena needs 4).
+    fn alloc(&mut self, len: usize) -> *mut u8 {
+        let len = (len + 7) & !7;
+        if len > self.left {
+            let size = len.max(ARENA_CHUNK);
+            // SAFETY: palloc returns MAXALIGNed memory of `size` bytes or raises an ERROR.
+            self.next = unsafe { pg_sys::palloc(size) }.cast::<u8>();
+            self.left = size;
         }
-        other => return Err(bad(format!("the Arrow type {other} has no PostgreSQL mapping here"))),
-    }))
+        let p = self.next;
+        // SAFETY: `len <= left`, so the pointer stays inside the allocation.
+        self.next = unsafe { p.add(len) };
+        self.left -= len;
+        p
+    }
+
+    /// A varlena with a 4-byte header and `payload` bytes, whose payload `fill` writes.
+    fn varlena(&mut self, payload: usize, fill: impl FnOnce(&mut [u8])) -> Cell {
+        let len = 4 + payload;
+        let p = self.alloc(len);
+        // SAFETY: `p` holds `len` bytes; SET_VARSIZE of a 4-byte header is `len << 2`.
+        unsafe {
+            p.cast::<u32>().write((len as u32) << 2);
+            fill(std::slice::from_raw_parts_mut(p.add(4), payload));
+        }
+        Cell::Bytea(p.cast())
+    }
+
+    /// A text (or varchar, or char(n)) value: its bytes behind a varlena header.
+    fn text(&mut self, bytes: &[u8]) -> Cell {
+        self.varlena(bytes.len(), |out| out.copy_from_slice(bytes))
+    }
+
+    /// A Decimal128 value as a PostgreSQL numeric of the same display scale, built byte for
+    /// byte as numeric.c's make_result builds it (short format), without the text round trip;
+    /// None when it does not fit the short format (then the text path is used).
+    fn numeric(&mut self, v: i128, scale: i8) -> Option<Cell> {
+        if !(0..=NUMERIC_SHORT_DSCALE_MAX).contains(&scale) {
+            return None;
+        }
+        let mut buf = [0u16; 12];
+        let (start, weight) = numeric_digits(v.unsigned_abs(), scale as u32, &mut buf)?;
+        // Trailing zero digits carry nothing: numeric drops them.
+        let end = buf.len() - buf[start..].iter().rev().take_while(|&&d| d == 0).count();
+        let digits = &buf[start..end];
+        let (weight, negative) = if digits.is_empty() { (0, false) } else { (weight, v < 0) };
+        if !(-64..=63).contains(&weight) {
+            return None;
+        }
+        let mut header = NUMERIC_SHORT | ((scale as u16) << NUMERIC_SHORT_DSCALE_SHIFT);
+        if negative {
+            header |= NUMERIC_SHORT_SIGN_MASK;
+        }
+        if weight < 0 {
+            header |= NUMERIC_SHORT_WEIGHT_SIGN_MASK;
+        }
+        header |= (weight as u16) & NUMERIC_SHORT_WEIGHT_MASK;
+        Some(self.varlena(2 + 2 * digits.len(), |out| {
+            out[..2].copy_from_slice(&header.to_ne_bytes());
+            for (i, d) in digits.iter().enumerate() {
+                out[2 + 2 * i..4 + 2 * i].copy_from_slice(&d.to_ne_bytes());
+            }
+        }))
+    }
 }
 
 /// The PostgreSQL type IMPORT FOREIGN SCHEMA gives an Arrow column.
@@ -343,13 +627,13 @@ impl ForeignDataWrapper<WeirFdwError> for WeirFdw {
     fn new(server: ForeignServer) -> Result<Self, WeirFdwError> {
         let url = require_option("url", &server.options)?.to_string();
         Ok(WeirFdw {
-            rt: create_async_runtime()?,
+            rt: runtime()?,
             url,
             credentials: user_mapping_options(server.server_oid),
-            client: None,
-            stream: None,
+            rx: None,
+            prefetch: None,
             batch: None,
-            index: vec![],
+            typed: vec![],
             pos: 0,
             columns: vec![],
         })
@@ -377,7 +661,7 @@ impl ForeignDataWrapper<WeirFdwError> for WeirFdw {
             sql.push_str(&filters.join(" AND "));
         }
         pgrx::debug1!("weir_fdw: {sql}");
-        self.batch = None;
+        self.stop();
         self.pos = 0;
         self.query(&sql)
     }
@@ -386,31 +670,37 @@ impl ForeignDataWrapper<WeirFdwError> for WeirFdw {
         loop {
             if let Some(b) = &self.batch {
                 if self.pos < b.num_rows() {
-                    for (c, &i) in self.columns.iter().zip(&self.index) {
-                        row.push(&c.name, cell(b.column(i), self.pos, &c.name)?);
+                    let mut arena = RowArena::for_row();
+                    for (c, t) in self.columns.iter().zip(&self.typed) {
+                        // The framework places cells by position (its target list) and reads
+                        // `cols` only for its length: an empty name costs no allocation, where
+                        // Row::push would copy the column name for every cell.
+                        row.cols.push(String::new());
+                        row.cells.push(t.cell(self.pos, &c.name, &mut arena)?);
                     }
                     self.pos += 1;
                     return Ok(Some(()));
                 }
             }
-            let Some(mut stream) = self.stream.take() else { return Ok(None) };
-            let next = self.wait(stream.next());
-            self.stream = Some(stream);
+            let Some(mut rx) = self.rx.take() else { return Ok(None) };
+            let next = self.wait(rx.recv());
+            self.rx = Some(rx);
             match next {
                 None => {
-                    self.stream = None;
+                    self.stop();
                     return Ok(None);
                 }
                 Some(Ok(b)) => {
-                    // Column positions once per batch, not once per cell.
-                    self.index = self
+                    // Columns found and typed once per batch, not once per cell.
+                    self.typed = self
                         .columns
                         .iter()
                         .map(|c| {
-                            b.schema().index_of(&c.name).map_err(|_| WeirFdwError::Column {
+                            let col = b.column_by_name(&c.name).ok_or_else(|| WeirFdwError::Column {
                                 column: c.name.clone(),
                                 message: "not in the server's answer".into(),
-                            })
+                            })?;
+                            Typed::new(col, &c.name)
                         })
                         .collect::<Result<_, _>>()?;
                     self.batch = Some(b);
@@ -426,13 +716,12 @@ impl ForeignDataWrapper<WeirFdwError> for WeirFdw {
     }
 
     fn end_scan(&mut self) -> Result<(), WeirFdwError> {
-        self.stream = None;
-        self.batch = None;
+        self.stop();
         Ok(())
     }
 
     fn import_foreign_schema(&mut self, stmt: ImportForeignSchemaStmt) -> Result<Vec<String>, WeirFdwError> {
-        let mut client = self.connect()?;
+        let (mut client, _) = self.connect()?;
         let cmd = CommandGetTables {
             catalog: None,
             db_schema_filter_pattern: Some(stmt.remote_schema.clone()),

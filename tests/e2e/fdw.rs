@@ -154,6 +154,52 @@ async fn fdw_reads_the_mart_like_the_legacy_table() {
         let b: i64 = c.query_one(legacy_sql, &[]).await.unwrap().get(0);
         assert_eq!(a, b, "{lake_sql}");
     }
+    // LIMIT (with its ORDER BY) goes to the server only when that is safe: one table, every
+    // clause translated, ordered by plain columns of ordered types.
+    let ids = |sql: String| {
+        let c = &c;
+        async move {
+            let rows = c.query(&sql, &[]).await.unwrap_or_else(|e| panic!("{sql}: {e}"));
+            rows.iter().map(|r| r.get::<_, i64>(0)).collect::<Vec<i64>>()
+        }
+    };
+    for (sql, pushed) in [
+        (
+            "SELECT listing_id FROM {t} WHERE price_last_eur > 1000 ORDER BY price_last_eur DESC, listing_id LIMIT 4",
+            Some("LIMIT 4"),
+        ),
+        (
+            "SELECT listing_id FROM {t} WHERE country IN ('DE', 'AT') OR zip IS NULL ORDER BY listing_id LIMIT 6 OFFSET 3",
+            None,
+        ),
+        (
+            "SELECT listing_id FROM {t} WHERE listing_id >= 5 ORDER BY listing_id DESC NULLS FIRST LIMIT 6 OFFSET 3",
+            Some("LIMIT 9"),
+        ),
+        ("SELECT listing_id FROM {t} ORDER BY title, listing_id LIMIT 8", None),
+    ] {
+        let lake = ids(sql.replace("{t}", "lake_ads_vw")).await;
+        let legacy = ids(sql.replace("{t}", "ads_vw")).await;
+        assert!(!lake.is_empty());
+        assert_eq!(lake, legacy, "{sql}");
+        let server_log = std::fs::read_to_string(&log).unwrap_or_default();
+        if let Some(p) = pushed {
+            assert!(server_log.contains(p) && server_log.contains("ORDER BY"), "{sql}: {p} not pushed");
+        }
+    }
+    let server_log = std::fs::read_to_string(&log).unwrap_or_default();
+    for never in ["LIMIT 5", "LIMIT 7", "LIMIT 8", "LIMIT 6"] {
+        assert!(!server_log.contains(never), "{never} must stay in PostgreSQL");
+    }
+    let plan: Vec<String> = c
+        .query("EXPLAIN VERBOSE SELECT listing_id FROM lake_ads_vw ORDER BY listing_id LIMIT 3", &[])
+        .await
+        .unwrap()
+        .iter()
+        .map(|r| r.get(0))
+        .collect();
+    assert!(plan.join("\n").contains("count: 3"), "{}", plan.join("\n"));
+
     let sums: (String, String) = {
         let r = c
             .query_one(

@@ -13,8 +13,9 @@
 //! the same in DataFusion (=, <>, IN, IS [NOT] NULL, LIKE on any type; <, <=, >, >= on
 //! numbers, dates and timestamps only: text ordering depends on the collation). PostgreSQL
 //! re-checks every clause on the rows that come back, so a clause left out only costs
-//! transfer. Never pushed: LIMIT and aggregates. The framework offers both even when some
-//! WHERE clause was not translated or in joins, where pushing them gives wrong results.
+//! transfer. LIMIT, with its ORDER BY, only when safe (see [`limit_is_safe`]): the framework
+//! offers it even when some WHERE clause was not translated and in joins, where pushing it
+//! gives wrong results. Aggregates: never.
 //! Waits on the network happen in 100 ms slices with PostgreSQL's interrupt check between
 //! them, so statement_timeout and cancel requests work against a stalled server.
 
@@ -63,6 +64,180 @@ static FRAMEWORK_BEGIN: std::sync::OnceLock<
 > = std::sync::OnceLock::new();
 static FRAMEWORK_END: std::sync::OnceLock<unsafe extern "C-unwind" fn(*mut pg_sys::ForeignScanState)> =
     std::sync::OnceLock::new();
+type RelSizeFn = unsafe extern "C-unwind" fn(*mut pg_sys::PlannerInfo, *mut pg_sys::RelOptInfo, pg_sys::Oid);
+static FRAMEWORK_REL_SIZE: std::sync::OnceLock<RelSizeFn> = std::sync::OnceLock::new();
+
+/// The framework hands a query's LIMIT to every scan, even past WHERE clauses it could not
+/// translate and in joins, where pushing it gives wrong results. This wrapper lets it see the
+/// LIMIT only when [`limit_is_safe`] holds; `begin_scan` then also requires that every clause
+/// it was given translated.
+#[pg_guard]
+unsafe extern "C-unwind" fn guarded_rel_size(
+    root: *mut pg_sys::PlannerInfo,
+    baserel: *mut pg_sys::RelOptInfo,
+    foreigntableid: pg_sys::Oid,
+) {
+    // SAFETY: PostgreSQL hands a valid planner state; the LIMIT is restored before returning.
+    unsafe {
+        let parse = (*root).parse;
+        let hidden = !(*parse).limitCount.is_null() && !limit_is_safe(root, baserel);
+        let (count, offset) = ((*parse).limitCount, (*parse).limitOffset);
+        if hidden {
+            (*parse).limitCount = std::ptr::null_mut();
+            (*parse).limitOffset = std::ptr::null_mut();
+        }
+        if let Some(f) = FRAMEWORK_REL_SIZE.get() {
+            f(root, baserel, foreigntableid);
+        }
+        (*parse).limitCount = count;
+        (*parse).limitOffset = offset;
+    }
+}
+
+/// Types whose constants the framework hands over and whose order (for <, >, ORDER BY) is
+/// the same in DataFusion; text is excluded from ordering (its order depends on the collation).
+fn plain_type(t: pg_sys::Oid) -> bool {
+    [pg_sys::BOOLOID, pg_sys::TEXTOID].contains(&t) || ordered_type(t)
+}
+
+fn ordered_type(t: pg_sys::Oid) -> bool {
+    [
+        pg_sys::INT2OID,
+        pg_sys::INT4OID,
+        pg_sys::INT8OID,
+        pg_sys::FLOAT4OID,
+        pg_sys::FLOAT8OID,
+        pg_sys::NUMERICOID,
+        pg_sys::DATEOID,
+        pg_sys::TIMESTAMPOID,
+        pg_sys::TIMESTAMPTZOID,
+    ]
+    .contains(&t)
+}
+
+/// A column of `baserel` itself (not a whole-row or system column, not wrapped in a cast).
+unsafe fn own_column(node: *mut pg_sys::Node, baserel: *mut pg_sys::RelOptInfo) -> Option<*mut pg_sys::Var> {
+    // SAFETY: `node` is a valid planner node.
+    unsafe {
+        if node.is_null() || !pgrx::is_a(node, pg_sys::NodeTag::T_Var) {
+            return None;
+        }
+        let var = node.cast::<pg_sys::Var>();
+        ((*var).varno as u32 == (*baserel).relid && (*var).varattno >= 1 && (*var).varlevelsup == 0).then_some(var)
+    }
+}
+
+/// A WHERE clause of a form the framework turns into exactly one `Qual` (a column compared
+/// with a constant, IN/NOT IN a constant list, IS [NOT] NULL).
+unsafe fn simple_clause(clause: *mut pg_sys::Node, baserel: *mut pg_sys::RelOptInfo) -> bool {
+    // SAFETY: `clause` is a valid expression node of the planner.
+    unsafe {
+        let args = |list: *mut pg_sys::List| PgList::<pg_sys::Node>::from_pg(list);
+        if pgrx::is_a(clause, pg_sys::NodeTag::T_OpExpr) {
+            let op = clause.cast::<pg_sys::OpExpr>();
+            let a = args((*op).args);
+            if a.len() != 2 {
+                return false;
+            }
+            let (Some(_), Some(c)) = (own_column(a.get_ptr(0).unwrap_or(std::ptr::null_mut()), baserel), a.get_ptr(1))
+            else {
+                return false;
+            };
+            if !pgrx::is_a(c, pg_sys::NodeTag::T_Const) {
+                return false;
+            }
+            let c = c.cast::<pg_sys::Const>();
+            let name = pg_sys::get_opname((*op).opno);
+            if name.is_null() || (*c).constisnull {
+                return false;
+            }
+            let name = CStr::from_ptr(name).to_string_lossy();
+            match name.as_ref() {
+                "=" | "<>" => plain_type((*c).consttype),
+                "<" | "<=" | ">" | ">=" => ordered_type((*c).consttype),
+                "~~" | "!~~" => (*c).consttype == pg_sys::TEXTOID,
+                _ => false,
+            }
+        } else if pgrx::is_a(clause, pg_sys::NodeTag::T_ScalarArrayOpExpr) {
+            let op = clause.cast::<pg_sys::ScalarArrayOpExpr>();
+            let a = args((*op).args);
+            if a.len() != 2 {
+                return false;
+            }
+            let (Some(_), Some(c)) = (own_column(a.get_ptr(0).unwrap_or(std::ptr::null_mut()), baserel), a.get_ptr(1))
+            else {
+                return false;
+            };
+            if !pgrx::is_a(c, pg_sys::NodeTag::T_Const) || (*c.cast::<pg_sys::Const>()).constisnull {
+                return false;
+            }
+            let element = pg_sys::get_element_type((*c.cast::<pg_sys::Const>()).consttype);
+            let name = pg_sys::get_opname((*op).opno);
+            !name.is_null()
+                && plain_type(element)
+                && matches!((CStr::from_ptr(name).to_bytes(), (*op).useOr), (b"=", true) | (b"<>", false))
+        } else if pgrx::is_a(clause, pg_sys::NodeTag::T_NullTest) {
+            let t = clause.cast::<pg_sys::NullTest>();
+            !(*t).argisrow && own_column((*t).arg.cast(), baserel).is_some()
+        } else {
+            false
+        }
+    }
+}
+
+/// Whether the query's LIMIT may be applied on the server: this table is the query's only
+/// relation, nothing between the scan and the LIMIT changes the row count or order
+/// (grouping, aggregates, window functions, DISTINCT, set operations, set-returning
+/// functions, WITH TIES), every WHERE clause is one the framework hands over, and every
+/// ORDER BY key is a plain column of an ordered type (so it can be pushed with the LIMIT).
+unsafe fn limit_is_safe(root: *mut pg_sys::PlannerInfo, baserel: *mut pg_sys::RelOptInfo) -> bool {
+    // SAFETY: valid planner state, read only.
+    unsafe {
+        let q = (*root).parse;
+        if (*q).commandType != pg_sys::CmdType::CMD_SELECT
+            || (*q).hasAggs
+            || (*q).hasWindowFuncs
+            || (*q).hasTargetSRFs
+            || !(*q).groupClause.is_null()
+            || !(*q).groupingSets.is_null()
+            || !(*q).havingQual.is_null()
+            || !(*q).distinctClause.is_null()
+            || !(*q).setOperations.is_null()
+            || !(*q).rowMarks.is_null()
+            || (*q).limitOption != pg_sys::LimitOption::LIMIT_OPTION_COUNT
+            || (*q).jointree.is_null()
+        {
+            return false;
+        }
+        let from = PgList::<pg_sys::Node>::from_pg((*(*q).jointree).fromlist);
+        let only = match (from.len(), from.get_ptr(0)) {
+            (1, Some(n)) if pgrx::is_a(n, pg_sys::NodeTag::T_RangeTblRef) => n.cast::<pg_sys::RangeTblRef>(),
+            _ => return false,
+        };
+        if (*only).rtindex as u32 != (*baserel).relid {
+            return false;
+        }
+        let clauses = PgList::<pg_sys::RestrictInfo>::from_pg((*baserel).baserestrictinfo);
+        if !clauses.iter_ptr().all(|ri| simple_clause((*ri).clause.cast(), baserel)) {
+            return false;
+        }
+        let keys = PgList::<pg_sys::PathKey>::from_pg((*root).query_pathkeys);
+        let ordered = keys.iter_ptr().all(|pk| {
+            let ec = (*pk).pk_eclass;
+            if (*ec).ec_has_volatile {
+                return false;
+            }
+            // The member the framework picks: the first one of this relation, and it must be
+            // a plain column.
+            let members = PgList::<pg_sys::EquivalenceMember>::from_pg((*ec).ec_members);
+            let first = members.iter_ptr().find(|em| pg_sys::bms_equal((**em).em_relids, (*baserel).relids));
+            first
+                .and_then(|em| own_column((*em).em_expr.cast(), baserel))
+                .is_some_and(|var| ordered_type((*var).vartype))
+        });
+        ordered
+    }
+}
 
 /// supabase-wrappers 0.1.28 keeps a scan's state behind the plan's `fdw_private` and frees it
 /// when the scan ends, so running a cached plan a second time (a prepared statement on its
@@ -643,8 +818,8 @@ impl ForeignDataWrapper<WeirFdwError> for WeirFdw {
         &mut self,
         quals: &[Qual],
         columns: &[Column],
-        _sorts: &[Sort],
-        _limit: &Option<Limit>,
+        sorts: &[Sort],
+        limit: &Option<Limit>,
         options: &HashMap<String, String>,
     ) -> Result<(), WeirFdwError> {
         let table = require_option("table", options)?.to_string();
@@ -659,6 +834,24 @@ impl ForeignDataWrapper<WeirFdwError> for WeirFdw {
         if !filters.is_empty() {
             sql.push_str(" WHERE ");
             sql.push_str(&filters.join(" AND "));
+        }
+        // The planner let the LIMIT through only when it is safe (guarded_rel_size); it still
+        // needs every clause to have reached the server. The ORDER BY goes with it (the server
+        // then returns the right first rows; PostgreSQL sorts them again).
+        if let Some(limit) = limit.as_ref().filter(|l| l.count >= 0 && filters.len() == quals.len()) {
+            if !sorts.is_empty() {
+                let keys: Vec<String> = sorts
+                    .iter()
+                    .map(|s| {
+                        let dir = if s.reversed { "DESC" } else { "ASC" };
+                        let nulls = if s.nulls_first { "NULLS FIRST" } else { "NULLS LAST" };
+                        format!("{} {dir} {nulls}", quote_ident(&s.field))
+                    })
+                    .collect();
+                sql.push_str(" ORDER BY ");
+                sql.push_str(&keys.join(", "));
+            }
+            sql.push_str(&format!(" LIMIT {}", limit.count.saturating_add(limit.offset.max(0))));
         }
         pgrx::debug1!("weir_fdw: {sql}");
         self.stop();
@@ -778,6 +971,10 @@ impl ForeignDataWrapper<WeirFdwError> for WeirFdw {
     }
 
     fn fdw_routine_hook(routine: &mut supabase_wrappers::FdwRoutine<pgrx::AllocatedByRust>) {
+        if let Some(size) = routine.GetForeignRelSize {
+            let _ = FRAMEWORK_REL_SIZE.set(size);
+            routine.GetForeignRelSize = Some(guarded_rel_size);
+        }
         if let Some(begin) = routine.BeginForeignScan {
             let _ = FRAMEWORK_BEGIN.set(begin);
             routine.BeginForeignScan = Some(guarded_begin);

@@ -405,7 +405,9 @@ async fn worker(
     let client = connect(pg_url).await?;
     client
         .batch_execute(&format!(
-            "BEGIN ISOLATION LEVEL REPEATABLE READ, READ ONLY; SET TRANSACTION SNAPSHOT '{snapshot}'"
+            // JIT compiles each chunk's plain range scan anew (~0.1 s a chunk at SF 10) and
+            // buys nothing for it.
+            "BEGIN ISOLATION LEVEL REPEATABLE READ, READ ONLY; SET TRANSACTION SNAPSHOT '{snapshot}'; SET LOCAL jit = off"
         ))
         .await
         .map_err(PgError::query(format!("worker {id}: importing snapshot {snapshot}")))?;
@@ -446,7 +448,7 @@ async fn copy_chunk(
         chunk.predicate(work.run.chunk_column.as_deref())
     );
     let write_err = |message: String| IngestError::Write { table: t.name.clone(), chunk: chunk.id, message };
-    let props = crate::parquet_properties();
+    let props = crate::parquet_properties(&work.schema);
     let partition_cols: Option<Vec<String>> = t.partition_column().map(|c| vec![c]);
     let mut writer = RecordBatchWriter::try_new(
         lake.table_url(&t.bronze_path()).as_str(),
@@ -464,6 +466,9 @@ async fn copy_chunk(
     let mut batches = Vec::new();
     let mut adds = Vec::new();
     let (mut rows, mut source_bytes) = (0u64, 0u64);
+    // Bytes not yet added to the shared counter, and messages since the last abort check:
+    // PostgreSQL sends a message per row, so per-message bookkeeping is kept off the hot path.
+    let (mut uncounted, mut messages) = (0u64, 0u32);
     let mut last_check = Instant::now();
     loop {
         let next = stream.try_next().await.map_err(PgError::query(format!("{} chunk {}: COPY", t.name, chunk.id)))?;
@@ -471,11 +476,16 @@ async fn copy_chunk(
         match next {
             Some(bytes) => {
                 source_bytes += bytes.len() as u64;
-                work.counters.source_bytes.fetch_add(bytes.len() as u64, Ordering::Relaxed);
+                uncounted += bytes.len() as u64;
+                messages += 1;
                 decoder.feed(&bytes, &mut batches)?;
             }
             None => decoder.finish(&mut batches)?,
         }
+        if batches.is_empty() && !ended && messages % 4096 != 0 {
+            continue;
+        }
+        work.counters.source_bytes.fetch_add(std::mem::take(&mut uncounted), Ordering::Relaxed);
         for batch in batches.drain(..) {
             let n = batch.num_rows() as u64;
             let batch = partition::with_partition(t, &work.schema, batch)?;

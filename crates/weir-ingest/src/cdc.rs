@@ -723,7 +723,8 @@ impl TableState {
         {
             on.push(pc);
         }
-        let (table, m) = weir_lake::merge_by_key(table, &rel, batch, &on, crate::parquet_properties(), props()).await?;
+        let writer = crate::parquet_properties(&batch.schema());
+        let (table, m) = weir_lake::merge_by_key(table, &rel, batch, &on, writer, props()).await?;
         self.changes.rows_inserted += m.inserted;
         self.changes.rows_updated += m.updated;
         self.changes.rows_deleted += m.deleted;

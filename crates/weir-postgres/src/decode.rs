@@ -277,6 +277,13 @@ impl CopyDecoder {
 
     /// Feeds bytes; full batches are pushed to `out`.
     pub fn feed(&mut self, data: &[u8], out: &mut Vec<RecordBatch>) -> Result<(), DecodeError> {
+        if self.header_done && self.buf.is_empty() {
+            // The usual case: PostgreSQL sends one CopyData message per row, so the tuples are
+            // decoded straight from the message; only a partial tail is kept.
+            let used = self.decode(data, out)?;
+            self.buf.extend_from_slice(&data[used..]);
+            return Ok(());
+        }
         self.buf.extend_from_slice(data);
         if !self.header_done {
             if self.buf.len() < 19 {
@@ -292,24 +299,35 @@ impl CopyDecoder {
             self.buf.advance(19 + ext);
             self.header_done = true;
         }
+        let mut buf = std::mem::take(&mut self.buf);
+        let used = self.decode(&buf, out);
+        buf.advance(*used.as_ref().unwrap_or(&0));
+        self.buf = buf;
+        used.map(|_| ())
+    }
+
+    /// Decodes the complete tuples at the start of `b` (and the trailer); returns the bytes
+    /// used.
+    fn decode(&mut self, b: &[u8], out: &mut Vec<RecordBatch>) -> Result<usize, DecodeError> {
+        let mut pos = 0;
         while !self.finished {
-            match self.tuple_len()? {
+            match self.tuple_len(&b[pos..])? {
                 None => break,
                 Some(0) => {
                     // Trailer (-1 field count).
-                    self.buf.advance(2);
+                    pos += 2;
                     self.finished = true;
                 }
                 Some(len) => {
-                    let tuple = self.buf.split_to(len);
-                    self.append_tuple(&tuple)?;
+                    self.append_tuple(&b[pos..pos + len])?;
+                    pos += len;
                     if self.rows_in_batch >= self.batch_rows {
                         out.push(self.take_batch());
                     }
                 }
             }
         }
-        Ok(())
+        Ok(pos)
     }
 
     /// Ends the stream; the last partial batch, if any, is pushed to `out`.
@@ -325,8 +343,7 @@ impl CopyDecoder {
 
     /// The byte length of the next complete tuple, Some(0) for the trailer, None when more
     /// bytes are needed.
-    fn tuple_len(&self) -> Result<Option<usize>, DecodeError> {
-        let b = &self.buf[..];
+    fn tuple_len(&self, b: &[u8]) -> Result<Option<usize>, DecodeError> {
         if b.len() < 2 {
             return Ok(None);
         }
@@ -375,7 +392,14 @@ impl CopyDecoder {
     }
 
     fn take_batch(&mut self) -> RecordBatch {
-        let arrays: Vec<ArrayRef> = self.builders.iter_mut().map(Col::finish).collect();
+        // Fresh builders at full capacity: a finished builder starts again from empty buffers,
+        // which would regrow (and copy) by doubling through every batch.
+        let arrays: Vec<ArrayRef> = self
+            .builders
+            .iter_mut()
+            .zip(&self.columns)
+            .map(|(b, c)| std::mem::replace(b, Col::new(c, self.batch_rows)).finish())
+            .collect();
         self.rows_in_batch = 0;
         RecordBatch::try_new(self.schema.clone(), arrays).expect("builders match the schema")
     }

@@ -160,6 +160,12 @@ pub async fn derive(
         }
     }
 
+    // Per-make units share their large view sources (silver.listing: every listing): when a
+    // run rebuilds several makes, such a view is computed once and split by make, instead of
+    // being scanned and filtered once per make.
+    let per_make_units = units.iter().filter(|u| u.make.is_some()).count();
+    let mut splits = MakeSplits::default();
+
     // Tokens of what each relation is: tables by version, views by definition and inputs.
     let mut tokens: BTreeMap<String, String> =
         session.versions.iter().map(|(k, v)| (k.clone(), format!("v{v}"))).collect();
@@ -267,7 +273,15 @@ pub async fn derive(
                         Attempt::NotApplicable(why) => reason = format!("{reason} (not incremental: {why})"),
                     }
                 }
-                let df = plan(&session, u, opts.as_of_micros).await?;
+                let swapped = match &u.make {
+                    Some((_, make_id)) if per_make_units > 1 => splits.swap_in(&session, jobs, u.job, *make_id).await?,
+                    _ => vec![],
+                };
+                let df = plan(&session, u, opts.as_of_micros).await;
+                for (name, original) in swapped {
+                    session.replace(&name, original)?;
+                }
+                let df = df?;
                 let df = match (u.job.materialize, table.version()) {
                     (Materialize::History, Some(_)) => {
                         let r = history::apply(&session, u.job, &out, table, df, &recorded, opts.as_of_micros).await?;
@@ -303,6 +317,77 @@ pub async fn derive(
 }
 
 const MAKE_ID: &str = "make_id";
+
+/// View sources of per-make jobs, computed once per run and split by make_id.
+#[derive(Default)]
+struct MakeSplits {
+    /// By view name: its schema and its rows by make_id.
+    views: BTreeMap<String, (SchemaRef, std::collections::HashMap<i64, Vec<arrow::record_batch::RecordBatch>>)>,
+}
+
+impl MakeSplits {
+    /// Registers, for each view source of `job` with a make_id column, a table of just
+    /// `make_id`'s rows; returns the providers it replaced, to be put back once the unit is
+    /// planned.
+    async fn swap_in(
+        &mut self,
+        session: &LakeSession,
+        jobs: &Jobs,
+        job: &Job,
+        make_id: i64,
+    ) -> Result<Vec<(String, Arc<dyn datafusion::catalog::TableProvider>)>, DeriveError> {
+        let mut swapped = Vec::new();
+        for src in &job.sources {
+            let view = jobs.ordered.iter().find(|j| j.per.is_none() && j.output(None) == *src);
+            if view.is_none_or(|j| j.materialize != Materialize::View) {
+                continue;
+            }
+            let original = session.ctx.table_provider(src.as_str()).await.map_err(df_err(format!("reading {src}")))?;
+            if original.schema().field_with_name(MAKE_ID).is_err() {
+                continue;
+            }
+            if !self.views.contains_key(src) {
+                let split = split_by_make(session, src).await?;
+                self.views.insert(src.clone(), split);
+            }
+            let (schema, parts) = &self.views[src];
+            let rows = parts.get(&make_id).cloned().unwrap_or_default();
+            let table = MemTable::try_new(schema.clone(), vec![rows]).map_err(df_err(format!("splitting {src}")))?;
+            session.replace(src, Arc::new(table))?;
+            swapped.push((src.clone(), original));
+        }
+        Ok(swapped)
+    }
+}
+
+/// A view's rows, computed once, grouped by make_id (rows without one can match no make).
+async fn split_by_make(
+    session: &LakeSession,
+    view: &str,
+) -> Result<(SchemaRef, std::collections::HashMap<i64, Vec<arrow::record_batch::RecordBatch>>), DeriveError> {
+    let err = |e: arrow::error::ArrowError| DeriveError::Write { table: view.to_string(), message: e.to_string() };
+    let df = session.ctx.table(view).await.map_err(df_err(format!("reading {view}")))?;
+    let schema: SchemaRef = Arc::new(df.schema().as_arrow().clone());
+    let batches = df.collect().await.map_err(df_err(format!("computing {view}")))?;
+    let mut parts: std::collections::HashMap<i64, Vec<arrow::record_batch::RecordBatch>> = Default::default();
+    for batch in batches {
+        let ids =
+            arrow::compute::cast(batch.column_by_name(MAKE_ID).expect("checked"), &arrow::datatypes::DataType::Int64)
+                .map_err(err)?;
+        let ids = ids.as_any().downcast_ref::<arrow::array::Int64Array>().expect("cast to Int64");
+        let mut rows: std::collections::HashMap<i64, Vec<u32>> = Default::default();
+        for (i, id) in ids.iter().enumerate() {
+            if let Some(id) = id {
+                rows.entry(id).or_default().push(i as u32);
+            }
+        }
+        for (id, idx) in rows {
+            let idx = arrow::array::UInt32Array::from(idx);
+            parts.entry(id).or_default().push(arrow::compute::take_record_batch(&batch, &idx).map_err(err)?);
+        }
+    }
+    Ok((schema, parts))
+}
 
 /// What a derived table was built from, as recorded in its last commit: the state of the
 /// last whole-table build, and of each partition rebuilt alone since.

@@ -216,6 +216,24 @@ async fn flight_sql_clients_read_the_marts() {
     assert_eq!(t["title"], "Über-neu ✨ \t tab");
     drop(server);
 
+    // Cancellation: a client that cancels its DoGet stops the query on the server (logged),
+    // and the server keeps serving.
+    let log = dir.path().join("cancel.log");
+    let cancelling = serve_logged(&dir.path().join("lake"), &config, &[], Some(&log));
+    let r = client("cancel", cancelling.port, None);
+    assert!(r["first_batch_rows"].as_u64().unwrap_or(0) > 0, "{r}");
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+    let cancelled = loop {
+        let text = std::fs::read_to_string(&log).unwrap_or_default();
+        if text.contains("query cancelled by the client") || std::time::Instant::now() > deadline {
+            break text;
+        }
+        std::thread::sleep(std::time::Duration::from_millis(100));
+    };
+    assert!(cancelled.contains("query cancelled by the client") && cancelled.contains("CROSS JOIN"), "{cancelled}");
+    assert_eq!(client("title", cancelling.port, Some(&id.to_string()))["title"], "Über-neu ✨ \t tab");
+    drop(cancelling);
+
     // The per-query memory limit: a clear error, not a crash; the server keeps serving.
     let small = serve(&dir.path().join("lake"), &config, &["--memory-limit-mb", "1"]);
     let m = client("memory", small.port, None);

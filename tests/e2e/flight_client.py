@@ -6,6 +6,7 @@ usage: flight_client.py MODE PORT [ARG]
   title ID  ADBC: the title of one listing in ads_vw
   memory    ADBC: a query that needs more than the server's memory limit
   tls CERT  pyarrow.flight over TLS, trusting CERT: count(*) of ads_vw
+  cancel    pyarrow.flight: a long query, one batch read, then the DoGet cancelled
 Prints one JSON object. Leaves with os._exit (see read_delta.py).
 """
 import json
@@ -107,6 +108,15 @@ elif mode == "tls":
     query = command("CommandStatementQuery", field(1, b"SELECT count(*) AS n FROM ads_vw"))
     info = client.get_flight_info(flight.FlightDescriptor.for_command(query), opts)
     out["count"] = client.do_get(info.endpoints[0].ticket, opts).read_all().column("n")[0].as_py()
+elif mode == "cancel":
+    client = flight.FlightClient(uri)
+    header = client.authenticate_basic_token(USER.encode(), PASSWORD.encode())
+    opts = flight.FlightCallOptions(headers=[header])
+    sql = b"SELECT a.listing_id, b.title FROM bronze.listings a CROSS JOIN bronze.listings b"
+    info = client.get_flight_info(flight.FlightDescriptor.for_command(command("CommandStatementQuery", field(1, sql))), opts)
+    reader = client.do_get(info.endpoints[0].ticket, opts)
+    out["first_batch_rows"] = reader.read_chunk().data.num_rows
+    reader.cancel()
 elif mode == "memory":
     try:
         with adbc() as conn:

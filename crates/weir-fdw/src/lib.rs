@@ -15,7 +15,8 @@
 //! re-checks every clause on the rows that come back, so a clause left out only costs
 //! transfer. LIMIT, with its ORDER BY, only when safe (see [`limit_is_safe`]): the framework
 //! offers it even when some WHERE clause was not translated and in joins, where pushing it
-//! gives wrong results. Aggregates: never.
+//! gives wrong results. Aggregates (count, sum, min, max, with GROUP BY) likewise only when
+//! safe (see [`aggregate_is_safe`]).
 //! Waits on the network happen in 100 ms slices with PostgreSQL's interrupt check between
 //! them, so statement_timeout and cancel requests work against a stalled server.
 
@@ -66,6 +67,124 @@ static FRAMEWORK_END: std::sync::OnceLock<unsafe extern "C-unwind" fn(*mut pg_sy
     std::sync::OnceLock::new();
 type RelSizeFn = unsafe extern "C-unwind" fn(*mut pg_sys::PlannerInfo, *mut pg_sys::RelOptInfo, pg_sys::Oid);
 static FRAMEWORK_REL_SIZE: std::sync::OnceLock<RelSizeFn> = std::sync::OnceLock::new();
+type UpperPathsFn = unsafe extern "C-unwind" fn(
+    *mut pg_sys::PlannerInfo,
+    pg_sys::UpperRelationKind::Type,
+    *mut pg_sys::RelOptInfo,
+    *mut pg_sys::RelOptInfo,
+    *mut std::ffi::c_void,
+);
+static FRAMEWORK_UPPER_PATHS: std::sync::OnceLock<UpperPathsFn> = std::sync::OnceLock::new();
+
+/// The framework offers aggregate pushdown past WHERE clauses it could not translate (wrong
+/// counts) and ignores HAVING; this wrapper lets it consider a pushdown only when
+/// [`aggregate_is_safe`] holds.
+#[pg_guard]
+unsafe extern "C-unwind" fn guarded_upper_paths(
+    root: *mut pg_sys::PlannerInfo,
+    stage: pg_sys::UpperRelationKind::Type,
+    input_rel: *mut pg_sys::RelOptInfo,
+    output_rel: *mut pg_sys::RelOptInfo,
+    extra: *mut std::ffi::c_void,
+) {
+    // SAFETY: PostgreSQL hands valid planner state; read only here.
+    unsafe {
+        if stage != pg_sys::UpperRelationKind::UPPERREL_GROUP_AGG || !aggregate_is_safe(root, input_rel, output_rel) {
+            return;
+        }
+        if let Some(f) = FRAMEWORK_UPPER_PATHS.get() {
+            f(root, stage, input_rel, output_rel, extra);
+        }
+    }
+}
+
+/// Whether grouping and aggregation may run on the server: the foreign table is the query's
+/// only relation, every WHERE clause reaches the server ([`simple_clause`]), there is no
+/// HAVING, and every output is a grouping column (not char(n), whose equality ignores
+/// trailing spaces) or an aggregate whose result DataFusion computes exactly as PostgreSQL
+/// does: count(*), count([DISTINCT] col), sum of smallint/integer/numeric, min/max of
+/// integers, numeric, dates and timestamps.
+unsafe fn aggregate_is_safe(
+    root: *mut pg_sys::PlannerInfo,
+    input_rel: *mut pg_sys::RelOptInfo,
+    output_rel: *mut pg_sys::RelOptInfo,
+) -> bool {
+    // SAFETY: valid planner state, read only.
+    unsafe {
+        let q = (*root).parse;
+        if (*input_rel).reloptkind != pg_sys::RelOptKind::RELOPT_BASEREL
+            || !single_relation(q, input_rel)
+            || !(*q).havingQual.is_null()
+            || !(*q).groupingSets.is_null()
+            || (*q).hasWindowFuncs
+            || (*q).hasTargetSRFs
+        {
+            return false;
+        }
+        let clauses = PgList::<pg_sys::RestrictInfo>::from_pg((*input_rel).baserestrictinfo);
+        if !clauses.iter_ptr().all(|ri| simple_clause((*ri).clause.cast(), input_rel)) {
+            return false;
+        }
+        let target = (*output_rel).reltarget;
+        if target.is_null() {
+            return false;
+        }
+        let exprs = PgList::<pg_sys::Node>::from_pg((*target).exprs);
+        let safe = exprs.iter_ptr().all(|e| {
+            if let Some(var) = own_column(e, input_rel) {
+                return (*var).vartype != pg_sys::BPCHAROID
+                    && (plain_type((*var).vartype) || (*var).vartype == pg_sys::VARCHAROID);
+            }
+            if !pgrx::is_a(e, pg_sys::NodeTag::T_Aggref) {
+                return false;
+            }
+            let agg = e.cast::<pg_sys::Aggref>();
+            if !(*agg).aggfilter.is_null() || !(*agg).aggorder.is_null() || (*agg).aggvariadic {
+                return false;
+            }
+            let name = pg_sys::get_func_name((*agg).aggfnoid);
+            if name.is_null() {
+                return false;
+            }
+            let args = PgList::<pg_sys::TargetEntry>::from_pg((*agg).args);
+            let arg_type = match (args.len(), args.get_ptr(0)) {
+                (0, _) => None,
+                (1, Some(te)) => match own_column((*te).expr.cast(), input_rel) {
+                    Some(var) => Some((*var).vartype),
+                    None => return false,
+                },
+                _ => return false,
+            };
+            let distinct = !(*agg).aggdistinct.is_null();
+            match (CStr::from_ptr(name).to_bytes(), arg_type) {
+                (b"count", None) => !distinct,
+                (b"count", Some(_)) => true,
+                (b"sum", Some(t)) => !distinct && [pg_sys::INT2OID, pg_sys::INT4OID, pg_sys::NUMERICOID].contains(&t),
+                (b"min" | b"max", Some(t)) => ordered_type(t) && ![pg_sys::FLOAT4OID, pg_sys::FLOAT8OID].contains(&t),
+                _ => false,
+            }
+        });
+        drop(exprs);
+        safe
+    }
+}
+
+/// The query reads this one relation and nothing else.
+unsafe fn single_relation(q: *mut pg_sys::Query, rel: *mut pg_sys::RelOptInfo) -> bool {
+    // SAFETY: valid planner state, read only.
+    unsafe {
+        if (*q).jointree.is_null() || !(*q).setOperations.is_null() || (*q).commandType != pg_sys::CmdType::CMD_SELECT {
+            return false;
+        }
+        let from = PgList::<pg_sys::Node>::from_pg((*(*q).jointree).fromlist);
+        match (from.len(), from.get_ptr(0)) {
+            (1, Some(n)) if pgrx::is_a(n, pg_sys::NodeTag::T_RangeTblRef) => {
+                (*n.cast::<pg_sys::RangeTblRef>()).rtindex as u32 == (*rel).relid
+            }
+            _ => false,
+        }
+    }
+}
 
 /// The framework hands a query's LIMIT to every scan, even past WHERE clauses it could not
 /// translate and in joins, where pushing it gives wrong results. This wrapper lets it see the
@@ -194,7 +313,7 @@ unsafe fn limit_is_safe(root: *mut pg_sys::PlannerInfo, baserel: *mut pg_sys::Re
     // SAFETY: valid planner state, read only.
     unsafe {
         let q = (*root).parse;
-        if (*q).commandType != pg_sys::CmdType::CMD_SELECT
+        if !single_relation(q, baserel)
             || (*q).hasAggs
             || (*q).hasWindowFuncs
             || (*q).hasTargetSRFs
@@ -202,19 +321,9 @@ unsafe fn limit_is_safe(root: *mut pg_sys::PlannerInfo, baserel: *mut pg_sys::Re
             || !(*q).groupingSets.is_null()
             || !(*q).havingQual.is_null()
             || !(*q).distinctClause.is_null()
-            || !(*q).setOperations.is_null()
             || !(*q).rowMarks.is_null()
             || (*q).limitOption != pg_sys::LimitOption::LIMIT_OPTION_COUNT
-            || (*q).jointree.is_null()
         {
-            return false;
-        }
-        let from = PgList::<pg_sys::Node>::from_pg((*(*q).jointree).fromlist);
-        let only = match (from.len(), from.get_ptr(0)) {
-            (1, Some(n)) if pgrx::is_a(n, pg_sys::NodeTag::T_RangeTblRef) => n.cast::<pg_sys::RangeTblRef>(),
-            _ => return false,
-        };
-        if (*only).rtindex as u32 != (*baserel).relid {
             return false;
         }
         let clauses = PgList::<pg_sys::RestrictInfo>::from_pg((*baserel).baserestrictinfo);
@@ -859,6 +968,70 @@ impl ForeignDataWrapper<WeirFdwError> for WeirFdw {
         self.query(&sql)
     }
 
+    fn supported_aggregates(&self) -> Vec<AggregateKind> {
+        // What the planner may offer; guarded_upper_paths narrows it by argument type.
+        vec![
+            AggregateKind::Count,
+            AggregateKind::CountColumn,
+            AggregateKind::Sum,
+            AggregateKind::Min,
+            AggregateKind::Max,
+        ]
+    }
+
+    fn supports_group_by(&self) -> bool {
+        true
+    }
+
+    fn begin_aggregate_scan(
+        &mut self,
+        aggregates: &[supabase_wrappers::prelude::Aggregate],
+        group_by: &[Column],
+        quals: &[Qual],
+        options: &HashMap<String, String>,
+    ) -> Result<(), WeirFdwError> {
+        let table = require_option("table", options)?.to_string();
+        let filters: Vec<String> = quals.iter().filter_map(translate).collect();
+        if filters.len() != quals.len() {
+            // The plan already replaced PostgreSQL's aggregate: counting without a clause
+            // would be wrong, so this is an error, never a wrong answer.
+            return Err(WeirFdwError::Other(
+                "the aggregate was planned to run on the server, but a WHERE clause has no exact DataFusion spelling (a NaN or infinite float constant?); rewrite that clause".into(),
+            ));
+        }
+        let mut items: Vec<String> = group_by.iter().map(|c| quote_ident(&c.name)).collect();
+        let mut columns: Vec<Column> = group_by.to_vec();
+        for (i, a) in aggregates.iter().enumerate() {
+            let arg = a.column.as_ref().map(|c| quote_ident(&c.name));
+            let expr = match (&a.kind, arg) {
+                (AggregateKind::Count, _) => "count(*)".to_string(),
+                (AggregateKind::CountColumn, Some(c)) if a.distinct => format!("count(DISTINCT {c})"),
+                (AggregateKind::CountColumn, Some(c)) => format!("count({c})"),
+                (AggregateKind::Sum, Some(c)) => format!("sum({c})"),
+                (AggregateKind::Min, Some(c)) => format!("min({c})"),
+                (AggregateKind::Max, Some(c)) => format!("max({c})"),
+                (kind, _) => return Err(WeirFdwError::Other(format!("aggregate {kind:?} is not pushed down"))),
+            };
+            let alias = format!("weir_agg_{i}");
+            items.push(format!("{expr} AS {alias}"));
+            columns.push(Column { name: alias, num: group_by.len() + i + 1, type_oid: a.type_oid });
+        }
+        let mut sql = format!("SELECT {} FROM {table}", items.join(", "));
+        if !filters.is_empty() {
+            sql.push_str(" WHERE ");
+            sql.push_str(&filters.join(" AND "));
+        }
+        if !group_by.is_empty() {
+            sql.push_str(" GROUP BY ");
+            sql.push_str(&group_by.iter().map(|c| quote_ident(&c.name)).collect::<Vec<_>>().join(", "));
+        }
+        pgrx::debug1!("weir_fdw: {sql}");
+        self.columns = columns;
+        self.stop();
+        self.pos = 0;
+        self.query(&sql)
+    }
+
     fn iter_scan(&mut self, row: &mut Row) -> Result<Option<()>, WeirFdwError> {
         loop {
             if let Some(b) = &self.batch {
@@ -971,6 +1144,10 @@ impl ForeignDataWrapper<WeirFdwError> for WeirFdw {
     }
 
     fn fdw_routine_hook(routine: &mut supabase_wrappers::FdwRoutine<pgrx::AllocatedByRust>) {
+        if let Some(upper) = routine.GetForeignUpperPaths {
+            let _ = FRAMEWORK_UPPER_PATHS.set(upper);
+            routine.GetForeignUpperPaths = Some(guarded_upper_paths);
+        }
         if let Some(size) = routine.GetForeignRelSize {
             let _ = FRAMEWORK_REL_SIZE.set(size);
             routine.GetForeignRelSize = Some(guarded_rel_size);

@@ -267,10 +267,11 @@ impl WeirFlightSql {
         let stream = df.execute_stream().await.map_err(|e| df_status(&e, limit))?;
         tracing::debug!(sql = %sql, "query started");
         let batches = stream.map_err(move |e| FlightError::Tonic(Box::new(df_status(&e, limit))));
-        Ok(Box::pin(FlightDataEncoderBuilder::new().with_schema(schema).build(batches).map_err(|e| match e {
+        let encoded = FlightDataEncoderBuilder::new().with_schema(schema).build(batches).map_err(|e| match e {
             FlightError::Tonic(s) => *s,
             other => Status::internal(other.to_string()),
-        })))
+        });
+        Ok(Box::pin(QueryStream { inner: Box::pin(encoded), sql: sql.to_string(), messages: 0, done: false }))
     }
 
     fn prepared(&self, handle: &[u8]) -> Result<Prepared, Status> {
@@ -280,6 +281,38 @@ impl WeirFlightSql {
             .get(handle)
             .cloned()
             .ok_or_else(|| Status::not_found("unknown prepared statement handle (closed, or from another server)"))
+    }
+}
+
+/// A query's result stream. A client that cancels its DoGet (pyarrow's `reader.cancel()`,
+/// ADBC's cancel, a dropped connection) drops this stream, which drops DataFusion's and stops
+/// the query's execution; the drop is logged so that it is visible.
+struct QueryStream {
+    inner: DoGetStream,
+    sql: String,
+    messages: u64,
+    done: bool,
+}
+
+impl Stream for QueryStream {
+    type Item = Result<arrow_flight::FlightData, Status>;
+
+    fn poll_next(mut self: Pin<&mut Self>, cx: &mut std::task::Context<'_>) -> std::task::Poll<Option<Self::Item>> {
+        let next = self.inner.as_mut().poll_next(cx);
+        match &next {
+            std::task::Poll::Ready(Some(Ok(_))) => self.messages += 1,
+            std::task::Poll::Ready(_) => self.done = true,
+            std::task::Poll::Pending => {}
+        }
+        next
+    }
+}
+
+impl Drop for QueryStream {
+    fn drop(&mut self) {
+        if !self.done {
+            tracing::info!(sql = %self.sql, messages = self.messages, "query cancelled by the client; execution stopped");
+        }
     }
 }
 

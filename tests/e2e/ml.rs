@@ -157,6 +157,37 @@ async fn features_are_point_in_time_and_vectors_follow_the_entities() {
         "{out}\n{err}"
     );
 
+    // A history keeps its columns and needs a key on every row: a job file that breaks either
+    // stops the run with an error naming the table and the cause, and writes nothing.
+    let features = concat!(env!("CARGO_MANIFEST_DIR"), "/../../tables/features");
+    let original = std::fs::read_to_string(format!("{features}/listing_features.sql")).unwrap();
+    let later = plus_hour(RUNS[2]);
+    for (i, (variant, cause)) in [
+        (original.replacen("SELECT l.listing_id,", "SELECT l.listing_id, 1 AS extra,", 1), "column extra"),
+        (
+            original.replacen(
+                "SELECT l.listing_id,",
+                "SELECT CASE WHEN l.listing_id % 2 = 0 THEN NULL ELSE l.listing_id END AS listing_id,",
+                1,
+            ),
+            "NULL key",
+        ),
+    ]
+    .into_iter()
+    .enumerate()
+    {
+        assert_ne!(variant, original, "the job file's first line changed; update this test");
+        let broken = dir.path().join(format!("features-broken-{i}"));
+        std::fs::create_dir_all(&broken).unwrap();
+        std::fs::write(broken.join("listing_features.sql"), variant).unwrap();
+        std::fs::copy(format!("{features}/segment_price.sql"), broken.join("segment_price.sql")).unwrap();
+        let (ok, out, err) =
+            weir(&["features", "--lake", &lake_url, "--as-of", &later, "--features-dir", broken.to_str().unwrap()]);
+        assert!(!ok && err.contains("gold.listing_features") && err.contains(cause), "{cause}:\n{out}\n{err}");
+    }
+    let (ok, out, _) = weir(&["features", "--lake", &lake_url, "--as-of", RUNS[2]]);
+    assert!(ok && out.contains("gold.listing_features  up to date"), "the broken runs wrote nothing: {out}");
+
     // Point in time: each run's values an hour after it, nothing before the first.
     let ids: BTreeSet<i64> = snapshots.iter().flat_map(|s| s.keys().copied()).collect();
     let mut req_ids = Vec::new();

@@ -102,8 +102,8 @@ unsafe extern "C-unwind" fn guarded_upper_paths(
 /// only relation, every WHERE clause reaches the server ([`simple_clause`]), there is no
 /// HAVING, and every output is a grouping column (not char(n), whose equality ignores
 /// trailing spaces) or an aggregate whose result DataFusion computes exactly as PostgreSQL
-/// does: count(*), count([DISTINCT] col), sum of smallint/integer/numeric, min/max of
-/// integers, numeric, dates and timestamps.
+/// does: count(*), count([DISTINCT] col), sum of smallint/integer/numeric(p ≤ 28, s), min/max
+/// of integers, numeric, dates and timestamps.
 unsafe fn aggregate_is_safe(
     root: *mut pg_sys::PlannerInfo,
     input_rel: *mut pg_sys::RelOptInfo,
@@ -147,10 +147,11 @@ unsafe fn aggregate_is_safe(
                 return false;
             }
             let args = PgList::<pg_sys::TargetEntry>::from_pg((*agg).args);
-            let arg_type = match (args.len(), args.get_ptr(0)) {
-                (0, _) => None,
+            let (arg_type, precision) = match (args.len(), args.get_ptr(0)) {
+                (0, _) => (None, None),
                 (1, Some(te)) => match own_column((*te).expr.cast(), input_rel) {
-                    Some(var) => Some((*var).vartype),
+                    // numeric(p, s) keeps p in the typmod's high half (after the varlena header).
+                    Some(var) => (Some((*var).vartype), ((*var).vartypmod >= 4).then(|| ((*var).vartypmod - 4) >> 16)),
                     None => return false,
                 },
                 _ => return false,
@@ -159,7 +160,12 @@ unsafe fn aggregate_is_safe(
             match (CStr::from_ptr(name).to_bytes(), arg_type) {
                 (b"count", None) => !distinct,
                 (b"count", Some(_)) => true,
-                (b"sum", Some(t)) => !distinct && [pg_sys::INT2OID, pg_sys::INT4OID, pg_sys::NUMERICOID].contains(&t),
+                (b"sum", Some(t)) if t == pg_sys::NUMERICOID => {
+                    // DataFusion sums decimal(p, s) as decimal(min(p + 10, 38), s): exact only
+                    // while p + 10 <= 38 (unconstrained numeric: not pushed).
+                    !distinct && precision.is_some_and(|p| p <= 28)
+                }
+                (b"sum", Some(t)) => !distinct && [pg_sys::INT2OID, pg_sys::INT4OID].contains(&t),
                 (b"min" | b"max", Some(t)) => ordered_type(t) && ![pg_sys::FLOAT4OID, pg_sys::FLOAT8OID].contains(&t),
                 _ => false,
             }
@@ -251,27 +257,16 @@ unsafe fn own_column(node: *mut pg_sys::Node, baserel: *mut pg_sys::RelOptInfo) 
 unsafe fn simple_clause(clause: *mut pg_sys::Node, baserel: *mut pg_sys::RelOptInfo) -> bool {
     // SAFETY: `clause` is a valid expression node of the planner.
     unsafe {
-        let args = |list: *mut pg_sys::List| PgList::<pg_sys::Node>::from_pg(list);
+        let opname = |opno: pg_sys::Oid| {
+            let name = pg_sys::get_opname(opno);
+            (!name.is_null()).then(|| CStr::from_ptr(name).to_string_lossy().into_owned())
+        };
         if pgrx::is_a(clause, pg_sys::NodeTag::T_OpExpr) {
             let op = clause.cast::<pg_sys::OpExpr>();
-            let a = args((*op).args);
-            if a.len() != 2 {
-                return false;
-            }
-            let (Some(_), Some(c)) = (own_column(a.get_ptr(0).unwrap_or(std::ptr::null_mut()), baserel), a.get_ptr(1))
-            else {
+            let (Some(c), Some(name)) = (column_and_constant((*op).args, baserel), opname((*op).opno)) else {
                 return false;
             };
-            if !pgrx::is_a(c, pg_sys::NodeTag::T_Const) {
-                return false;
-            }
-            let c = c.cast::<pg_sys::Const>();
-            let name = pg_sys::get_opname((*op).opno);
-            if name.is_null() || (*c).constisnull {
-                return false;
-            }
-            let name = CStr::from_ptr(name).to_string_lossy();
-            match name.as_ref() {
+            match name.as_str() {
                 "=" | "<>" => plain_type((*c).consttype),
                 "<" | "<=" | ">" | ">=" => ordered_type((*c).consttype),
                 "~~" | "!~~" => (*c).consttype == pg_sys::TEXTOID,
@@ -279,28 +274,33 @@ unsafe fn simple_clause(clause: *mut pg_sys::Node, baserel: *mut pg_sys::RelOptI
             }
         } else if pgrx::is_a(clause, pg_sys::NodeTag::T_ScalarArrayOpExpr) {
             let op = clause.cast::<pg_sys::ScalarArrayOpExpr>();
-            let a = args((*op).args);
-            if a.len() != 2 {
-                return false;
-            }
-            let (Some(_), Some(c)) = (own_column(a.get_ptr(0).unwrap_or(std::ptr::null_mut()), baserel), a.get_ptr(1))
-            else {
+            let (Some(c), Some(name)) = (column_and_constant((*op).args, baserel), opname((*op).opno)) else {
                 return false;
             };
-            if !pgrx::is_a(c, pg_sys::NodeTag::T_Const) || (*c.cast::<pg_sys::Const>()).constisnull {
-                return false;
-            }
-            let element = pg_sys::get_element_type((*c.cast::<pg_sys::Const>()).consttype);
-            let name = pg_sys::get_opname((*op).opno);
-            !name.is_null()
-                && plain_type(element)
-                && matches!((CStr::from_ptr(name).to_bytes(), (*op).useOr), (b"=", true) | (b"<>", false))
+            plain_type(pg_sys::get_element_type((*c).consttype))
+                && matches!((name.as_str(), (*op).useOr), ("=", true) | ("<>", false))
         } else if pgrx::is_a(clause, pg_sys::NodeTag::T_NullTest) {
             let t = clause.cast::<pg_sys::NullTest>();
             !(*t).argisrow && own_column((*t).arg.cast(), baserel).is_some()
         } else {
             false
         }
+    }
+}
+
+/// The constant of an operator's two arguments when they are a column of `baserel`, then a
+/// non-NULL constant (the form the framework hands over).
+unsafe fn column_and_constant(args: *mut pg_sys::List, baserel: *mut pg_sys::RelOptInfo) -> Option<*mut pg_sys::Const> {
+    // SAFETY: `args` is an operator's argument list.
+    unsafe {
+        let a = PgList::<pg_sys::Node>::from_pg(args);
+        if a.len() != 2 {
+            return None;
+        }
+        own_column(a.get_ptr(0)?, baserel)?;
+        let c = a.get_ptr(1)?;
+        (pgrx::is_a(c, pg_sys::NodeTag::T_Const) && !(*c.cast::<pg_sys::Const>()).constisnull)
+            .then(|| c.cast::<pg_sys::Const>())
     }
 }
 

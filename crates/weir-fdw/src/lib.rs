@@ -142,8 +142,10 @@ unsafe fn aggregate_is_safe(
             if !(*agg).aggfilter.is_null() || !(*agg).aggorder.is_null() || (*agg).aggvariadic {
                 return false;
             }
+            // Built-in aggregates only (OIDs below FirstNormalObjectId): a user's own `sum` is
+            // not DataFusion's.
             let name = pg_sys::get_func_name((*agg).aggfnoid);
-            if name.is_null() {
+            if name.is_null() || (*agg).aggfnoid.to_u32() >= pg_sys::FirstNormalObjectId {
                 return false;
             }
             let args = PgList::<pg_sys::TargetEntry>::from_pg((*agg).args);

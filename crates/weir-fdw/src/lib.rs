@@ -121,8 +121,7 @@ unsafe fn aggregate_is_safe(
         {
             return false;
         }
-        let clauses = PgList::<pg_sys::RestrictInfo>::from_pg((*input_rel).baserestrictinfo);
-        if !clauses.iter_ptr().all(|ri| simple_clause((*ri).clause.cast(), input_rel)) {
+        if !every_clause_sent(input_rel) {
             return false;
         }
         let target = (*output_rel).reltarget;
@@ -290,6 +289,17 @@ unsafe fn simple_clause(clause: *mut pg_sys::Node, baserel: *mut pg_sys::RelOptI
     }
 }
 
+/// Every WHERE clause on `rel` is one the framework hands to the scan (so none is left for
+/// PostgreSQL to apply after a pushed LIMIT or aggregate).
+unsafe fn every_clause_sent(rel: *mut pg_sys::RelOptInfo) -> bool {
+    // SAFETY: valid planner state, read only.
+    unsafe {
+        let clauses = PgList::<pg_sys::RestrictInfo>::from_pg((*rel).baserestrictinfo);
+        let sent = clauses.iter_ptr().all(|ri| simple_clause((*ri).clause.cast(), rel));
+        sent
+    }
+}
+
 /// The constant of an operator's two arguments when they are a column of `baserel`, then a
 /// non-NULL constant (the form the framework hands over).
 unsafe fn column_and_constant(args: *mut pg_sys::List, baserel: *mut pg_sys::RelOptInfo) -> Option<*mut pg_sys::Const> {
@@ -328,8 +338,7 @@ unsafe fn limit_is_safe(root: *mut pg_sys::PlannerInfo, baserel: *mut pg_sys::Re
         {
             return false;
         }
-        let clauses = PgList::<pg_sys::RestrictInfo>::from_pg((*baserel).baserestrictinfo);
-        if !clauses.iter_ptr().all(|ri| simple_clause((*ri).clause.cast(), baserel)) {
+        if !every_clause_sent(baserel) {
             return false;
         }
         let keys = PgList::<pg_sys::PathKey>::from_pg((*root).query_pathkeys);

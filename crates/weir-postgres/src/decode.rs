@@ -301,9 +301,11 @@ impl CopyDecoder {
         }
         let mut buf = std::mem::take(&mut self.buf);
         let used = self.decode(&buf, out);
-        buf.advance(*used.as_ref().unwrap_or(&0));
+        if let Ok(n) = used {
+            buf.advance(n);
+        }
         self.buf = buf;
-        used.map(|_| ())
+        used.map(drop)
     }
 
     /// Decodes the complete tuples at the start of `b` (and the trailer); returns the bytes

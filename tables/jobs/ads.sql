@@ -3,6 +3,26 @@
 --! key = ["listing_id"]
 --! sources = ["silver.listing", "silver.listing_price", "silver.model", "silver.dealer", "bronze.makes"]
 --! per = "make"
+--! [incremental]
+--! # A mart row is its listing joined with the listing's folded prices, model, seller and make:
+--! # the listings a change reaches are recomputed (their listing and price rows read alone),
+--! # the rest of the mart stays as it is, file by file.
+--! keyed = ["silver.listing", "silver.listing_price"]
+--! [incremental.affects]
+--! "bronze.listings" = "SELECT listing_id FROM changes"
+--! "silver.listing_price" = "SELECT listing_id FROM changes"
+--! "silver.model" = """
+--! SELECT l.listing_id FROM bronze.listings l
+--! JOIN (SELECT DISTINCT model_id FROM changes) c ON c.model_id = l.model_id
+--! """
+--! "bronze.dealers" = """
+--! SELECT l.listing_id FROM bronze.listings l
+--! JOIN (SELECT DISTINCT dealer_id FROM changes) c ON c.dealer_id = l.dealer_id
+--! """
+--! "bronze.makes" = """
+--! SELECT l.listing_id FROM bronze.listings l
+--! JOIN (SELECT DISTINCT make_id FROM changes) c ON c.make_id = l.make_id
+--! """
 SELECT l.listing_id,
        l.country,
        mk.name AS make,
@@ -31,8 +51,9 @@ SELECT l.listing_id,
        l.updated_at,
        l.deleted_at,
        l.is_active,
-       -- UTC calendar days: (coalesce(deleted_at, as_of) AT TIME ZONE 'UTC')::date - (created_at AT TIME ZONE 'UTC')::date
-       CAST(CAST(CAST(coalesce(l.deleted_at, ${as_of}) AS DATE) AS INT)
+       -- UTC calendar days: (coalesce(deleted_at, as_of) AT TIME ZONE 'UTC')::date - (created_at AT TIME ZONE 'UTC')::date;
+       -- only the as-of's date is read, so a later as-of on the same day changes no row
+       CAST(CAST(coalesce(CAST(l.deleted_at AS DATE), ${as_of_date}) AS INT)
             - CAST(CAST(l.created_at AS DATE) AS INT) AS INT) AS days_online,
        -- PostgreSQL numeric division (pg_div), round half away from zero; must fit numeric(6,2)
        fit_numeric(CASE WHEN p.price_first_eur > 0

@@ -64,52 +64,124 @@ fn version_of(token: Option<&Value>) -> Option<i64> {
     token?.as_str()?.strip_prefix('v')?.parse().ok()
 }
 
+/// The state a view token (`view:{…}`) records.
+fn view_state(token: Option<&Value>) -> Option<Value> {
+    serde_json::from_str(token?.as_str()?.strip_prefix("view:")?).ok()
+}
+
+/// The stored tables that changed between two recorded input maps, looking through views
+/// (a view's token records its definition and its own inputs): name → (from, to).
+fn changed_tables(
+    before: &serde_json::Map<String, Value>,
+    now: &serde_json::Map<String, Value>,
+    out: &mut std::collections::BTreeMap<String, (i64, i64)>,
+) -> Result<(), String> {
+    for (name, token) in now {
+        let old = before.get(name);
+        if old == Some(token) {
+            continue;
+        }
+        if let (Some(a), Some(b)) = (view_state(old), view_state(Some(token))) {
+            if a.get("definition") != b.get("definition") {
+                return Err(format!("the view {name}'s definition changed"));
+            }
+            if a.get("as_of_micros") != b.get("as_of_micros") {
+                return Err(format!("the view {name} reads the as-of, which changed"));
+            }
+            let (Some(ia), Some(ib)) =
+                (a.get("inputs").and_then(Value::as_object), b.get("inputs").and_then(Value::as_object))
+            else {
+                return Err(format!("the view {name} has no recorded inputs"));
+            };
+            changed_tables(ia, ib, out)?;
+            continue;
+        }
+        let (Some(from), Some(to)) = (version_of(old), version_of(Some(token))) else {
+            return Err(format!("{name} changed and is not a stored table"));
+        };
+        if to < from {
+            return Err(format!("{name} v{from} → v{to} went back"));
+        }
+        if out.insert(name.clone(), (from, to)).is_some_and(|r| r != (from, to)) {
+            return Err(format!("{name} is read at two versions"));
+        }
+    }
+    Ok(())
+}
+
+/// The keys to recompute, and those removed outright.
+type AffectedKeys = (Arc<Vec<ScalarValue>>, Arc<Vec<ScalarValue>>);
+
+/// Results shared by the units of one `weir derive` run (the per-make marts read the same
+/// change feeds): the keys each job's rules found for a set of changed inputs, and its
+/// `keyed` sources restricted to them.
+#[derive(Default)]
+pub struct Shared {
+    keys: std::collections::HashMap<String, AffectedKeys>,
+    keyed: std::collections::HashMap<(String, String), Arc<dyn datafusion::catalog::TableProvider>>,
+}
+
+/// Rows per file of the tables rewritten by key (the marts): a change rewrites the few files
+/// whose key range it falls in. Four lookup pages.
+pub const KEY_RANGE_FILE_ROWS: usize = 4 * crate::run::LOOKUP_PAGE_ROWS;
+
 #[allow(clippy::too_many_arguments)]
 pub async fn attempt(
     lake: &Lake,
     session: &LakeSession,
     job: &Job,
     inc: &Incremental,
+    make: Option<(&str, i64)>,
     out: &str,
     table: DeltaTable,
     previous: &Value,
     state: &Value,
     recorded: &Value,
     as_of_micros: i64,
+    shared: &mut Shared,
 ) -> Result<Attempt, DeriveError> {
     use Attempt::NotApplicable as Na;
     if previous.get("definition") != state.get("definition") {
         return Ok(Na("its definition changed".into()));
     }
-    if previous.get("as_of_micros") != state.get("as_of_micros") {
-        return Ok(Na("the as-of changed".into()));
+    let as_of_moved = previous.get("as_of_micros") != state.get("as_of_micros");
+    if as_of_moved {
+        let day = |v: &Value| v.get("as_of_micros").and_then(Value::as_i64).map(|m| m.div_euclid(86_400_000_000));
+        if !job.reads_as_of_date_only() || day(previous).is_none() || day(previous) != day(state) {
+            return Ok(Na("the as-of changed".into()));
+        }
     }
     let (Some(before), Some(now)) =
         (previous.get("inputs").and_then(Value::as_object), state.get("inputs").and_then(Value::as_object))
     else {
         return Ok(Na("no recorded inputs".into()));
     };
+    let mut tables = std::collections::BTreeMap::new();
+    if let Err(why) = changed_tables(before, now, &mut tables) {
+        return Ok(Na(why));
+    }
     let mut changed = Vec::new();
-    for (name, token) in now {
-        if before.get(name) == Some(token) {
-            continue;
-        }
-        let (Some(from), Some(to)) = (version_of(before.get(name)), version_of(Some(token))) else {
-            return Ok(Na(format!("{name} changed and is not a stored table")));
-        };
-        if !name.starts_with("bronze.") || to < from {
-            return Ok(Na(format!("{name} v{from} → v{to} is not a change feed Weir reads")));
-        }
-        if *name != inc.fold && !inc.affects.contains_key(name) && !inc.removes.contains_key(name) {
+    for (name, (from, to)) in tables {
+        let named =
+            inc.fold.as_ref() == Some(&name) || inc.affects.contains_key(&name) || inc.removes.contains_key(&name);
+        if !named {
             return Ok(Na(format!("{name} changed and the job has no incremental rule for it")));
         }
-        changed.push(Changed { name: name.clone(), from, to });
+        changed.push(Changed { name, from, to });
     }
+    let rel = out.replace('.', "/");
     if changed.is_empty() {
-        return Ok(Na("no input changed".into()));
+        if !as_of_moved {
+            return Ok(Na("no input changed".into()));
+        }
+        // The as-of moved within its day: the same table, recorded as built as of now.
+        let version =
+            weir_lake::commit_metadata(&table, &rel, state_metadata(job, recorded, json!({ "inputs": [] }))).await?;
+        return Ok(Attempt::Done(IncrementalReport { version, ..Default::default() }));
     }
 
-    // Every changed input: a change feed, and only CDC commits in the range.
+    // Every changed input: a change feed, and only CDC commits (bronze) or incremental
+    // derive commits (silver) in the range.
     let mut feeds = Vec::new();
     for c in &changed {
         let rel = c.name.replace('.', "/");
@@ -121,6 +193,11 @@ pub async fn attempt(
         if !enabled {
             return Ok(Na(format!("{} has no change data feed (a new `weir backfill --force` enables it)", c.name)));
         }
+        let (marker, what) = if c.name.starts_with("bronze.") {
+            ("weir.cdc.lsn", "a CDC commit (a backfill?)")
+        } else {
+            ("weir.derive.incremental", "an incremental commit (a rebuild?)")
+        };
         let latest = t.version().map_or(0, |v| v as i64);
         let history = t
             .history(Some((latest - c.from).max(0) as usize))
@@ -128,8 +205,8 @@ pub async fn attempt(
             .map_err(|e| DeriveError::Write { table: c.name.clone(), message: e.to_string() })?;
         for (i, ci) in history.enumerate() {
             let v = latest - i as i64;
-            if v > c.from && v <= c.to && !ci.info.contains_key("weir.cdc.lsn") {
-                return Ok(Na(format!("{} v{v} is not a CDC commit (a backfill?)", c.name)));
+            if v > c.from && v <= c.to && !ci.info.contains_key(marker) {
+                return Ok(Na(format!("{} v{v} is not {what}", c.name)));
             }
         }
         let cdf = DeltaCdfTableProvider::try_new(
@@ -138,6 +215,13 @@ pub async fn attempt(
         .map_err(|e| DeriveError::Write { table: c.name.clone(), message: e.to_string() })?;
         feeds.push((c, Arc::new(cdf)));
     }
+    let inputs: Vec<String> = changed.iter().map(|c| format!("{} v{} → v{}", c.name, c.from, c.to)).collect();
+    let Some(fold) = inc.fold.as_deref() else {
+        return recompute(lake, session, job, inc, make, out, table, &feeds, inputs, recorded, as_of_micros, shared)
+            .await
+            .map(Attempt::Done);
+    };
+    let merge_sql = inc.merge.clone().unwrap_or_default();
 
     let ctx = &session.ctx;
     let key = &job.key[0];
@@ -149,7 +233,7 @@ pub async fn attempt(
             clock = std::time::Instant::now();
         }};
     }
-    let fold_provider = ctx.table_provider(inc.fold.as_str()).await.map_err(df_err(format!("reading {}", inc.fold)))?;
+    let fold_provider = ctx.table_provider(fold).await.map_err(df_err(format!("reading {fold}")))?;
     let fold_schema = fold_provider.schema();
     let quoted: Vec<String> = fold_schema.fields().iter().map(|f| format!("\"{}\"", f.name())).collect();
     let mut recompute: HashSet<ScalarValue> = HashSet::new();
@@ -165,7 +249,7 @@ pub async fn attempt(
     // The fold source: its inserted rows, and the keys of its deleted or updated rows.
     let new_sql = format!("SELECT {} FROM weir_fold_changes WHERE _change_type = 'insert'", quoted.join(", "));
     let mut new_rows = 0u64;
-    let new_table = match feeds.iter().find(|(c, _)| c.name == inc.fold) {
+    let new_table = match feeds.iter().find(|(c, _)| c.name == fold) {
         Some((_, cdf)) => {
             ctx.register_table("weir_fold_changes", cdf.clone()).map_err(df_err("registering the change feed"))?;
             let df = ctx.sql(&new_sql).await.map_err(df_err(format!("{out}: {new_sql}")))?;
@@ -190,7 +274,7 @@ pub async fn attempt(
     let current = ctx.table_provider(out).await.map_err(df_err(format!("reading {out}")))?;
     ctx.register_table("current", current).map_err(df_err("registering current"))?;
     let mut removed: HashSet<ScalarValue> = HashSet::new();
-    for (c, cdf) in feeds.iter().filter(|(c, _)| c.name != inc.fold) {
+    for (c, cdf) in feeds.iter().filter(|(c, _)| c.name != fold) {
         ctx.register_table("changes", cdf.clone()).map_err(df_err("registering the change feed"))?;
         let mut result = Ok(());
         for (rules, into) in [(&inc.affects, &mut recompute), (&inc.removes, &mut removed)] {
@@ -212,13 +296,13 @@ pub async fn attempt(
     lap!("rules");
 
     // delta: the job over the new rows whose keys are not recomputed.
-    let restore = |p| session.replace(&inc.fold, p);
+    let restore = |p| session.replace(fold, p);
     let mut new_view = ctx.table("new_rows").await.map_err(df_err("new_rows"))?;
     if !keys.is_empty() || !removed.is_empty() {
         let ks: Vec<_> = keys.iter().chain(&removed).map(|k| lit(k.clone())).collect();
         new_view = new_view.filter(in_list(col(key.as_str()), ks, true)).map_err(df_err("filtering new rows"))?;
     }
-    session.replace(&inc.fold, new_view.into_view())?;
+    session.replace(fold, new_view.into_view())?;
     let sql = job.expand(None, as_of_micros);
     let delta = collect(sql.clone()).await;
     restore(fold_provider.clone())?;
@@ -229,7 +313,7 @@ pub async fn attempt(
     };
     ctx.register_table("delta", Arc::new(MemTable::try_new(delta_schema, vec![delta]).map_err(df_err("delta"))?))
         .map_err(df_err("registering delta"))?;
-    let merged = collect(inc.merge.clone()).await;
+    let merged = collect(merge_sql).await;
     for t in ["delta", "current", "new_rows"] {
         ctx.deregister_table(t).map_err(df_err("deregistering"))?;
     }
@@ -244,57 +328,31 @@ pub async fn attempt(
             .read_table(fold_provider.clone())
             .and_then(|df| df.filter(in_list(col(key.as_str()), ks, false)))
             .map_err(df_err("restricting the fold source"))?;
-        session.replace(&inc.fold, filtered.into_view())?;
+        session.replace(fold, filtered.into_view())?;
         let r = collect(sql.clone()).await;
         restore(fold_provider.clone())?;
         recomputed = r?;
     }
     lap!("recompute");
 
-    // One MERGE by key: upserts from both, deletes for recomputed keys without a row.
-    let target: SchemaRef = table
-        .snapshot()
-        .map_err(|e| DeriveError::Write { table: out.to_string(), message: e.to_string() })?
-        .snapshot()
-        .arrow_schema();
+    // One commit by key: upserts from both, deletes for recomputed keys without a row.
     let mut found: HashSet<ScalarValue> = HashSet::new();
-    let mut parts = Vec::new();
-    let mut merged_keys = 0u64;
-    for (i, b) in merged.iter().chain(recomputed.iter()).enumerate() {
-        if i >= merged.len() {
-            add_keys(&mut found, b.column_by_name(key).ok_or_else(|| missing(out, key))?)?;
-        } else {
-            merged_keys += b.num_rows() as u64;
-        }
-        parts.push(with_op(&target, b, "U", out)?);
+    for b in &recomputed {
+        add_keys(&mut found, b.column_by_name(key).ok_or_else(|| missing(out, key))?)?;
     }
+    let merged_keys: u64 = merged.iter().map(|b| b.num_rows() as u64).sum();
     let gone: Vec<ScalarValue> = keys.iter().filter(|k| !found.contains(*k)).chain(&removed).cloned().collect();
-    if !gone.is_empty() {
-        parts.push(deletes(&target, key, &gone, out)?);
-    }
-    let schema = match parts.first() {
-        Some(p) => p.schema(),
-        None => with_op(&target, &RecordBatch::new_empty(target.clone()), "U", out)?.schema(),
+    let upserts: Vec<RecordBatch> = merged.into_iter().chain(recomputed).collect();
+    let summary = |phases: &[(&str, std::time::Duration)]| {
+        json!({
+            "new_rows": new_rows, "merged": merged_keys, "recomputed": keys.len(), "deleted": gone.len(), "inputs": inputs,
+            "phases_ms": phases_json(phases),
+        })
     };
-    let source = arrow::compute::concat_batches(&schema, &parts)
-        .map_err(|e| DeriveError::Write { table: out.to_string(), message: e.to_string() })?;
-    let inputs: Vec<String> = changed.iter().map(|c| format!("{} v{} → v{}", c.name, c.from, c.to)).collect();
-    let summary = json!({
-        "new_rows": new_rows, "merged": merged_keys, "recomputed": keys.len(), "deleted": gone.len(), "inputs": inputs,
-        "phases_ms": phases.iter().map(|(n, d)| (n.to_string(), json!(d.as_millis() as u64))).collect::<serde_json::Map<_, _>>(),
-    });
-    let props = CommitProperties::default().with_metadata([
-        (crate::run::STATE_KEY.to_string(), Value::String(recorded.to_string())),
-        ("weir.derive.key".to_string(), json!(job.key)),
-        ("weir.derive.incremental".to_string(), summary),
-    ]);
-    let rel = out.replace('.', "/");
-    let (table, _) =
-        weir_lake::merge_by_key(table, &rel, source, std::slice::from_ref(key), crate::run::writer_properties(), props)
-            .await?;
-    phases.push(("Delta merge", clock.elapsed()));
+    let version = store_changes(lake, job, out, table, &upserts, &gone, recorded, summary(&phases)).await?;
+    phases.push(("Delta commit", clock.elapsed()));
     Ok(Attempt::Done(IncrementalReport {
-        version: table.version().map_or(0, |v| v as i64),
+        version,
         new_rows,
         merged: merged_keys,
         recomputed: keys.len() as u64,
@@ -302,6 +360,256 @@ pub async fn attempt(
         inputs,
         phases,
     }))
+}
+
+fn phases_json(phases: &[(&str, std::time::Duration)]) -> serde_json::Map<String, Value> {
+    phases.iter().map(|(n, d)| (n.to_string(), json!(d.as_millis() as u64))).collect()
+}
+
+/// The commit metadata of an incremental update: the state it brings the table to.
+fn state_metadata(job: &Job, recorded: &Value, summary: Value) -> std::collections::HashMap<String, Value> {
+    std::collections::HashMap::from([
+        (crate::run::STATE_KEY.to_string(), Value::String(recorded.to_string())),
+        ("weir.derive.key".to_string(), json!(job.key)),
+        ("weir.derive.incremental".to_string(), summary),
+    ])
+}
+
+/// Writes the new rows of `upserts` and deletes `gone` in one commit: a mart (gold, stored
+/// in key order) is rewritten by key range, keeping its order and page layout; other tables
+/// take a Delta MERGE by key, which writes their change data feed for the jobs that read them.
+#[allow(clippy::too_many_arguments)]
+async fn store_changes(
+    lake: &Lake,
+    job: &Job,
+    out: &str,
+    table: DeltaTable,
+    upserts: &[RecordBatch],
+    gone: &[ScalarValue],
+    recorded: &Value,
+    summary: Value,
+) -> Result<i64, DeriveError> {
+    let key = &job.key[0];
+    let rel = out.replace('.', "/");
+    let err = |m: String| DeriveError::Write { table: out.to_string(), message: m };
+    let target: SchemaRef = table.snapshot().map_err(|e| err(e.to_string()))?.snapshot().arrow_schema();
+    let metadata = state_metadata(job, recorded, summary);
+    let integer_key = target.field_with_name(key).is_ok_and(|f| f.data_type().is_integer());
+    let unpartitioned = job.partition.is_empty();
+    if job.layer == crate::jobs::Layer::Gold && integer_key && unpartitioned {
+        let mut parts = Vec::new();
+        for b in upserts {
+            parts.push(conform(&target, b, out)?);
+        }
+        let source = arrow::compute::concat_batches(&target, &parts).map_err(|e| err(e.to_string()))?;
+        let deletes: Vec<i64> = gone
+            .iter()
+            .filter_map(|k| match k.cast_to(&DataType::Int64) {
+                Ok(ScalarValue::Int64(Some(v))) => Some(v),
+                _ => None,
+            })
+            .collect();
+        let (version, _) = weir_lake::rewrite_by_key(
+            lake,
+            table,
+            &rel,
+            key,
+            source,
+            &deletes,
+            KEY_RANGE_FILE_ROWS,
+            crate::run::lookup_writer_properties(),
+            metadata,
+        )
+        .await?;
+        return Ok(version);
+    }
+    let mut parts = Vec::new();
+    for b in upserts {
+        parts.push(with_op(&target, b, "U", out)?);
+    }
+    if !gone.is_empty() {
+        parts.push(deletes(&target, key, gone, out)?);
+    }
+    let schema = match parts.first() {
+        Some(p) => p.schema(),
+        None => with_op(&target, &RecordBatch::new_empty(target.clone()), "U", out)?.schema(),
+    };
+    let source = arrow::compute::concat_batches(&schema, &parts).map_err(|e| err(e.to_string()))?;
+    let props = CommitProperties::default().with_metadata(metadata);
+    let (table, _) =
+        weir_lake::merge_by_key(table, &rel, source, std::slice::from_ref(key), crate::run::writer_properties(), props)
+            .await?;
+    Ok(table.version().map_or(0, |v| v as i64))
+}
+
+/// `b` with the table's columns, in its order and types.
+fn conform(target: &SchemaRef, b: &RecordBatch, out: &str) -> Result<RecordBatch, DeriveError> {
+    let with = with_op(target, b, "U", out)?;
+    let n = target.fields().len();
+    RecordBatch::try_new(target.clone(), with.columns()[..n].to_vec())
+        .map_err(|e| DeriveError::Write { table: out.to_string(), message: e.to_string() })
+}
+
+/// A job without a fold: the keys its rules find are recomputed by the job's SQL, with its
+/// `keyed` sources restricted to them; keys that produce no row are deleted.
+#[allow(clippy::too_many_arguments)]
+async fn recompute(
+    lake: &Lake,
+    session: &LakeSession,
+    job: &Job,
+    inc: &Incremental,
+    make: Option<(&str, i64)>,
+    out: &str,
+    table: DeltaTable,
+    feeds: &[(&Changed, Arc<DeltaCdfTableProvider>)],
+    inputs: Vec<String>,
+    recorded: &Value,
+    as_of_micros: i64,
+    shared: &mut Shared,
+) -> Result<IncrementalReport, DeriveError> {
+    let ctx = &session.ctx;
+    let key = &job.key[0];
+    let mut phases = Vec::new();
+    let mut clock = std::time::Instant::now();
+    let current = ctx.table_provider(out).await.map_err(df_err(format!("reading {out}")))?;
+    let key_type = current.schema().field_with_name(key).map_err(|_| missing(out, key))?.data_type().clone();
+    let collect = |df: datafusion::dataframe::DataFrame, what: String| async move {
+        df.collect().await.map_err(df_err(format!("{out}: {what}")))
+    };
+
+    // The keys: rules that do not read `current` give the same keys to every unit reading
+    // the same changes (every make's mart), so they run once per derive run.
+    let reads_current = inc.affects.values().chain(inc.removes.values()).any(|r| r.contains("current"));
+    let signature = format!("{}:{}", job.name, inputs.join(","));
+    let cached = if reads_current { None } else { shared.keys.get(&signature).cloned() };
+    let (keys, removed) = match cached {
+        Some(k) => k,
+        None => {
+            ctx.register_table("current", current.clone()).map_err(df_err("registering current"))?;
+            let mut recompute: HashSet<ScalarValue> = HashSet::new();
+            let mut removed: HashSet<ScalarValue> = HashSet::new();
+            let mut result = Ok(());
+            for (c, cdf) in feeds {
+                ctx.register_table("changes", cdf.clone()).map_err(df_err("registering the change feed"))?;
+                for (rules, into) in [(&inc.affects, &mut recompute), (&inc.removes, &mut removed)] {
+                    let Some(rule) = rules.get(&c.name) else { continue };
+                    let batches = match ctx.sql(rule).await {
+                        Ok(df) => collect(df, format!("the rule for {}", c.name)).await,
+                        Err(e) => Err(df_err(format!("{out}: the rule for {}", c.name))(e)),
+                    };
+                    match batches {
+                        Ok(batches) => {
+                            for b in batches {
+                                add_keys(into, b.column(0))?;
+                            }
+                        }
+                        Err(e) => result = Err(e),
+                    }
+                }
+                ctx.deregister_table("changes").map_err(df_err("deregistering"))?;
+            }
+            ctx.deregister_table("current").map_err(df_err("deregistering"))?;
+            result?;
+            let mut keys: Vec<ScalarValue> =
+                recompute.into_iter().filter(|k| !k.is_null() && !removed.contains(k)).collect();
+            keys.sort_by(|a, b| a.partial_cmp(b).unwrap_or(std::cmp::Ordering::Equal));
+            let removed: Vec<ScalarValue> = removed.into_iter().filter(|k| !k.is_null()).collect();
+            let k = (Arc::new(keys), Arc::new(removed));
+            if !reads_current {
+                shared.keys.insert(signature.clone(), k.clone());
+            }
+            k
+        }
+    };
+    phases.push(("rules", clock.elapsed()));
+    clock = std::time::Instant::now();
+
+    // The affected keys as a table, to restrict the keyed sources and the result by.
+    let key_table = |values: &[ScalarValue]| -> Result<datafusion::dataframe::DataFrame, DeriveError> {
+        let field = Field::new(key, key_type.clone(), true);
+        let array = if values.is_empty() {
+            new_null_array(&key_type, 0)
+        } else {
+            let a = ScalarValue::iter_to_array(values.iter().cloned()).map_err(df_err("building keys"))?;
+            arrow::compute::cast(&a, &key_type).map_err(|e| df_err("building keys")(e.into()))?
+        };
+        let batch = RecordBatch::try_new(Arc::new(Schema::new(vec![field])), vec![array])
+            .map_err(|e| df_err("building keys")(e.into()))?;
+        ctx.read_batch(batch).map_err(df_err("building keys"))
+    };
+    let semi = |df: datafusion::dataframe::DataFrame, keys: datafusion::dataframe::DataFrame| {
+        let renamed = keys.select(vec![col(key.as_str()).alias("__weir_key")])?;
+        df.join(renamed, datafusion::common::JoinType::LeftSemi, &[key.as_str()], &["__weir_key"], None)
+    };
+    let mut rows = Vec::new();
+    if !keys.is_empty() {
+        let mut originals = Vec::new();
+        for src in &inc.keyed {
+            let provider = match shared.keyed.get(&(signature.clone(), src.clone())) {
+                Some(p) => p.clone(),
+                None => {
+                    let df = ctx.table(src.as_str()).await.map_err(df_err(format!("reading {src}")))?;
+                    let schema: SchemaRef = Arc::new(df.schema().as_arrow().clone());
+                    let df = semi(df, key_table(&keys)?).map_err(df_err(format!("restricting {src}")))?;
+                    let batches = collect(df, format!("restricting {src}")).await?;
+                    let p: Arc<dyn datafusion::catalog::TableProvider> = Arc::new(
+                        MemTable::try_new(schema, vec![batches]).map_err(df_err(format!("restricting {src}")))?,
+                    );
+                    shared.keyed.insert((signature.clone(), src.clone()), p.clone());
+                    p
+                }
+            };
+            originals
+                .push((src.clone(), ctx.table_provider(src.as_str()).await.map_err(df_err(format!("reading {src}")))?));
+            session.replace(src, provider)?;
+        }
+        let sql = job.expand(make, as_of_micros);
+        let result = match ctx.sql(&sql).await {
+            Ok(df) => match semi(df, key_table(&keys)?) {
+                Ok(df) => collect(df, "recomputing the affected keys".into()).await,
+                Err(e) => Err(df_err(format!("{out}: restricting the result"))(e)),
+            },
+            Err(e) => Err(df_err(format!("{out}: {sql}"))(e)),
+        };
+        for (name, p) in originals {
+            session.replace(&name, p)?;
+        }
+        rows = result?;
+    }
+    phases.push(("recompute", clock.elapsed()));
+    clock = std::time::Instant::now();
+
+    // Keys without a row now go, if the table has them.
+    let mut found: HashSet<ScalarValue> = HashSet::new();
+    for b in &rows {
+        add_keys(&mut found, b.column_by_name(key).ok_or_else(|| missing(out, key))?)?;
+    }
+    let absent: Vec<ScalarValue> = keys.iter().filter(|k| !found.contains(*k)).chain(removed.iter()).cloned().collect();
+    let mut gone = Vec::new();
+    if !absent.is_empty() {
+        let df =
+            ctx.read_table(current).and_then(|d| d.select(vec![col(key.as_str())])).map_err(df_err(out.to_string()))?;
+        let df = semi(df, key_table(&absent)?).map_err(df_err(format!("{out}: finding the rows to delete")))?;
+        for b in collect(df, "finding the rows to delete".into()).await? {
+            for i in 0..b.num_rows() {
+                gone.push(ScalarValue::try_from_array(b.column(0), i).map_err(df_err("reading keys"))?);
+            }
+        }
+    }
+    let recomputed: u64 = rows.iter().map(|b| b.num_rows() as u64).sum();
+    let summary = json!({
+        "recomputed": recomputed, "deleted": gone.len(), "affected_keys": keys.len(), "inputs": inputs,
+        "phases_ms": phases_json(&phases),
+    });
+    let version = if rows.is_empty() && gone.is_empty() {
+        // Nothing of this table changed: only the state it is now built from.
+        let rel = out.replace('.', "/");
+        weir_lake::commit_metadata(&table, &rel, state_metadata(job, recorded, summary)).await?
+    } else {
+        store_changes(lake, job, out, table, &rows, &gone, recorded, summary).await?
+    };
+    phases.push(("Delta commit", clock.elapsed()));
+    Ok(IncrementalReport { version, new_rows: 0, merged: 0, recomputed, deleted: gone.len() as u64, inputs, phases })
 }
 
 fn missing(out: &str, key: &str) -> DeriveError {

@@ -90,13 +90,24 @@ struct Header {
 #[serde(deny_unknown_fields)]
 pub struct Incremental {
     /// The source whose inserted rows are folded in: the job's SQL runs over the new rows
-    /// only (as `delta`) and `merge` combines that with the table's rows (`current`).
-    pub fold: String,
+    /// only (as `delta`) and `merge` combines that with the table's rows (`current`). Without
+    /// a fold, every affected key is recomputed by the job's SQL (`keyed` sources restricted
+    /// to the affected keys) and nothing is merged.
+    #[serde(default)]
+    pub fold: Option<String>,
     /// SQL over `delta` and `current`: one row per key of `delta`, the table's new row.
-    pub merge: String,
+    #[serde(default)]
+    pub merge: Option<String>,
+    /// Sources whose row for a key is all the job reads of them for that key (the
+    /// listing of a listing's mart row): restricted to the affected keys when they are
+    /// recomputed, instead of read whole.
+    #[serde(default)]
+    pub keyed: Vec<String>,
     /// Other sources (and the fold source's deletes and updates): SQL over `changes` (the
     /// source's change feed rows, with `_change_type`) and `new_rows` (the fold source's
-    /// inserted rows) returning the keys to recompute from their whole history.
+    /// inserted rows) returning the keys to recompute from their whole history. A source
+    /// read through a view is named by the stored table under the view (`bronze.listings`
+    /// for `silver.listing`).
     #[serde(default)]
     pub affects: BTreeMap<String, String>,
     /// Keys whose row is removed outright (the job produces none for them any more, e.g. an
@@ -138,12 +149,24 @@ impl Job {
     }
 
     pub fn uses_as_of(&self) -> bool {
-        self.sql.contains("${as_of}")
+        self.sql.contains("${as_of}") || self.uses_as_of_date()
     }
 
-    /// The SQL with `${slug}`, `${make_id}` and `${as_of}` expanded.
+    /// The SQL reads the as-of only as its UTC calendar date (`${as_of_date}`): a later
+    /// instant on the same day builds the same table.
+    pub fn uses_as_of_date(&self) -> bool {
+        self.sql.contains("${as_of_date}")
+    }
+
+    pub fn reads_as_of_date_only(&self) -> bool {
+        self.uses_as_of_date() && !self.sql.contains("${as_of}")
+    }
+
+    /// The SQL with `${slug}`, `${make_id}`, `${as_of}` and `${as_of_date}` expanded.
     pub fn expand(&self, make: Option<(&str, i64)>, as_of_micros: i64) -> String {
-        let mut sql = self.sql.replace("${as_of}", &format!("to_timestamp_micros({as_of_micros}) AT TIME ZONE 'UTC'"));
+        let instant = format!("to_timestamp_micros({as_of_micros}) AT TIME ZONE 'UTC'");
+        let mut sql =
+            self.sql.replace("${as_of_date}", &format!("CAST({instant} AS DATE)")).replace("${as_of}", &instant);
         if let Some((slug, id)) = make {
             sql = sql.replace("${slug}", slug).replace("${make_id}", &id.to_string());
         }
@@ -260,14 +283,21 @@ pub fn parse_job(file: &Path, text: &str) -> Result<Job, JobError> {
     }
     if let Some(inc) = &h.incremental {
         let line = header_line("[incremental]");
-        if h.materialize != Materialize::Table || h.per.is_some() || h.key.len() != 1 {
-            return Err(JobError::new(
-                file,
-                line,
-                "incremental needs a table job (not per make) with a one-column key",
-            ));
+        if h.materialize != Materialize::Table || h.key.len() != 1 {
+            return Err(JobError::new(file, line, "incremental needs a table job with a one-column key"));
         }
-        for s in std::iter::once(&inc.fold).chain(inc.affects.keys()).chain(inc.removes.keys()) {
+        match (&inc.fold, &inc.merge) {
+            (Some(_), Some(_)) if h.per.is_some() => {
+                return Err(JobError::new(file, line, "a per-make job cannot fold (it recomputes affected keys)"));
+            }
+            (Some(_), Some(_)) => {}
+            (None, None) if !inc.affects.is_empty() => {}
+            (None, None) => {
+                return Err(JobError::new(file, line, "incremental needs a fold and a merge, or affects rules"));
+            }
+            _ => return Err(JobError::new(file, line, "incremental fold and merge go together")),
+        }
+        for s in inc.fold.iter().chain(&inc.keyed) {
             if !h.sources.contains(s) {
                 return Err(JobError::new(file, line, format!("incremental names {s}, which is not in sources")));
             }
@@ -371,6 +401,20 @@ pub fn order(jobs: Vec<Job>, bronze: &[String]) -> Result<Jobs, JobError> {
             }
         }
     }
+    // Incremental rules name a source, or a stored table read through a view source.
+    for j in by_name.values() {
+        let Some(inc) = &j.incremental else { continue };
+        let reachable = read_through_views(&j.sources, &by_name);
+        for s in inc.affects.keys().chain(inc.removes.keys()) {
+            if !reachable.contains(s) {
+                return Err(JobError::new(
+                    &j.file,
+                    1,
+                    format!("incremental names {s}, which is neither a source nor read through a view source"),
+                ));
+            }
+        }
+    }
     // Kahn's algorithm, alphabetical among the ready ones.
     let deps = |j: &Job| -> BTreeSet<String> {
         j.sources
@@ -400,6 +444,23 @@ pub fn order(jobs: Vec<Job>, bronze: &[String]) -> Result<Jobs, JobError> {
         }
     }
     Ok(Jobs { ordered })
+}
+
+/// `sources`, and what their view jobs read, transitively.
+fn read_through_views(sources: &[String], by_name: &BTreeMap<String, Job>) -> BTreeSet<String> {
+    let mut seen: BTreeSet<String> = BTreeSet::new();
+    let mut todo: Vec<String> = sources.to_vec();
+    while let Some(s) = todo.pop() {
+        if !seen.insert(s.clone()) {
+            continue;
+        }
+        if let Some(view) =
+            s.split_once('.').and_then(|(_, n)| by_name.get(n)).filter(|j| j.materialize == Materialize::View)
+        {
+            todo.extend(view.sources.iter().cloned());
+        }
+    }
+    seen
 }
 
 #[cfg(test)]
@@ -434,8 +495,8 @@ mod tests {
         );
         let job = parse_job(Path::new("x.sql"), &ok).unwrap();
         let inc = job.incremental.expect("declared");
-        assert_eq!(inc.fold, "bronze.t");
-        assert_eq!(inc.merge.trim(), "SELECT * FROM delta");
+        assert_eq!(inc.fold.as_deref(), Some("bronze.t"));
+        assert_eq!(inc.merge.as_deref().map(str::trim), Some("SELECT * FROM delta"));
         assert_eq!(inc.removes.get("bronze.u").map(String::as_str), Some("SELECT id FROM changes"));
         let unknown = ok.replace("fold = \"bronze.t\"", "fold = \"bronze.v\"");
         let e = parse_job(Path::new("x.sql"), &unknown).unwrap_err();
@@ -444,6 +505,31 @@ mod tests {
         let view = ok.replace("[incremental]\n", "materialize = \"view\"\n--! [incremental]\n");
         let e = parse_job(Path::new("x.sql"), &view).unwrap_err();
         assert!(e.to_string().contains("incremental needs a table job"), "{e}");
+        let lonely = ok.replace("--! fold = \"bronze.t\"\n", "");
+        let e = parse_job(Path::new("x.sql"), &lonely).unwrap_err();
+        assert!(e.to_string().contains("fold and merge go together"), "{e}");
+        let no_rules = format!("{head}--! [incremental]\n--! keyed = [\"bronze.t\"]\nSELECT 1 AS id\n");
+        let e = parse_job(Path::new("x.sql"), &no_rules).unwrap_err();
+        assert!(e.to_string().contains("a fold and a merge, or affects rules"), "{e}");
+    }
+
+    #[test]
+    fn rules_may_name_tables_read_through_views() {
+        let bronze = vec!["t".to_string(), "u".to_string()];
+        let view = parse_job(
+            Path::new("v.sql"),
+            "--! layer = \"silver\"\n--! key = [\"id\"]\n--! sources = [\"bronze.t\"]\n--! materialize = \"view\"\nSELECT 1 AS id\n",
+        )
+        .unwrap();
+        let mart = |rule: &str| {
+            let text = format!(
+                "--! layer = \"gold\"\n--! key = [\"id\"]\n--! sources = [\"silver.v\"]\n--! per = \"make\"\n--! [incremental]\n--! [incremental.affects]\n--! \"{rule}\" = \"SELECT id FROM changes\"\nSELECT id FROM silver.v WHERE '${{slug}}' <> ''\n"
+            );
+            parse_job(Path::new("m.sql"), &text).unwrap()
+        };
+        order(vec![view.clone(), mart("bronze.t")], &bronze).expect("bronze.t is read through silver.v");
+        let e = order(vec![view, mart("bronze.u")], &bronze).unwrap_err();
+        assert!(e.to_string().contains("incremental names bronze.u, which is neither a source"), "{e}");
     }
 
     #[test]

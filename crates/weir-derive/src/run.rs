@@ -165,6 +165,7 @@ pub async fn derive(
     // being scanned and filtered once per make.
     let per_make_units = units.iter().filter(|u| u.make.is_some()).count();
     let mut splits = MakeSplits::default();
+    let mut shared = incremental::Shared::default();
 
     // Tokens of what each relation is: tables by version, views by definition and inputs.
     let mut tokens: BTreeMap<String, String> =
@@ -236,12 +237,14 @@ pub async fn derive(
                         &session,
                         u.job,
                         inc,
+                        u.make.as_ref().map(|(s, id)| (s.as_str(), *id)),
                         &out,
                         table.clone(),
                         previous,
                         &state,
                         &recorded,
                         opts.as_of_micros,
+                        &mut shared,
                     )
                     .await?
                     {
@@ -650,7 +653,8 @@ async fn write(
         }
     }
     let werr = |m: String| DeriveError::Write { table: rel.to_string(), message: m };
-    let (df, props) = if job.layer == crate::jobs::Layer::Gold && !job.key.is_empty() {
+    let key_ranged = job.layer == crate::jobs::Layer::Gold && !job.key.is_empty();
+    let (df, props) = if key_ranged {
         // Marts are what Flight clients and the FDW look up by key: stored in key order with
         // small pages, a lookup's page-index pruning decodes one page per column, not the file.
         let order = job.key.iter().map(|k| datafusion::prelude::ident(k).sort(true, false)).collect();
@@ -671,13 +675,23 @@ async fn write(
     let mut stream = df.execute_stream().await.map_err(df_err(format!("running {}", job.file.display())))?;
     let mut adds = Vec::new();
     let mut rows = 0u64;
+    // A mart is cut into files of key ranges (its rows come sorted): an incremental update
+    // rewrites only the files its keys fall in (see incremental::KEY_RANGE_FILE_ROWS).
+    let file_rows = if key_ranged { crate::incremental::KEY_RANGE_FILE_ROWS } else { usize::MAX };
+    let mut in_file = 0usize;
     while let Some(batch) = stream.next().await {
-        let batch = batch.map_err(df_err(format!("running {}", job.file.display())))?;
-        let batch = to_storage(&schema, batch).map_err(|e| werr(e.to_string()))?;
+        let mut batch = batch.map_err(df_err(format!("running {}", job.file.display())))?;
         rows += batch.num_rows() as u64;
-        writer.write(batch).await.map_err(|e| werr(e.to_string()))?;
-        if writer.buffer_len() >= opts.target_file_bytes {
-            adds.extend(writer.flush().await.map_err(|e| werr(e.to_string()))?);
+        while batch.num_rows() > 0 {
+            let take = batch.num_rows().min(file_rows - in_file);
+            let part = to_storage(&schema, batch.slice(0, take)).map_err(|e| werr(e.to_string()))?;
+            batch = batch.slice(take, batch.num_rows() - take);
+            writer.write(part).await.map_err(|e| werr(e.to_string()))?;
+            in_file += take;
+            if in_file >= file_rows || writer.buffer_len() >= opts.target_file_bytes {
+                adds.extend(writer.flush().await.map_err(|e| werr(e.to_string()))?);
+                in_file = 0;
+            }
         }
     }
     adds.extend(writer.flush().await.map_err(|e| werr(e.to_string()))?);

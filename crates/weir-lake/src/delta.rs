@@ -136,7 +136,7 @@ pub async fn commit_metadata(
     Ok(done.version() as i64)
 }
 
-fn classify(rel: &str, source: deltalake::DeltaTableError) -> DeltaError {
+pub(crate) fn classify(rel: &str, source: deltalake::DeltaTableError) -> DeltaError {
     let text = source.to_string().to_lowercase();
     if text.contains("already exists")
         || text.contains("conflict")

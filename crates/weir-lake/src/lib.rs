@@ -3,6 +3,7 @@
 
 pub mod delta;
 pub mod doctor;
+pub mod rewrite;
 pub mod store;
 
 pub use delta::{
@@ -10,4 +11,5 @@ pub use delta::{
     open_table,
 };
 pub use doctor::{Check, run_checks};
+pub use rewrite::{RewriteStats, rewrite_by_key};
 pub use store::{Lake, LakeStoreError};

@@ -99,6 +99,17 @@ pub fn print_reports(reports: &[JobReport]) {
             }
             JobOutcome::Incremental { version, new_rows, merged, recomputed, deleted, elapsed } => {
                 built += 1;
+                if *new_rows == 0 && *merged == 0 {
+                    println!(
+                        "  {:width$}  incremental v{version}: {} keys recomputed, {} removed in {} — {}",
+                        r.output,
+                        thousands(*recomputed),
+                        thousands(*deleted),
+                        secs(*elapsed),
+                        r.reason
+                    );
+                    continue;
+                }
                 println!(
                     "  {:width$}  incremental v{version}: {} new source rows folded into {} keys, {} keys recomputed, {} removed in {} — {}",
                     r.output,

@@ -89,6 +89,9 @@ enum Bench {
         /// Keep only this make's mart fresh (`weir run --make`); default: every make's.
         #[arg(long)]
         make: Option<String>,
+        /// Append `weir run`'s output, with a line per derived table, to this file.
+        #[arg(long)]
+        run_log: Option<std::path::PathBuf>,
     },
     /// ML: ANN search (IVF_PQ) queries/s and recall@10 vs exact brute-force search over the
     /// vector table; point-in-time retrieval of --pit-rows (listing, timestamp) rows; the
@@ -128,7 +131,7 @@ fn main() -> Result<()> {
         Bench::Derive { scale, make, runs, lake_dir } => rt.block_on(derive(scale, &make, runs, lake_dir)),
         Bench::Serve { scale, make, runs, lookups } => rt.block_on(serve(scale, &make, runs, lookups)),
         Bench::Cdc { scale, runs } => rt.block_on(cdc(scale, runs)),
-        Bench::Lag { scale, seconds, rate, make } => rt.block_on(lag(scale, seconds, rate, make)),
+        Bench::Lag { scale, seconds, rate, make, run_log } => rt.block_on(lag(scale, seconds, rate, make, run_log)),
         Bench::Ml { scale, queries, exact, pit_rows } => rt.block_on(ml(scale, queries, exact, pit_rows)),
         Bench::Query { lake_dir, sql, runs, explain } => rt.block_on(query(&lake_dir, &sql, runs, explain)),
     }
@@ -614,7 +617,26 @@ async fn http_get(port: u16, path: &str) -> Result<String> {
     Ok(text.split("\r\n\r\n").nth(1).unwrap_or_default().to_string())
 }
 
-async fn lag(scale: f64, seconds: u64, rate: f64, make: Option<String>) -> Result<()> {
+/// A file to append a child's output to, or nowhere.
+fn log_to(path: Option<&std::path::Path>) -> Result<std::process::Stdio> {
+    Ok(match path {
+        Some(p) => std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(p)
+            .with_context(|| format!("opening {}", p.display()))?
+            .into(),
+        None => std::process::Stdio::null(),
+    })
+}
+
+async fn lag(
+    scale: f64,
+    seconds: u64,
+    rate: f64,
+    make: Option<String>,
+    run_log: Option<std::path::PathBuf>,
+) -> Result<()> {
     let Landed { pg: _pg, db, lake, lake_dir, bronze, jobs, .. } = landed(scale, None, true).await?;
     let as_of = weir_derive::run::default_as_of(&lake, &bronze).await?.context("no bronze tables")?;
     let opts = weir_derive::DeriveOptions { as_of_micros: as_of, ..all_options(chrono::Utc::now(), false) };
@@ -634,8 +656,9 @@ async fn lag(scale: f64, seconds: u64, rate: f64, make: Option<String>) -> Resul
             "WEIR_SERVE_TOKEN",
             format!("bench-{}", std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH)?.as_nanos()),
         )
-        .stdout(std::process::Stdio::null())
-        .stderr(std::process::Stdio::null())
+        .env("WEIR_LOG", if run_log.is_some() { "warn,weir_cli=debug" } else { "warn" })
+        .stdout(log_to(run_log.as_deref())?)
+        .stderr(log_to(run_log.as_deref())?)
         .spawn()
         .context("starting weir run")?;
     for _ in 0..100 {

@@ -256,6 +256,13 @@ async fn cycle(
     if oldest_commit.is_some() || report.changes > 0 {
         status.derives.fetch_add(1, Ordering::Relaxed);
     }
+    for r in &reports {
+        if let weir_derive::JobOutcome::Incremental { elapsed, .. } | weir_derive::JobOutcome::Built { elapsed, .. } =
+            &r.outcome
+        {
+            tracing::debug!("{} in {:.3} s: {}", r.output, elapsed.as_secs_f64(), r.reason);
+        }
+    }
     let built = reports
         .iter()
         .filter(|r| !matches!(r.outcome, weir_derive::JobOutcome::UpToDate { .. } | weir_derive::JobOutcome::View))

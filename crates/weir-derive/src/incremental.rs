@@ -109,16 +109,36 @@ fn changed_tables(
     Ok(())
 }
 
-/// The keys to recompute, and those removed outright.
-type AffectedKeys = (Arc<Vec<ScalarValue>>, Arc<Vec<ScalarValue>>);
+/// The keys to recompute, and with them those removed outright, as one-column tables.
+#[derive(Clone)]
+struct AffectedKeys {
+    keys: RecordBatch,
+    all: RecordBatch,
+}
 
 /// Results shared by the units of one `weir derive` run (the per-make marts read the same
 /// change feeds): the keys each job's rules found for a set of changed inputs, and its
 /// `keyed` sources restricted to them.
 #[derive(Default)]
 pub struct Shared {
-    keys: std::collections::HashMap<String, AffectedKeys>,
-    keyed: std::collections::HashMap<(String, String), Arc<dyn datafusion::catalog::TableProvider>>,
+    keys: std::sync::Mutex<std::collections::HashMap<String, AffectedKeys>>,
+    forks: std::sync::Mutex<std::collections::HashMap<String, datafusion::prelude::SessionContext>>,
+}
+
+impl Shared {
+    fn cached_keys(&self, signature: &str) -> Option<AffectedKeys> {
+        self.keys.lock().unwrap_or_else(|p| p.into_inner()).get(signature).cloned()
+    }
+
+    fn cached_fork(&self, signature: &str) -> Option<datafusion::prelude::SessionContext> {
+        self.forks.lock().unwrap_or_else(|p| p.into_inner()).get(signature).cloned()
+    }
+}
+
+/// Whether units of `inc`'s job may be brought up to date at the same time: their rules do
+/// not read the unit's own table, so they run once and every unit shares the result.
+pub fn shares_rules(inc: &Incremental) -> bool {
+    inc.fold.is_none() && !inc.affects.values().chain(inc.removes.values()).any(|r| r.contains("current"))
 }
 
 /// Rows per file of the tables rewritten by key (the marts): a change rewrites the few files
@@ -138,7 +158,7 @@ pub async fn attempt(
     state: &Value,
     recorded: &Value,
     as_of_micros: i64,
-    shared: &mut Shared,
+    shared: &Shared,
 ) -> Result<Attempt, DeriveError> {
     use Attempt::NotApplicable as Na;
     if previous.get("definition") != state.get("definition") {
@@ -465,7 +485,7 @@ async fn recompute(
     inputs: Vec<String>,
     recorded: &Value,
     as_of_micros: i64,
-    shared: &mut Shared,
+    shared: &Shared,
 ) -> Result<IncrementalReport, DeriveError> {
     let ctx = &session.ctx;
     let key = &job.key[0];
@@ -481,8 +501,8 @@ async fn recompute(
     // the same changes (every make's mart), so they run once per derive run.
     let reads_current = inc.affects.values().chain(inc.removes.values()).any(|r| r.contains("current"));
     let signature = format!("{}:{}", job.name, inputs.join(","));
-    let cached = if reads_current { None } else { shared.keys.get(&signature).cloned() };
-    let (keys, removed) = match cached {
+    let cached = if reads_current { None } else { shared.cached_keys(&signature) };
+    let affected = match cached {
         Some(k) => k,
         None => {
             ctx.register_table("current", current.clone()).map_err(df_err("registering current"))?;
@@ -510,86 +530,89 @@ async fn recompute(
             }
             ctx.deregister_table("current").map_err(df_err("deregistering"))?;
             result?;
-            let mut keys: Vec<ScalarValue> =
+            let keys: Vec<ScalarValue> =
                 recompute.into_iter().filter(|k| !k.is_null() && !removed.contains(k)).collect();
-            keys.sort_by(|a, b| a.partial_cmp(b).unwrap_or(std::cmp::Ordering::Equal));
             let removed: Vec<ScalarValue> = removed.into_iter().filter(|k| !k.is_null()).collect();
-            let k = (Arc::new(keys), Arc::new(removed));
+            let as_batch = |values: &[ScalarValue]| -> Result<RecordBatch, DeriveError> {
+                let array = if values.is_empty() {
+                    new_null_array(&key_type, 0)
+                } else {
+                    let a = ScalarValue::iter_to_array(values.iter().cloned()).map_err(df_err("building keys"))?;
+                    arrow::compute::cast(&a, &key_type).map_err(|e| df_err("building keys")(e.into()))?
+                };
+                let schema = Arc::new(Schema::new(vec![Field::new("__weir_key", key_type.clone(), true)]));
+                RecordBatch::try_new(schema, vec![array]).map_err(|e| df_err("building keys")(e.into()))
+            };
+            let all: Vec<ScalarValue> = keys.iter().chain(&removed).cloned().collect();
+            let k = AffectedKeys { keys: as_batch(&keys)?, all: as_batch(&all)? };
             if !reads_current {
-                shared.keys.insert(signature.clone(), k.clone());
+                shared.keys.lock().unwrap_or_else(|p| p.into_inner()).insert(signature.clone(), k.clone());
             }
             k
         }
     };
+    let AffectedKeys { keys, all } = affected;
     phases.push(("rules", clock.elapsed()));
     clock = std::time::Instant::now();
 
-    // The affected keys as a table, to restrict the keyed sources and the result by.
-    let key_table = |values: &[ScalarValue]| -> Result<datafusion::dataframe::DataFrame, DeriveError> {
-        let field = Field::new(key, key_type.clone(), true);
-        let array = if values.is_empty() {
-            new_null_array(&key_type, 0)
-        } else {
-            let a = ScalarValue::iter_to_array(values.iter().cloned()).map_err(df_err("building keys"))?;
-            arrow::compute::cast(&a, &key_type).map_err(|e| df_err("building keys")(e.into()))?
-        };
-        let batch = RecordBatch::try_new(Arc::new(Schema::new(vec![field])), vec![array])
-            .map_err(|e| df_err("building keys")(e.into()))?;
-        ctx.read_batch(batch).map_err(df_err("building keys"))
+    // Joins by key with one of those tables: only rows with one of its keys (semi), or none (anti).
+    let by_keys = |df: datafusion::dataframe::DataFrame, keys: &RecordBatch, how| {
+        let right = ctx.read_batch(keys.clone())?;
+        df.join(right, how, &[key.as_str()], &["__weir_key"], None)
     };
-    let semi = |df: datafusion::dataframe::DataFrame, keys: datafusion::dataframe::DataFrame| {
-        let renamed = keys.select(vec![col(key.as_str()).alias("__weir_key")])?;
-        df.join(renamed, datafusion::common::JoinType::LeftSemi, &[key.as_str()], &["__weir_key"], None)
-    };
+    use datafusion::common::JoinType::{LeftAnti, LeftSemi};
     let mut rows = Vec::new();
-    if !keys.is_empty() {
-        let mut originals = Vec::new();
-        for src in &inc.keyed {
-            let provider = match shared.keyed.get(&(signature.clone(), src.clone())) {
-                Some(p) => p.clone(),
-                None => {
+    if keys.num_rows() > 0 {
+        // The job's SQL in a context where its keyed sources hold the affected keys' rows
+        // only (built once per run for every unit with the same changes).
+        let fork = match shared.cached_fork(&signature) {
+            Some(f) => f,
+            None => {
+                let mut overrides = Vec::new();
+                for src in &inc.keyed {
                     let df = ctx.table(src.as_str()).await.map_err(df_err(format!("reading {src}")))?;
                     let schema: SchemaRef = Arc::new(df.schema().as_arrow().clone());
-                    let df = semi(df, key_table(&keys)?).map_err(df_err(format!("restricting {src}")))?;
+                    let df = by_keys(df, &keys, LeftSemi).map_err(df_err(format!("restricting {src}")))?;
                     let batches = collect(df, format!("restricting {src}")).await?;
                     let p: Arc<dyn datafusion::catalog::TableProvider> = Arc::new(
                         MemTable::try_new(schema, vec![batches]).map_err(df_err(format!("restricting {src}")))?,
                     );
-                    shared.keyed.insert((signature.clone(), src.clone()), p.clone());
-                    p
+                    overrides.push((src.clone(), p));
                 }
-            };
-            originals
-                .push((src.clone(), ctx.table_provider(src.as_str()).await.map_err(df_err(format!("reading {src}")))?));
-            session.replace(src, provider)?;
-        }
-        let sql = job.expand(make, as_of_micros);
-        let result = match ctx.sql(&sql).await {
-            Ok(df) => match semi(df, key_table(&keys)?) {
-                Ok(df) => collect(df, "recomputing the affected keys".into()).await,
-                Err(e) => Err(df_err(format!("{out}: restricting the result"))(e)),
-            },
-            Err(e) => Err(df_err(format!("{out}: {sql}"))(e)),
+                let f = session.fork_with(&overrides).await?;
+                shared.forks.lock().unwrap_or_else(|p| p.into_inner()).insert(signature.clone(), f.clone());
+                f
+            }
         };
-        for (name, p) in originals {
-            session.replace(&name, p)?;
-        }
-        rows = result?;
+        let sql = job.expand(make, as_of_micros);
+        let df = fork.sql(&sql).await.map_err(df_err(format!("{out}: {sql}")))?;
+        let df = by_keys(df, &keys, LeftSemi).map_err(df_err(format!("{out}: restricting the result")))?;
+        rows = collect(df, "recomputing the affected keys".into()).await?;
     }
     phases.push(("recompute", clock.elapsed()));
     clock = std::time::Instant::now();
 
     // Keys without a row now go, if the table has them.
-    let mut found: HashSet<ScalarValue> = HashSet::new();
-    for b in &rows {
-        add_keys(&mut found, b.column_by_name(key).ok_or_else(|| missing(out, key))?)?;
-    }
-    let absent: Vec<ScalarValue> = keys.iter().filter(|k| !found.contains(*k)).chain(removed.iter()).cloned().collect();
+    let found: Vec<ArrayRef> = rows
+        .iter()
+        .map(|b| b.column_by_name(key).cloned().ok_or_else(|| missing(out, key)))
+        .collect::<Result<_, _>>()?;
+    let found = if found.is_empty() {
+        new_null_array(&key_type, 0)
+    } else {
+        let refs: Vec<&dyn arrow::array::Array> = found.iter().map(|a| a.as_ref()).collect();
+        let a = arrow::compute::concat(&refs).map_err(|e| df_err("reading keys")(e.into()))?;
+        arrow::compute::cast(&a, &key_type).map_err(|e| df_err("reading keys")(e.into()))?
+    };
+    let found = RecordBatch::try_new(all.schema(), vec![found]).map_err(|e| df_err("reading keys")(e.into()))?;
     let mut gone = Vec::new();
-    if !absent.is_empty() {
-        let df =
-            ctx.read_table(current).and_then(|d| d.select(vec![col(key.as_str())])).map_err(df_err(out.to_string()))?;
-        let df = semi(df, key_table(&absent)?).map_err(df_err(format!("{out}: finding the rows to delete")))?;
+    if all.num_rows() > 0 {
+        let df = ctx
+            .read_table(current)
+            .and_then(|d| d.select(vec![col(key.as_str())]))
+            .and_then(|d| by_keys(d, &all, LeftSemi))
+            .and_then(|d| by_keys(d, &found, LeftAnti))
+            .map_err(df_err(format!("{out}: finding the rows to delete")))?;
         for b in collect(df, "finding the rows to delete".into()).await? {
             for i in 0..b.num_rows() {
                 gone.push(ScalarValue::try_from_array(b.column(0), i).map_err(df_err("reading keys"))?);
@@ -598,7 +621,7 @@ async fn recompute(
     }
     let recomputed: u64 = rows.iter().map(|b| b.num_rows() as u64).sum();
     let summary = json!({
-        "recomputed": recomputed, "deleted": gone.len(), "affected_keys": keys.len(), "inputs": inputs,
+        "recomputed": recomputed, "deleted": gone.len(), "affected_keys": keys.num_rows(), "inputs": inputs,
         "phases_ms": phases_json(&phases),
     });
     let version = if rows.is_empty() && gone.is_empty() {

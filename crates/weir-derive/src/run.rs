@@ -165,26 +165,39 @@ pub async fn derive(
     // being scanned and filtered once per make.
     let per_make_units = units.iter().filter(|u| u.make.is_some()).count();
     let mut splits = MakeSplits::default();
-    let mut shared = incremental::Shared::default();
+    let shared = incremental::Shared::default();
+    let mut not_incremental: BTreeMap<String, String> = BTreeMap::new();
 
     // Tokens of what each relation is: tables by version, views by definition and inputs.
     let mut tokens: BTreeMap<String, String> =
         session.versions.iter().map(|(k, v)| (k.clone(), format!("v{v}"))).collect();
     let mut reports = Vec::new();
-    for u in &units {
+    // Per-make incremental units, brought up to date two at a time before the loop reaches
+    // them (their inputs are all built by then); what could not be done incrementally is
+    // rebuilt by the loop.
+    let mut ahead: BTreeMap<String, Result<(Attempt, Duration), String>> = BTreeMap::new();
+    for (i, u) in units.iter().enumerate() {
+        let first_of_job = i == 0 || !std::ptr::eq(units[i - 1].job, u.job);
         let out = u.output();
-        let inputs: BTreeMap<String, String> = u
-            .job
-            .sources
-            .iter()
-            .map(|s| (s.clone(), tokens.get(s).cloned().unwrap_or_else(|| "none".into())))
-            .collect();
-        let mut state = json!({ "definition": u.job.fingerprint, "inputs": inputs });
-        if u.job.uses_as_of() {
-            state["as_of_micros"] = json!(opts.as_of_micros);
+        if first_of_job
+            && u.make.is_some()
+            && !opts.full
+            && u.job.incremental.as_ref().is_some_and(incremental::shares_rules)
+        {
+            let group: Vec<&Unit> = units[i..].iter().take_while(|v| std::ptr::eq(v.job, u.job)).collect();
+            ahead = update_ahead(lake, &session, &group, &tokens, opts, &shared).await?;
         }
-        if let Some((s, _)) = &u.make {
-            state["slug"] = json!(s);
+        let state = unit_state(u, &tokens, opts);
+        if let Some(done) = ahead.remove(&out) {
+            match done {
+                Ok((Attempt::Done(r), elapsed)) => {
+                    tokens.insert(out.clone(), format!("v{}", r.version));
+                    reports.push(incremental_report(out, r, elapsed));
+                    continue;
+                }
+                Ok((Attempt::NotApplicable(why), _)) => not_incremental.insert(out.clone(), why),
+                Err(e) => return Err(DeriveError::Write { table: out, message: e }),
+            };
         }
         match u.job.materialize {
             Materialize::View => {
@@ -229,7 +242,9 @@ pub async fn derive(
                 let t = Instant::now();
                 let recorded = stored.with(u.scope, state.clone());
                 let mut reason = reason;
-                if let (Some(inc), None, false, Some(previous)) =
+                if let Some(why) = not_incremental.remove(&out) {
+                    reason = format!("{reason} (not incremental: {why})");
+                } else if let (Some(inc), None, false, Some(previous)) =
                     (&u.job.incremental, u.scope, opts.full, built_from.as_ref())
                 {
                     match incremental::attempt(
@@ -244,33 +259,14 @@ pub async fn derive(
                         &state,
                         &recorded,
                         opts.as_of_micros,
-                        &mut shared,
+                        &shared,
                     )
                     .await?
                     {
                         Attempt::Done(r) => {
                             session.register_delta(lake, &out).await?;
                             tokens.insert(out.clone(), format!("v{}", r.version));
-                            reports.push(JobReport {
-                                output: out,
-                                outcome: JobOutcome::Incremental {
-                                    version: r.version,
-                                    new_rows: r.new_rows,
-                                    merged: r.merged,
-                                    recomputed: r.recomputed,
-                                    deleted: r.deleted,
-                                    elapsed: t.elapsed(),
-                                },
-                                reason: format!(
-                                    "{} ({})",
-                                    r.inputs.join(", "),
-                                    r.phases
-                                        .iter()
-                                        .map(|(n, d)| format!("{n} {:.2} s", d.as_secs_f64()))
-                                        .collect::<Vec<_>>()
-                                        .join(", ")
-                                ),
-                            });
+                            reports.push(incremental_report(out, r, t.elapsed()));
                             continue;
                         }
                         Attempt::NotApplicable(why) => reason = format!("{reason} (not incremental: {why})"),
@@ -320,6 +316,118 @@ pub async fn derive(
 }
 
 const MAKE_ID: &str = "make_id";
+
+/// The state a unit is built from: its definition, its inputs' tokens, the as-of if read.
+fn unit_state(u: &Unit<'_>, tokens: &BTreeMap<String, String>, opts: &DeriveOptions) -> Value {
+    let inputs: BTreeMap<String, String> =
+        u.job.sources.iter().map(|s| (s.clone(), tokens.get(s).cloned().unwrap_or_else(|| "none".into()))).collect();
+    let mut state = json!({ "definition": u.job.fingerprint, "inputs": inputs });
+    if u.job.uses_as_of() {
+        state["as_of_micros"] = json!(opts.as_of_micros);
+    }
+    if let Some((s, _)) = &u.make {
+        state["slug"] = json!(s);
+    }
+    state
+}
+
+fn incremental_report(output: String, r: incremental::IncrementalReport, elapsed: Duration) -> JobReport {
+    let phases: Vec<String> = r.phases.iter().map(|(n, d)| format!("{n} {:.2} s", d.as_secs_f64())).collect();
+    JobReport {
+        output,
+        outcome: JobOutcome::Incremental {
+            version: r.version,
+            new_rows: r.new_rows,
+            merged: r.merged,
+            recomputed: r.recomputed,
+            deleted: r.deleted,
+            elapsed,
+        },
+        reason: format!("{} ({})", r.inputs.join(", "), phases.join(", ")),
+    }
+}
+
+/// A unit whose stored state is behind its inputs.
+struct Pending<'a, 'b> {
+    unit: &'a Unit<'b>,
+    out: String,
+    table: deltalake::DeltaTable,
+    previous: Value,
+    state: Value,
+    recorded: Value,
+}
+
+async fn attempt_ahead(
+    lake: &Lake,
+    session: &LakeSession,
+    p: Pending<'_, '_>,
+    opts: &DeriveOptions,
+    shared: &incremental::Shared,
+) -> (String, Result<(Attempt, Duration), String>) {
+    let t = Instant::now();
+    let u = p.unit;
+    let inc = u.job.incremental.as_ref().expect("checked by the caller");
+    let make = u.make.as_ref().map(|(s, id)| (s.as_str(), *id));
+    let r = incremental::attempt(
+        lake,
+        session,
+        u.job,
+        inc,
+        make,
+        &p.out,
+        p.table,
+        &p.previous,
+        &p.state,
+        &p.recorded,
+        opts.as_of_micros,
+        shared,
+    )
+    .await
+    .map(|a| (a, t.elapsed()))
+    .map_err(|e| e.to_string());
+    (p.out, r)
+}
+
+/// Brings the per-make units of one job up to date from their inputs' change feeds, the
+/// first alone (it computes the affected keys every unit shares), then two at a time. Units
+/// that are up to date, or never built, are left to the loop.
+async fn update_ahead(
+    lake: &Lake,
+    session: &LakeSession,
+    group: &[&Unit<'_>],
+    tokens: &BTreeMap<String, String>,
+    opts: &DeriveOptions,
+    shared: &incremental::Shared,
+) -> Result<BTreeMap<String, Result<(Attempt, Duration), String>>, DeriveError> {
+    let mut todo = Vec::new();
+    for u in group {
+        let out = u.output();
+        let table = weir_lake::open_table(lake, &out.replace('.', "/")).await?;
+        let stored = match weir_lake::last_commit_info(&table, &out).await? {
+            Some(info) => StoredState::parse(info.get(STATE_KEY)),
+            None => StoredState::default(),
+        };
+        let state = unit_state(u, tokens, opts);
+        let Some(previous) = stored.built_from(None) else { continue };
+        if why_rebuild(Some(&previous), &state, false).is_none() {
+            continue;
+        }
+        let recorded = stored.with(None, state.clone());
+        todo.push(Pending { unit: u, out, table, previous, state, recorded });
+    }
+    let mut done = BTreeMap::new();
+    let mut rest = todo.into_iter();
+    if let Some(first) = rest.next() {
+        let (out, r) = attempt_ahead(lake, session, first, opts, shared).await;
+        done.insert(out, r);
+    }
+    let mut stream =
+        futures::stream::iter(rest.map(|p| attempt_ahead(lake, session, p, opts, shared))).buffer_unordered(2);
+    while let Some((out, r)) = stream.next().await {
+        done.insert(out, r);
+    }
+    Ok(done)
+}
 
 /// View sources of per-make jobs, computed once per run and split by make_id.
 #[derive(Default)]

@@ -103,6 +103,43 @@ impl LakeSession {
         Ok(Some(version))
     }
 
+    /// A context over the same tables, functions and object stores in which `overrides`
+    /// (`layer.name` → provider) stand in for those tables; this session is not touched, so
+    /// the fork can plan while other work uses the session.
+    pub async fn fork_with(
+        &self,
+        overrides: &[(String, Arc<dyn TableProvider>)],
+    ) -> Result<SessionContext, DeriveError> {
+        use datafusion::catalog::{
+            CatalogProvider, CatalogProviderList, MemoryCatalogProvider, MemoryCatalogProviderList,
+        };
+        let catalog = Arc::new(MemoryCatalogProvider::new());
+        let base = self.ctx.catalog(CATALOG).expect("the default catalog exists");
+        for schema_name in base.schema_names() {
+            let schema = Arc::new(MemorySchemaProvider::new());
+            if let Some(from) = base.schema(&schema_name) {
+                for t in from.table_names() {
+                    let name = format!("{schema_name}.{t}");
+                    let provider = match overrides.iter().find(|(n, _)| *n == name) {
+                        Some((_, p)) => Some(p.clone()),
+                        None => from.table(&t).await.map_err(df_err(format!("reading {name}")))?,
+                    };
+                    if let Some(p) = provider {
+                        datafusion::catalog::SchemaProvider::register_table(schema.as_ref(), t, p)
+                            .map_err(df_err(format!("registering {name}")))?;
+                    }
+                }
+            }
+            catalog.register_schema(&schema_name, schema).map_err(df_err("registering schemas"))?;
+        }
+        let list = Arc::new(MemoryCatalogProviderList::new());
+        list.register_catalog(CATALOG.to_string(), catalog);
+        let state = datafusion::execution::SessionStateBuilder::new_from_existing(self.ctx.state())
+            .with_catalog_list(list)
+            .build();
+        Ok(SessionContext::new_with_state(state))
+    }
+
     /// Registers (or re-registers) a provider under `layer.name`.
     pub fn replace(&self, name: &str, provider: Arc<dyn TableProvider>) -> Result<(), DeriveError> {
         let _ = self.ctx.deregister_table(name);

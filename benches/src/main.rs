@@ -656,7 +656,7 @@ async fn lag(
             "WEIR_SERVE_TOKEN",
             format!("bench-{}", std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH)?.as_nanos()),
         )
-        .env("WEIR_LOG", if run_log.is_some() { "warn,weir_cli=debug" } else { "warn" })
+        .env("WEIR_LOG", if run_log.is_some() { "warn,deltalake_core=off,weir=debug" } else { "warn" })
         .stdout(log_to(run_log.as_deref())?)
         .stderr(log_to(run_log.as_deref())?)
         .spawn()

@@ -161,6 +161,12 @@ pub async fn sync(
         // Read before the peek: decoding reads flushed WAL only, so "nothing came back" means
         // "nothing committed before `upto`" only if `upto` was already flushed when it ran.
         let flushed = flush_lsn(&client).await?;
+        if flushed < pages.record_end(upto) {
+            // Commits before `upto` that are not flushed yet (synchronous_commit = off) would
+            // be left for a second batch: wait the moment it takes the WAL writer.
+            tokio::time::sleep(Duration::from_millis(10)).await;
+            continue;
+        }
         let rows = client
             .query(
                 "SELECT data FROM pg_logical_slot_peek_binary_changes($1, $2::text::pg_lsn, $3,
@@ -507,6 +513,10 @@ struct TableState {
     columns: Vec<PgColumn>,
     key_positions: Vec<usize>,
     pending: HashMap<Vec<u8>, Pending>,
+    /// Every pending change is an insert (no update, delete or truncate since the last
+    /// apply): the keys are new to PostgreSQL, so they are new to the lake, and the batch is
+    /// appended instead of merged.
+    only_inserts: bool,
     truncated: bool,
     changes: TableChanges,
 }
@@ -541,6 +551,7 @@ impl TableState {
             columns: Vec::new(),
             key_positions: Vec::new(),
             pending: HashMap::new(),
+            only_inserts: true,
             truncated: false,
             changes: TableChanges::default(),
         })
@@ -613,6 +624,7 @@ impl TableState {
     }
 
     fn update(&mut self, old: Option<Vec<Value>>, mut new: Vec<Value>) -> Result<(), IngestError> {
+        self.only_inserts = false;
         let k = self.key(&new)?;
         let unchanged = new.contains(&Value::Unchanged);
         if let Some(old) = old {
@@ -644,6 +656,7 @@ impl TableState {
     }
 
     fn delete(&mut self, old: Vec<Value>) -> Result<(), IngestError> {
+        self.only_inserts = false;
         let k = self.key(&old)?;
         self.pending.insert(k, Pending::Delete(old));
         self.changes.deletes += 1;
@@ -651,6 +664,7 @@ impl TableState {
     }
 
     fn truncate(&mut self) {
+        self.only_inserts = false;
         self.pending.clear();
         self.truncated = true;
         self.changes.truncates += 1;
@@ -724,6 +738,30 @@ impl TableState {
             on.push(pc);
         }
         let writer = crate::parquet_properties(&batch.schema());
+        if std::mem::replace(&mut self.only_inserts, true) {
+            // New keys only (an append-only log like price_log): written as new files, no
+            // join with the table. The applied LSN goes into the same commit, as in a merge.
+            let data: Vec<usize> = (0..batch.num_columns())
+                .filter(|&i| {
+                    let n = batch.schema_ref().field(i).name().clone();
+                    n != OP && !n.starts_with(KEEP)
+                })
+                .collect();
+            let batch = batch.project(&data).map_err(|e| delta_err(&rel, e.into()))?;
+            let rows = batch.num_rows() as u64;
+            let metadata = HashMap::from([
+                ("weir.cdc.lsn".to_string(), json!(pgoutput::format_lsn(end))),
+                ("weir.cdc.slot".to_string(), json!(slot)),
+                ("weir.source_table".to_string(), json!(name)),
+                ("weir.cdc.append".to_string(), json!(true)),
+            ]);
+            let txn = Transaction::new(APP_ID, end as i64);
+            let version = weir_lake::append_batch(table, &rel, batch, writer, metadata, txn).await?;
+            self.changes.rows_inserted += rows;
+            self.changes.version = Some(version);
+            self.applied = end;
+            return Ok(());
+        }
         let (table, m) = weir_lake::merge_by_key(table, &rel, batch, &on, writer, props()).await?;
         self.changes.rows_inserted += m.inserted;
         self.changes.rows_updated += m.updated;

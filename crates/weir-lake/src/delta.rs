@@ -118,6 +118,37 @@ pub async fn commit_files(
     Ok(done.version() as i64)
 }
 
+/// Appends `batch` (the table's columns, partition columns included) as new files in one
+/// commit carrying `metadata` and the application transaction `txn`. For rows whose keys the
+/// table cannot hold yet (an append-only log's new rows): nothing is compared or rewritten.
+pub async fn append_batch(
+    table: DeltaTable,
+    rel: &str,
+    batch: deltalake::arrow::record_batch::RecordBatch,
+    writer: deltalake::parquet::file::properties::WriterProperties,
+    metadata: HashMap<String, Value>,
+    txn: deltalake::kernel::Transaction,
+) -> Result<i64, DeltaError> {
+    use deltalake::writer::{DeltaWriter, RecordBatchWriter};
+    let snapshot = table.snapshot().map_err(delta_err(rel))?;
+    // The table's own schema (NOT NULL key columns), by column name.
+    let batch = crate::rewrite::conform(&snapshot.snapshot().arrow_schema(), batch, rel)?;
+    let mut w = RecordBatchWriter::for_table(&table).map_err(delta_err(rel))?.with_writer_properties(writer);
+    w.write(batch).await.map_err(delta_err(rel))?;
+    let adds = w.flush().await.map_err(delta_err(rel))?;
+    let mut actions: Vec<Action> = adds.into_iter().map(Action::Add).collect();
+    actions.push(Action::Txn(txn));
+    let partition_by = snapshot.metadata().partition_columns().to_vec();
+    let op = DeltaOperation::Write { mode: SaveMode::Append, partition_by: Some(partition_by), predicate: None };
+    let done = CommitBuilder::default()
+        .with_actions(actions)
+        .with_app_metadata(metadata)
+        .build(Some(snapshot), table.log_store(), op)
+        .await
+        .map_err(|source| classify(rel, source))?;
+    Ok(done.version() as i64)
+}
+
 /// A commit that changes no data and records `metadata` (e.g. the state a derived table is
 /// now known to be built from, after a run that found nothing to change).
 pub async fn commit_metadata(

@@ -7,8 +7,8 @@ pub mod rewrite;
 pub mod store;
 
 pub use delta::{
-    DeltaError, KEEP_PREFIX, MergeStats, OP_COLUMN, commit_files, commit_metadata, last_commit_info, merge_by_key,
-    open_table,
+    DeltaError, KEEP_PREFIX, MergeStats, OP_COLUMN, append_batch, commit_files, commit_metadata, last_commit_info,
+    merge_by_key, open_table,
 };
 pub use doctor::{Check, run_checks};
 pub use rewrite::{RewriteStats, rewrite_by_key};

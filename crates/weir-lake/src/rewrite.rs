@@ -206,8 +206,9 @@ pub async fn rewrite_by_key(
     Ok((done.version() as i64, stats))
 }
 
-/// `b` with `schema`'s field types (a file read back may carry other metadata).
-fn conform(schema: &SchemaRef, b: RecordBatch, rel: &str) -> Result<RecordBatch, DeltaError> {
+/// `b` with `schema`'s columns and field types, by name (a file read back may carry other
+/// metadata; a batch built elsewhere other nullability).
+pub(crate) fn conform(schema: &SchemaRef, b: RecordBatch, rel: &str) -> Result<RecordBatch, DeltaError> {
     let cols: Vec<ArrayRef> = schema
         .fields()
         .iter()

@@ -142,8 +142,8 @@ pub fn shares_rules(inc: &Incremental) -> bool {
 }
 
 /// Rows per file of the tables rewritten by key (the marts): a change rewrites the few files
-/// whose key range it falls in. Four lookup pages.
-pub const KEY_RANGE_FILE_ROWS: usize = 4 * crate::run::LOOKUP_PAGE_ROWS;
+/// whose key range it falls in. Two lookup pages.
+pub const KEY_RANGE_FILE_ROWS: usize = 2 * crate::run::LOOKUP_PAGE_ROWS;
 
 #[allow(clippy::too_many_arguments)]
 pub async fn attempt(

@@ -421,10 +421,41 @@ async fn update_ahead(
         let (out, r) = attempt_ahead(lake, session, first, opts, shared).await;
         done.insert(out, r);
     }
-    let mut stream =
-        futures::stream::iter(rest.map(|p| attempt_ahead(lake, session, p, opts, shared))).buffer_unordered(2);
-    while let Some((out, r)) = stream.next().await {
-        done.insert(out, r);
+    let rest: Vec<Pending> = rest.collect();
+    let handle = tokio::runtime::Handle::current();
+    if handle.runtime_flavor() == tokio::runtime::RuntimeFlavor::MultiThread && rest.len() > 1 {
+        // Planning and Parquet encoding are CPU work done inside the future: two OS threads,
+        // each driving its share of the units on the runtime, use two cores.
+        let mut shares: [Vec<Pending>; 2] = [Vec::new(), Vec::new()];
+        for (i, p) in rest.into_iter().enumerate() {
+            shares[i % 2].push(p);
+        }
+        let results = tokio::task::block_in_place(|| {
+            std::thread::scope(|scope| {
+                let workers: Vec<_> = shares
+                    .into_iter()
+                    .map(|share| {
+                        let handle = handle.clone();
+                        scope.spawn(move || {
+                            handle.block_on(async {
+                                let mut out = Vec::new();
+                                for p in share {
+                                    out.push(attempt_ahead(lake, session, p, opts, shared).await);
+                                }
+                                out
+                            })
+                        })
+                    })
+                    .collect();
+                workers.into_iter().flat_map(|w| w.join().expect("a derive thread panicked")).collect::<Vec<_>>()
+            })
+        });
+        done.extend(results);
+    } else {
+        for p in rest {
+            let (out, r) = attempt_ahead(lake, session, p, opts, shared).await;
+            done.insert(out, r);
+        }
     }
     Ok(done)
 }

@@ -60,6 +60,40 @@ struct Changed {
     to: i64,
 }
 
+/// A changed input's change data feed over the range, or why it cannot be read as one.
+async fn change_feed(lake: &Lake, c: &Changed) -> Result<Result<Arc<DeltaCdfTableProvider>, String>, DeriveError> {
+    let rel = c.name.replace('.', "/");
+    let t = weir_lake::open_table(lake, &rel).await?;
+    let enabled = t
+        .snapshot()
+        .map(|s| s.table_config().enable_change_data_feed.unwrap_or(false))
+        .map_err(|e| DeriveError::Write { table: c.name.clone(), message: e.to_string() })?;
+    if !enabled {
+        return Ok(Err(format!("{} has no change data feed (a new `weir backfill --force` enables it)", c.name)));
+    }
+    let (marker, what) = if c.name.starts_with("bronze.") {
+        ("weir.cdc.lsn", "a CDC commit (a backfill?)")
+    } else {
+        ("weir.derive.incremental", "an incremental commit (a rebuild?)")
+    };
+    let latest = t.version().map_or(0, |v| v as i64);
+    let history = t
+        .history(Some((latest - c.from).max(0) as usize))
+        .await
+        .map_err(|e| DeriveError::Write { table: c.name.clone(), message: e.to_string() })?;
+    for (i, ci) in history.enumerate() {
+        let v = latest - i as i64;
+        if v > c.from && v <= c.to && !ci.info.contains_key(marker) {
+            return Ok(Err(format!("{} v{v} is not {what}", c.name)));
+        }
+    }
+    let cdf = DeltaCdfTableProvider::try_new(
+        t.scan_cdf().with_starting_version(c.from as u64 + 1).with_ending_version(c.to as u64),
+    )
+    .map_err(|e| DeriveError::Write { table: c.name.clone(), message: e.to_string() })?;
+    Ok(Ok(Arc::new(cdf)))
+}
+
 fn version_of(token: Option<&Value>) -> Option<i64> {
     token?.as_str()?.strip_prefix('v')?.parse().ok()
 }
@@ -121,6 +155,9 @@ struct AffectedKeys {
 /// `keyed` sources restricted to them.
 #[derive(Default)]
 pub struct Shared {
+    /// Change feeds by (input, from, to), or why an input's range is not one.
+    #[allow(clippy::type_complexity)]
+    feeds: std::sync::Mutex<std::collections::HashMap<(String, i64, i64), Result<Arc<DeltaCdfTableProvider>, String>>>,
     keys: std::sync::Mutex<std::collections::HashMap<String, AffectedKeys>>,
     forks: std::sync::Mutex<std::collections::HashMap<String, datafusion::prelude::SessionContext>>,
 }
@@ -204,36 +241,20 @@ pub async fn attempt(
     // derive commits (silver) in the range.
     let mut feeds = Vec::new();
     for c in &changed {
-        let rel = c.name.replace('.', "/");
-        let t = weir_lake::open_table(lake, &rel).await?;
-        let enabled = t
-            .snapshot()
-            .map(|s| s.table_config().enable_change_data_feed.unwrap_or(false))
-            .map_err(|e| DeriveError::Write { table: c.name.clone(), message: e.to_string() })?;
-        if !enabled {
-            return Ok(Na(format!("{} has no change data feed (a new `weir backfill --force` enables it)", c.name)));
-        }
-        let (marker, what) = if c.name.starts_with("bronze.") {
-            ("weir.cdc.lsn", "a CDC commit (a backfill?)")
-        } else {
-            ("weir.derive.incremental", "an incremental commit (a rebuild?)")
-        };
-        let latest = t.version().map_or(0, |v| v as i64);
-        let history = t
-            .history(Some((latest - c.from).max(0) as usize))
-            .await
-            .map_err(|e| DeriveError::Write { table: c.name.clone(), message: e.to_string() })?;
-        for (i, ci) in history.enumerate() {
-            let v = latest - i as i64;
-            if v > c.from && v <= c.to && !ci.info.contains_key(marker) {
-                return Ok(Na(format!("{} v{v} is not {what}", c.name)));
+        let id = (c.name.clone(), c.from, c.to);
+        let cached = shared.feeds.lock().unwrap_or_else(|p| p.into_inner()).get(&id).cloned();
+        let feed = match cached {
+            Some(f) => f,
+            None => {
+                let f = change_feed(lake, c).await?;
+                shared.feeds.lock().unwrap_or_else(|p| p.into_inner()).insert(id, f.clone());
+                f
             }
+        };
+        match feed {
+            Ok(cdf) => feeds.push((c, cdf)),
+            Err(why) => return Ok(Na(why)),
         }
-        let cdf = DeltaCdfTableProvider::try_new(
-            t.scan_cdf().with_starting_version(c.from as u64 + 1).with_ending_version(c.to as u64),
-        )
-        .map_err(|e| DeriveError::Write { table: c.name.clone(), message: e.to_string() })?;
-        feeds.push((c, Arc::new(cdf)));
     }
     let inputs: Vec<String> = changed.iter().map(|c| format!("{} v{} → v{}", c.name, c.from, c.to)).collect();
     let Some(fold) = inc.fold.as_deref() else {

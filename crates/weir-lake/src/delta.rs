@@ -109,7 +109,7 @@ pub async fn commit_files(
         partition_by: Some(partition_columns.to_vec()),
         predicate: partition.map(|(c, v)| format!("{c} = {v}")),
     };
-    let done = CommitBuilder::default()
+    let done = committer()
         .with_actions(actions)
         .with_app_metadata(metadata)
         .build(Some(snapshot), table.log_store(), op)
@@ -140,13 +140,20 @@ pub async fn append_batch(
     actions.push(Action::Txn(txn));
     let partition_by = snapshot.metadata().partition_columns().to_vec();
     let op = DeltaOperation::Write { mode: SaveMode::Append, partition_by: Some(partition_by), predicate: None };
-    let done = CommitBuilder::default()
+    let done = committer()
         .with_actions(actions)
         .with_app_metadata(metadata)
         .build(Some(snapshot), table.log_store(), op)
         .await
         .map_err(|source| classify(rel, source))?;
     Ok(done.version() as i64)
+}
+
+/// A commit builder that runs delta-rs' post-commit hook: a checkpoint every
+/// `delta.checkpointInterval` versions (100), so opening a table that a long `weir run` commits
+/// to every cycle replays a bounded log. (`CommitBuilder::default()` runs no hook.)
+pub(crate) fn committer() -> CommitBuilder {
+    CommitBuilder::from(CommitProperties::default())
 }
 
 /// A commit that changes no data and records `metadata` (e.g. the state a derived table is
@@ -158,7 +165,7 @@ pub async fn commit_metadata(
 ) -> Result<i64, DeltaError> {
     let snapshot = table.snapshot().map_err(delta_err(rel))?;
     let op = DeltaOperation::Write { mode: SaveMode::Append, partition_by: None, predicate: None };
-    let done = CommitBuilder::default()
+    let done = committer()
         .with_actions(vec![])
         .with_app_metadata(metadata)
         .build(Some(snapshot), table.log_store(), op)

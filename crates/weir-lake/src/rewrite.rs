@@ -7,7 +7,6 @@ use arrow::compute::{SortOptions, cast, concat_batches, filter_record_batch, sor
 use arrow::datatypes::{DataType, SchemaRef};
 use deltalake::DeltaTable;
 use deltalake::kernel::Action;
-use deltalake::kernel::transaction::CommitBuilder;
 use deltalake::parquet::arrow::arrow_reader::ParquetRecordBatchReaderBuilder;
 use deltalake::parquet::file::properties::WriterProperties;
 use deltalake::protocol::DeltaOperation;
@@ -197,7 +196,7 @@ pub async fn rewrite_by_key(
         stats.rows_written += sorted.num_rows() as u64;
     }
     let op = DeltaOperation::Update { predicate: Some(format!("{key} in the {} changed keys", replaced.len())) };
-    let done = CommitBuilder::default()
+    let done = crate::delta::committer()
         .with_actions(actions)
         .with_app_metadata(metadata)
         .build(Some(snapshot), table.log_store(), op)

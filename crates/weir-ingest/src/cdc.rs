@@ -706,6 +706,7 @@ impl TableState {
         }
         if self.pending.is_empty() {
             self.applied = end;
+            self.only_inserts = true;
             return Ok(());
         }
 
@@ -872,6 +873,7 @@ mod tests {
             columns: Vec::new(),
             key_positions: Vec::new(),
             pending: HashMap::new(),
+            only_inserts: true,
             truncated: false,
             changes: TableChanges::default(),
         };
@@ -927,6 +929,25 @@ mod tests {
             .collect();
         out.sort();
         out
+    }
+
+    #[test]
+    fn only_a_batch_of_inserts_is_appended() {
+        let mut st = table();
+        st.insert(row(1, Some("a"))).unwrap();
+        st.insert(row(2, Some("b"))).unwrap();
+        assert!(st.only_inserts, "new keys only");
+        for change in [
+            |st: &mut TableState| st.update(None, row(1, Some("c"))).unwrap(),
+            |st: &mut TableState| st.delete(row(2, Some("b"))).unwrap(),
+            |st: &mut TableState| st.truncate(),
+        ] {
+            let mut st = table();
+            st.insert(row(3, Some("x"))).unwrap();
+            change(&mut st);
+            st.insert(row(4, Some("y"))).unwrap();
+            assert!(!st.only_inserts, "an update, delete or truncate in the batch means a merge");
+        }
     }
 
     #[test]

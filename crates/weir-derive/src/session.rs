@@ -35,8 +35,8 @@ pub fn session_context() -> Result<SessionContext, DeriveError> {
 
 /// [`session_context`] with a memory limit for the whole session (bytes): a query over it
 /// fails with "Resources exhausted"; nothing spills to disk.
-/// Parquet footers and page indexes, shared by every memory-limited (per-query) session of
-/// the process: a point lookup should not re-read them each time. Keyed by path, size and
+/// Parquet footers and page indexes, shared by every session of the process (per-query
+/// serve sessions, per-cycle derive sessions): a point lookup should not re-read them each time. Keyed by path, size and
 /// modification time, so a rewritten file is never served from it.
 static SHARED_METADATA_CACHE: std::sync::LazyLock<
     Arc<dyn datafusion::execution::cache::cache_manager::FileMetadataCache>,
@@ -55,24 +55,21 @@ pub fn session_context_limited(memory_limit: Option<usize>) -> Result<SessionCon
         .set_bool("datafusion.execution.parquet.schema_force_view_types", false)
         .with_default_catalog_and_schema(CATALOG, "public")
         .with_information_schema(true);
-    let mut ctx = match memory_limit {
-        None => SessionContext::new_with_config(config),
-        Some(bytes) => {
-            let runtime = datafusion::execution::runtime_env::RuntimeEnvBuilder::new()
-                .with_memory_limit(bytes, 1.0)
-                .with_cache_manager(
-                    datafusion::execution::cache::cache_manager::CacheManagerConfig::default()
-                        .with_file_metadata_cache(Some(SHARED_METADATA_CACHE.clone())),
-                )
-                .with_disk_manager_builder(
-                    datafusion::execution::disk_manager::DiskManagerBuilder::default()
-                        .with_mode(datafusion::execution::disk_manager::DiskManagerMode::Disabled),
-                )
-                .build_arc()
-                .map_err(df_err("building the query runtime"))?;
-            SessionContext::new_with_config_rt(config, runtime)
-        }
-    };
+    // Every session of the process shares the Parquet metadata cache: `weir run` opens a new
+    // session per cycle, and a cycle's scans (a rule's pass over price_log's files, a merge)
+    // should not re-read and re-parse every footer each time.
+    let mut runtime = datafusion::execution::runtime_env::RuntimeEnvBuilder::new().with_cache_manager(
+        datafusion::execution::cache::cache_manager::CacheManagerConfig::default()
+            .with_file_metadata_cache(Some(SHARED_METADATA_CACHE.clone())),
+    );
+    if let Some(bytes) = memory_limit {
+        runtime = runtime.with_memory_limit(bytes, 1.0).with_disk_manager_builder(
+            datafusion::execution::disk_manager::DiskManagerBuilder::default()
+                .with_mode(datafusion::execution::disk_manager::DiskManagerMode::Disabled),
+        );
+    }
+    let runtime = runtime.build_arc().map_err(df_err("building the query runtime"))?;
+    let mut ctx = SessionContext::new_with_config_rt(config, runtime);
     functions::register(&mut ctx).map_err(df_err("registering Weir's functions"))?;
     let catalog = ctx.catalog(CATALOG).expect("the default catalog exists");
     for layer in ["bronze", "silver", "gold"] {

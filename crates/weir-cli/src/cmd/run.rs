@@ -58,6 +58,12 @@ impl Status {
         put("weir_cdc_transactions_total", "counter", "Source transactions applied", n(&self.transactions));
         put("weir_cdc_changes_total", "counter", "Row changes applied", n(&self.changes));
         put("weir_derive_runs_total", "counter", "Derive runs after changes", n(&self.derives));
+        put(
+            "weir_derive_pending",
+            "gauge",
+            "1 while synced changes wait for their derive (at start: until the first cycle has derived)",
+            u8::from(self.pending_any.load(Ordering::Relaxed)).to_string(),
+        );
         put("weir_features_runs_total", "counter", "Feature and vector refreshes after changes", n(&self.feature_runs));
         put("weir_run_errors_total", "counter", "Failed iterations (retried)", n(&self.errors));
         let lag = self.last_lag_ms.load(Ordering::Relaxed);
@@ -85,12 +91,13 @@ impl Status {
     fn health(&self) -> String {
         let lag = self.last_lag_ms.load(Ordering::Relaxed);
         format!(
-            "{{\"status\":\"{}\",\"lsn\":\"{}\",\"transactions\":{},\"changes\":{},\"derives\":{},\"feature_runs\":{},\"errors\":{},\"freshness_lag_ms\":{},\"lag_p50_ms\":{},\"lag_p95_ms\":{},\"last_error\":{:?}}}\n",
+            "{{\"status\":\"{}\",\"lsn\":\"{}\",\"transactions\":{},\"changes\":{},\"derives\":{},\"pending\":{},\"feature_runs\":{},\"errors\":{},\"freshness_lag_ms\":{},\"lag_p50_ms\":{},\"lag_p95_ms\":{},\"last_error\":{:?}}}\n",
             if self.last_error.lock().unwrap_or_else(|p| p.into_inner()).is_empty() { "ok" } else { "retrying" },
             self.lsn.lock().unwrap_or_else(|p| p.into_inner()),
             self.transactions.load(Ordering::Relaxed),
             self.changes.load(Ordering::Relaxed),
             self.derives.load(Ordering::Relaxed),
+            self.pending_any.load(Ordering::Relaxed),
             self.feature_runs.load(Ordering::Relaxed),
             self.errors.load(Ordering::Relaxed),
             if lag >= 0 { lag.to_string() } else { "null".into() },

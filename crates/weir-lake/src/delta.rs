@@ -109,13 +109,7 @@ pub async fn commit_files(
         partition_by: Some(partition_columns.to_vec()),
         predicate: partition.map(|(c, v)| format!("{c} = {v}")),
     };
-    let done = committer()
-        .with_actions(actions)
-        .with_app_metadata(metadata)
-        .build(Some(snapshot), table.log_store(), op)
-        .await
-        .map_err(|source| classify(rel, source))?;
-    Ok(done.version() as i64)
+    commit(&table, rel, actions, metadata, op).await
 }
 
 /// Appends `batch` (the table's columns, partition columns included) as new files in one
@@ -140,20 +134,28 @@ pub async fn append_batch(
     actions.push(Action::Txn(txn));
     let partition_by = snapshot.metadata().partition_columns().to_vec();
     let op = DeltaOperation::Write { mode: SaveMode::Append, partition_by: Some(partition_by), predicate: None };
-    let done = committer()
+    commit(&table, rel, actions, metadata, op).await
+}
+
+/// Commits `actions` and `metadata` on top of the table's loaded version, running delta-rs'
+/// post-commit hook: a checkpoint every `delta.checkpointInterval` versions (100), so opening a
+/// table that a long `weir run` commits to every cycle replays a bounded log
+/// (`CommitBuilder::default()` runs no hook). Returns the new version.
+pub(crate) async fn commit(
+    table: &DeltaTable,
+    rel: &str,
+    actions: Vec<Action>,
+    metadata: HashMap<String, Value>,
+    op: DeltaOperation,
+) -> Result<i64, DeltaError> {
+    let snapshot = table.snapshot().map_err(delta_err(rel))?;
+    let done = CommitBuilder::from(CommitProperties::default())
         .with_actions(actions)
         .with_app_metadata(metadata)
         .build(Some(snapshot), table.log_store(), op)
         .await
         .map_err(|source| classify(rel, source))?;
     Ok(done.version() as i64)
-}
-
-/// A commit builder that runs delta-rs' post-commit hook: a checkpoint every
-/// `delta.checkpointInterval` versions (100), so opening a table that a long `weir run` commits
-/// to every cycle replays a bounded log. (`CommitBuilder::default()` runs no hook.)
-pub(crate) fn committer() -> CommitBuilder {
-    CommitBuilder::from(CommitProperties::default())
 }
 
 /// A commit that changes no data and records `metadata` (e.g. the state a derived table is
@@ -163,15 +165,8 @@ pub async fn commit_metadata(
     rel: &str,
     metadata: HashMap<String, Value>,
 ) -> Result<i64, DeltaError> {
-    let snapshot = table.snapshot().map_err(delta_err(rel))?;
     let op = DeltaOperation::Write { mode: SaveMode::Append, partition_by: None, predicate: None };
-    let done = committer()
-        .with_actions(vec![])
-        .with_app_metadata(metadata)
-        .build(Some(snapshot), table.log_store(), op)
-        .await
-        .map_err(|source| classify(rel, source))?;
-    Ok(done.version() as i64)
+    commit(table, rel, vec![], metadata, op).await
 }
 
 pub(crate) fn classify(rel: &str, source: deltalake::DeltaTableError) -> DeltaError {

@@ -196,13 +196,8 @@ pub async fn rewrite_by_key(
         stats.rows_written += sorted.num_rows() as u64;
     }
     let op = DeltaOperation::Update { predicate: Some(format!("{key} in the {} changed keys", replaced.len())) };
-    let done = crate::delta::committer()
-        .with_actions(actions)
-        .with_app_metadata(metadata)
-        .build(Some(snapshot), table.log_store(), op)
-        .await
-        .map_err(|source| crate::delta::classify(rel, source))?;
-    Ok((done.version() as i64, stats))
+    let version = crate::delta::commit(&table, rel, actions, metadata, op).await?;
+    Ok((version, stats))
 }
 
 /// `b` with `schema`'s columns and field types, by name (a file read back may carry other

@@ -155,6 +155,8 @@ struct AffectedKeys {
 /// `keyed` sources restricted to them.
 #[derive(Default)]
 pub struct Shared {
+    /// Held while a unit runs its rules (they register `changes` and `current`).
+    rules: tokio::sync::Mutex<()>,
     /// Change feeds by (input, from, to), or why an input's range is not one.
     #[allow(clippy::type_complexity)]
     feeds: std::sync::Mutex<std::collections::HashMap<(String, i64, i64), Result<Arc<DeltaCdfTableProvider>, String>>>,
@@ -522,6 +524,9 @@ async fn recompute(
     // the same changes (every make's mart), so they run once per derive run.
     let reads_current = inc.affects.values().chain(inc.removes.values()).any(|r| r.contains("current"));
     let signature = format!("{}:{}", job.name, inputs.join(","));
+    // Rules register `changes` and `current` in the session: one unit at a time (units run
+    // on two threads), and a unit that waited finds the keys another computed meanwhile.
+    let rules_guard = shared.rules.lock().await;
     let cached = if reads_current { None } else { shared.cached_keys(&signature) };
     let affected = match cached {
         Some(k) => k,
@@ -572,6 +577,7 @@ async fn recompute(
             k
         }
     };
+    drop(rules_guard);
     let AffectedKeys { keys, all } = affected;
     phases.push(("rules", clock.elapsed()));
     clock = std::time::Instant::now();

@@ -177,7 +177,12 @@ impl Shared {
 /// Whether units of `inc`'s job may be brought up to date at the same time: their rules do
 /// not read the unit's own table, so they run once and every unit shares the result.
 pub fn shares_rules(inc: &Incremental) -> bool {
-    inc.fold.is_none() && !inc.affects.values().chain(inc.removes.values()).any(|r| r.contains("current"))
+    inc.fold.is_none() && !rules_read_current(inc)
+}
+
+/// Whether a rule reads the unit's own table (`current`): its keys are then the unit's alone.
+fn rules_read_current(inc: &Incremental) -> bool {
+    inc.affects.values().chain(inc.removes.values()).any(|r| r.contains("current"))
 }
 
 /// Rows per file of the tables rewritten by key (the marts): a change rewrites the few files
@@ -522,7 +527,7 @@ async fn recompute(
 
     // The keys: rules that do not read `current` give the same keys to every unit reading
     // the same changes (every make's mart), so they run once per derive run.
-    let reads_current = inc.affects.values().chain(inc.removes.values()).any(|r| r.contains("current"));
+    let reads_current = rules_read_current(inc);
     let signature = format!("{}:{}", job.name, inputs.join(","));
     // Rules register `changes` and `current` in the session: one unit at a time (units run
     // on two threads), and a unit that waited finds the keys another computed meanwhile.

@@ -175,7 +175,7 @@ pub async fn derive(
     // Per-make incremental units, brought up to date two at a time before the loop reaches
     // them (their inputs are all built by then); what could not be done incrementally is
     // rebuilt by the loop.
-    let mut ahead: BTreeMap<String, Result<(Attempt, Duration), String>> = BTreeMap::new();
+    let mut ahead: BTreeMap<String, Result<(Attempt, Duration), DeriveError>> = BTreeMap::new();
     for (i, u) in units.iter().enumerate() {
         let first_of_job = i == 0 || !std::ptr::eq(units[i - 1].job, u.job);
         let out = u.output();
@@ -196,7 +196,7 @@ pub async fn derive(
                     continue;
                 }
                 Ok((Attempt::NotApplicable(why), _)) => not_incremental.insert(out.clone(), why),
-                Err(e) => return Err(DeriveError::Write { table: out, message: e }),
+                Err(e) => return Err(e),
             };
         }
         match u.job.materialize {
@@ -363,7 +363,7 @@ async fn attempt_ahead(
     p: Pending<'_, '_>,
     opts: &DeriveOptions,
     shared: &incremental::Shared,
-) -> (String, Result<(Attempt, Duration), String>) {
+) -> (String, Result<(Attempt, Duration), DeriveError>) {
     let t = Instant::now();
     let u = p.unit;
     let inc = u.job.incremental.as_ref().expect("checked by the caller");
@@ -383,8 +383,7 @@ async fn attempt_ahead(
         shared,
     )
     .await
-    .map(|a| (a, t.elapsed()))
-    .map_err(|e| e.to_string());
+    .map(|a| (a, t.elapsed()));
     (p.out, r)
 }
 
@@ -398,7 +397,7 @@ async fn update_ahead(
     tokens: &BTreeMap<String, String>,
     opts: &DeriveOptions,
     shared: &incremental::Shared,
-) -> Result<BTreeMap<String, Result<(Attempt, Duration), String>>, DeriveError> {
+) -> Result<BTreeMap<String, Result<(Attempt, Duration), DeriveError>>, DeriveError> {
     let mut todo = Vec::new();
     for u in group {
         let out = u.output();

@@ -107,6 +107,82 @@ async fn assert_key_ranged(lake: &Lake, root: &std::path::Path, rel: &str) {
     assert!(ranges.windows(2).all(|w| w[0].1 < w[1].0), "{rel}: files overlap: {ranges:?}");
 }
 
+/// The files under each Delta table of a local lake (not its log), relative to the table.
+fn files_on_disk(root: &std::path::Path, rel: &str) -> std::collections::BTreeSet<String> {
+    fn walk(dir: &std::path::Path, base: &std::path::Path, out: &mut std::collections::BTreeSet<String>) {
+        for e in std::fs::read_dir(dir).unwrap() {
+            let p = e.unwrap().path();
+            if p.is_dir() {
+                if !p.ends_with("_delta_log") {
+                    walk(&p, base, out);
+                }
+            } else {
+                out.insert(p.strip_prefix(base).unwrap().to_string_lossy().into_owned());
+            }
+        }
+    }
+    let mut out = std::collections::BTreeSet::new();
+    walk(&root.join(rel), &root.join(rel), &mut out);
+    out
+}
+
+/// The number in "`verb` N file(s)" of `weir vacuum`'s summary line.
+fn vacuumed(out: &str, verb: &str) -> u64 {
+    let line = out.lines().find(|l| l.starts_with("vacuum of ")).unwrap_or_else(|| panic!("no summary: {out}"));
+    let rest = line.split(verb).nth(1).unwrap_or_else(|| panic!("{verb:?} not in {line}"));
+    rest.split_whitespace().next().unwrap().parse().unwrap()
+}
+
+/// `weir vacuum`: a dry run deletes nothing; a vacuum leaves exactly the files each table
+/// holds; a derive whose change feed reaches back before the vacuum rebuilds instead (its
+/// files may be gone), and the next one is incremental again, with parity exact.
+async fn vacuum_keeps_tables_and_change_feeds(url: &str, root: &std::path::Path, lake_url: &str, lake: &Lake) {
+    use futures::TryStreamExt;
+    let tables = weir_lake::delta_tables(lake).await.unwrap();
+    assert!(
+        tables.contains(&"bronze/listings".to_string()) && tables.contains(&"gold/ads_vw".to_string()),
+        "{tables:?}"
+    );
+    let before: Vec<_> = tables.iter().map(|t| files_on_disk(root, t)).collect();
+    let (ok, out, err) = weir(&["vacuum", "--lake", lake_url, "--retain", "0s", "--dry-run"]);
+    assert!(ok, "{out}\n{err}");
+    assert!(vacuumed(&out, "would delete") > 0, "merges and rewrites left removed files: {out}");
+    let after: Vec<_> = tables.iter().map(|t| files_on_disk(root, t)).collect();
+    assert!(before == after, "a dry run deleted files");
+    let (ok, out, err) = weir(&["vacuum", "--lake", lake_url, "--tables", "gold.no_such_mart"]);
+    assert!(!ok && err.contains("gold.no_such_mart") && err.lines().count() == 1, "{out}\n{err}");
+
+    // A day synced, then vacuumed before it is derived: the change feed's files are gone.
+    day(url, 3, 63, 0.0).await;
+    sync(url, lake_url, &[]);
+    let (ok, out, err) = weir(&["vacuum", "--lake", lake_url, "--retain", "0s"]);
+    assert!(ok, "{out}\n{err}");
+    assert!(vacuumed(&out, "deleted") > 0, "{out}");
+    for t in &tables {
+        let table = weir_lake::open_table(lake, t).await.unwrap();
+        let active: std::collections::BTreeSet<String> = table
+            .get_active_add_actions_by_partitions(&[])
+            .map_ok(|f| f.path().to_string())
+            .try_collect()
+            .await
+            .unwrap();
+        assert_eq!(files_on_disk(root, t), active, "{t}: after a vacuum with no retention, only its files are left");
+    }
+    let (ok, out, err) = derive(root, &[]);
+    assert!(ok, "{out}\n{err}");
+    assert_eq!(fold_outcome(&out), "built", "{out}");
+    assert!(out.contains("vacuum's horizon"), "the rebuild says why: {out}");
+
+    // Changes after the vacuum are read from the change feed again.
+    day(url, 4, 64, 0.0).await;
+    sync(url, lake_url, &[]);
+    let (ok, out, err) = derive(root, &[]);
+    assert!(ok, "{out}\n{err}");
+    assert_eq!(fold_outcome(&out), "incremental", "{out}");
+    let slugs = legacy_all(url).await;
+    assert_parity(url, lake, &slugs, "after vacuums, a rebuild and an incremental derive").await;
+}
+
 fn local(dir: &std::path::Path) -> Lake {
     Lake::open(LakeLocation::Local { root: dir.to_path_buf() }, &S3Settings::default(), false).unwrap()
 }
@@ -204,6 +280,8 @@ async fn sync_applies_days_ddl_and_truncates_exactly() {
     let full = lake_rows(&lake, "silver/listing_price", &columns).await;
     assert_eq!(incremental.len(), full.len());
     assert!(incremental == full, "the incremental fold differs from a full rebuild");
+
+    vacuum_keeps_tables_and_change_feeds(&url, dir.path(), &lake_url, &lake).await;
 
     // DDL CDC cannot follow names the table and the column; nothing of it is applied.
     c.batch_execute(
@@ -346,7 +424,7 @@ async fn wait_for(port: u16, what: &str, ok: impl Fn(&serde_json::Value) -> bool
 }
 
 /// `weir run` on an S3 lake: applies a day and derives; survives a PostgreSQL restart and an
-/// S3-server restart (retries, then applies the next day); reports the freshness lag;
+/// S3-server restart (retries, then applies the next day); vacuums in the background; reports the freshness lag;
 /// SIGTERM stops it cleanly.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn run_loop_survives_postgres_and_s3_restarts() {
@@ -388,6 +466,10 @@ async fn run_loop_survives_postgres_and_s3_restarts() {
                 "200",
                 "--make",
                 "vw",
+                "--vacuum-every",
+                "1s",
+                "--retain",
+                "5s",
             ])
             .args(features.then_some("--features"))
             .args(["--status-addr", &format!("127.0.0.1:{port}")])
@@ -435,6 +517,8 @@ async fn run_loop_survives_postgres_and_s3_restarts() {
     assert_lake_equals_postgres(&url, &lake, "after an S3 restart under weir run").await;
     wait_for(port, "the third feature run", |h| h["feature_runs"].as_u64() >= Some(3) && h["status"] == "ok").await;
     assert_vectors_follow(&url, &lake, "after an S3 restart under weir run --features").await;
+    // The background vacuum deletes what the merges removed (here from the S3 server).
+    wait_for(port, "a vacuum that deletes files", |h| h["vacuumed_files"].as_u64() > Some(0)).await;
 
     // SIGTERM: the batch in hand finishes, the process exits 0.
     let pid = child.id().to_string();

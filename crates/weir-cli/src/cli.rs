@@ -52,6 +52,8 @@ pub enum Command {
     Legacy(LegacyCmd),
     /// Check that a lake can hold Weir's tables: read/write, one-winner commits, Delta, Lance.
     Doctor(DoctorArgs),
+    /// Delete the files the lake's tables no longer need (removed, old change data, old vector versions).
+    Vacuum(VacuumArgs),
     /// Start the local services (PostgreSQL 15 and the S3 server) in the foreground and print their settings.
     Services(ServicesArgs),
     /// Run the in-repo S3-compatible server (s3s-fs with per-key locking) for local use.
@@ -147,6 +149,43 @@ pub struct DemoArgs {
     /// The demo's local lake.
     #[arg(long, default_value = "file://./.weir/lake")]
     pub lake: String,
+}
+
+#[derive(Debug, Args)]
+pub struct VacuumArgs {
+    /// Lake URI: file://path or s3://bucket/prefix (or WEIR_LAKE, or lake in weir.toml).
+    #[arg(long, env = "WEIR_LAKE")]
+    pub lake: Option<String>,
+    /// Keep files removed less than this long ago (e.g. 30m, 1h, 7d): longer than the longest
+    /// query or write. Change data is kept twice as long (at most an hour more).
+    #[arg(long, default_value = "1h", value_parser = parse_duration)]
+    pub retain: std::time::Duration,
+    /// Only these tables (comma-separated, e.g. gold/ads_vw,bronze.listings); default: every
+    /// Delta table under bronze/, silver/ and gold/, and the vector table's old versions.
+    #[arg(long, value_delimiter = ',')]
+    pub tables: Vec<String>,
+    /// Count what would be deleted; delete nothing (the vector table is not counted).
+    #[arg(long)]
+    pub dry_run: bool,
+    /// Accept an S3 bucket outside the EU.
+    #[arg(long)]
+    pub allow_non_eu: bool,
+}
+
+/// `90s`, `30m`, `1h`, `7d` (a number and a unit).
+pub fn parse_duration(s: &str) -> Result<std::time::Duration, String> {
+    let t = s.trim();
+    let split = t.find(|c: char| !c.is_ascii_digit()).unwrap_or(t.len());
+    let (n, unit) = t.split_at(split);
+    let n: u64 = n.parse().map_err(|_| format!("invalid duration {s:?}: use a number and a unit, e.g. 30m or 1h"))?;
+    let secs = match unit {
+        "s" => 1,
+        "m" => 60,
+        "h" => 3600,
+        "d" => 86_400,
+        _ => return Err(format!("invalid duration {s:?}: the unit must be s, m, h or d")),
+    };
+    Ok(std::time::Duration::from_secs(n.saturating_mul(secs)))
 }
 
 #[derive(Debug, Args)]
@@ -261,6 +300,12 @@ pub struct RunArgs {
     /// Per-query memory limit of the Flight server in MiB (default: serve.memory_limit_mb, else 1024).
     #[arg(long)]
     pub memory_limit_mb: Option<usize>,
+    /// How often to vacuum every table in the background (as `weir vacuum`); 0s: never.
+    #[arg(long, default_value = "10m", value_parser = parse_duration)]
+    pub vacuum_every: std::time::Duration,
+    /// The vacuum's retention (see `weir vacuum --retain`).
+    #[arg(long, default_value = "1h", value_parser = parse_duration)]
+    pub retain: std::time::Duration,
     /// Accept an S3 bucket outside the EU.
     #[arg(long)]
     pub allow_non_eu: bool,

@@ -81,10 +81,19 @@ async fn change_feed(lake: &Lake, c: &Changed) -> Result<Result<Arc<DeltaCdfTabl
         .history(Some((latest - c.from).max(0) as usize))
         .await
         .map_err(|e| DeriveError::Write { table: c.name.clone(), message: e.to_string() })?;
+    // A vacuum may have deleted files of commits before its horizon.
+    let horizon = weir_lake::vacuum_horizon(lake, &rel).await?;
     for (i, ci) in history.enumerate() {
         let v = latest - i as i64;
-        if v > c.from && v <= c.to && !ci.info.contains_key(marker) {
-            return Ok(Err(format!("{} v{v} is not {what}", c.name)));
+        if v > c.from && v <= c.to {
+            if !ci.info.contains_key(marker) {
+                return Ok(Err(format!("{} v{v} is not {what}", c.name)));
+            }
+            if let (Some(h), Some(t)) = (horizon, ci.timestamp)
+                && t < h
+            {
+                return Ok(Err(format!("{} v{v} is older than its last vacuum's horizon", c.name)));
+            }
         }
     }
     let cdf = DeltaCdfTableProvider::try_new(

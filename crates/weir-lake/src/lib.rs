@@ -5,6 +5,7 @@ pub mod delta;
 pub mod doctor;
 pub mod rewrite;
 pub mod store;
+pub mod vacuum;
 
 pub use delta::{
     DeltaError, KEEP_PREFIX, MergeStats, OP_COLUMN, append_batch, commit_files, commit_metadata, last_commit_info,
@@ -13,3 +14,4 @@ pub use delta::{
 pub use doctor::{Check, run_checks};
 pub use rewrite::{RewriteStats, rewrite_by_key};
 pub use store::{Lake, LakeStoreError};
+pub use vacuum::{VacuumReport, delta_tables, vacuum, vacuum_horizon, vacuum_tables};

@@ -135,6 +135,30 @@ pub async fn open(lake: &Lake) -> Result<Option<Dataset>, MlError> {
     }
 }
 
+/// What [`cleanup`] removed from the vector table.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct Cleanup {
+    pub versions: u64,
+    pub files: u64,
+    pub bytes: u64,
+}
+
+/// Removes the vector table's versions older than `retain` (never the latest) and the files
+/// only they used; nothing when the table was never built.
+pub async fn cleanup(lake: &Lake, retain: std::time::Duration) -> Result<Cleanup, MlError> {
+    let Some(ds) = open(lake).await? else { return Ok(Cleanup::default()) };
+    let older_than = chrono::Duration::from_std(retain).unwrap_or(chrono::Duration::MAX);
+    let s = ds
+        .cleanup_old_versions(older_than, Some(false), Some(false))
+        .await
+        .map_err(lerr(format!("cleaning up {}", dataset_uri(lake))))?;
+    Ok(Cleanup {
+        versions: s.old_versions,
+        files: s.data_files_removed + s.transaction_files_removed + s.index_files_removed + s.deletion_files_removed,
+        bytes: s.bytes_removed,
+    })
+}
+
 fn schema(dim: usize) -> SchemaRef {
     Arc::new(Schema::new(vec![
         Field::new("listing_id", DataType::Int64, false),

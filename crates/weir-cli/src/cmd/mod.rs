@@ -14,6 +14,7 @@ mod s3;
 mod serve;
 mod services;
 pub mod sync;
+mod vacuum;
 
 use std::time::{Duration, Instant};
 
@@ -39,6 +40,7 @@ pub async fn run(cli: Cli) -> Result<()> {
         Command::Fdw(FdwCmd::Rollback(a)) => fdw::rollback(a, &cfg).await,
         Command::Legacy(LegacyCmd::Build(a)) => legacy::run(a, &cfg).await,
         Command::Doctor(a) => doctor::run(a, &cfg).await,
+        Command::Vacuum(a) => vacuum::run(a, &cfg).await,
         Command::Services(a) => services::run(a).await,
         Command::S3Server(a) => s3::run(a).await,
     }

@@ -25,6 +25,9 @@ struct Status {
     derives: AtomicU64,
     feature_runs: AtomicU64,
     errors: AtomicU64,
+    vacuums: AtomicU64,
+    vacuumed_files: AtomicU64,
+    vacuumed_bytes: AtomicU64,
     /// Milliseconds; -1 before the first measurement.
     last_lag_ms: AtomicI64,
     lags_ms: Mutex<VecDeque<f64>>,
@@ -66,6 +69,9 @@ impl Status {
         );
         put("weir_features_runs_total", "counter", "Feature and vector refreshes after changes", n(&self.feature_runs));
         put("weir_run_errors_total", "counter", "Failed iterations (retried)", n(&self.errors));
+        put("weir_vacuum_runs_total", "counter", "Background vacuums of every table", n(&self.vacuums));
+        put("weir_vacuum_files_deleted_total", "counter", "Files deleted by vacuums", n(&self.vacuumed_files));
+        put("weir_vacuum_bytes_deleted_total", "counter", "Bytes deleted by vacuums", n(&self.vacuumed_bytes));
         let lag = self.last_lag_ms.load(Ordering::Relaxed);
         if lag >= 0 {
             put(
@@ -91,7 +97,7 @@ impl Status {
     fn health(&self) -> String {
         let lag = self.last_lag_ms.load(Ordering::Relaxed);
         format!(
-            "{{\"status\":\"{}\",\"lsn\":\"{}\",\"transactions\":{},\"changes\":{},\"derives\":{},\"pending\":{},\"feature_runs\":{},\"errors\":{},\"freshness_lag_ms\":{},\"lag_p50_ms\":{},\"lag_p95_ms\":{},\"last_error\":{:?}}}\n",
+            "{{\"status\":\"{}\",\"lsn\":\"{}\",\"transactions\":{},\"changes\":{},\"derives\":{},\"pending\":{},\"feature_runs\":{},\"errors\":{},\"vacuumed_files\":{},\"freshness_lag_ms\":{},\"lag_p50_ms\":{},\"lag_p95_ms\":{},\"last_error\":{:?}}}\n",
             if self.last_error.lock().unwrap_or_else(|p| p.into_inner()).is_empty() { "ok" } else { "retrying" },
             self.lsn.lock().unwrap_or_else(|p| p.into_inner()),
             self.transactions.load(Ordering::Relaxed),
@@ -100,6 +106,7 @@ impl Status {
             self.pending_any.load(Ordering::Relaxed),
             self.feature_runs.load(Ordering::Relaxed),
             self.errors.load(Ordering::Relaxed),
+            self.vacuumed_files.load(Ordering::Relaxed),
             if lag >= 0 { lag.to_string() } else { "null".into() },
             self.quantile(0.5).map_or("null".into(), |v| format!("{v:.0}")),
             self.quantile(0.95).map_or("null".into(), |v| format!("{v:.0}")),
@@ -174,6 +181,9 @@ pub async fn run(a: RunArgs, cfg: &Config) -> Result<()> {
     );
     let _ = std::io::stdout().flush();
 
+    let vacuum = (!a.vacuum_every.is_zero())
+        .then(|| tokio::spawn(vacuum_loop(lake.clone(), a.vacuum_every, a.retain, stop.clone(), status.clone())));
+
     let mut backoff = Duration::from_millis(500);
     while !stop.load(Ordering::Relaxed) {
         status.cycles.fetch_add(1, Ordering::Relaxed);
@@ -194,6 +204,9 @@ pub async fn run(a: RunArgs, cfg: &Config) -> Result<()> {
             }
         }
     }
+    if let Some(v) = vacuum {
+        v.await.context("the vacuum task")?;
+    }
     eprintln!("weir run: stopped");
     server.await.context("the Flight SQL server task")??;
     status_task.abort();
@@ -204,6 +217,43 @@ async fn sleep_unless(stop: &AtomicBool, d: Duration) {
     let t = Instant::now();
     while t.elapsed() < d && !stop.load(Ordering::Relaxed) {
         tokio::time::sleep(Duration::from_millis(25)).await;
+    }
+}
+
+/// Every `every`, vacuums every table of the lake with `retain`, beside the loop: it only
+/// deletes what was removed (or written as change data) more than `retain` ago, which the
+/// loop, always on the latest versions, no longer reads.
+async fn vacuum_loop(
+    lake: weir_lake::Lake,
+    every: Duration,
+    retain: Duration,
+    stop: Arc<AtomicBool>,
+    status: Arc<Status>,
+) {
+    loop {
+        sleep_unless(&stop, every).await;
+        if stop.load(Ordering::Relaxed) {
+            return;
+        }
+        let vacuumed = async {
+            let reports = weir_lake::vacuum_tables(&lake, &[], retain, false).await?;
+            let vectors = weir_ml::vectors::cleanup(&lake, retain).await?;
+            anyhow::Ok((reports, vectors))
+        };
+        match vacuumed.await {
+            Ok((reports, vectors)) => {
+                let files: u64 = reports.iter().map(|r| r.removed_files + r.change_files).sum::<u64>() + vectors.files;
+                let bytes: u64 = reports.iter().map(|r| r.bytes).sum::<u64>() + vectors.bytes;
+                status.vacuums.fetch_add(1, Ordering::Relaxed);
+                status.vacuumed_files.fetch_add(files, Ordering::Relaxed);
+                status.vacuumed_bytes.fetch_add(bytes, Ordering::Relaxed);
+                if files > 0 {
+                    println!("  vacuum: deleted {files} file(s), {:.1} MB", bytes as f64 / 1e6);
+                }
+            }
+            // The next round tries again; the loop's own work does not depend on it.
+            Err(e) => eprintln!("weir run: vacuum: {e:#}"),
+        }
     }
 }
 

@@ -1,0 +1,184 @@
+//! Vacuum: deletes the data files a Delta table no longer needs, without a commit.
+//!
+//! A file is deleted when it was *removed* from the table (a tombstone) longer ago than the
+//! retention, or when it is a change-data file (`_change_data/`) written longer ago than twice
+//! the retention (at most the retention plus an hour: a change-data file is written before
+//! the commit that adds it, so its own age says little about the commit's). Nothing else is touched: a file that was never committed may belong to a
+//! backfill that is being resumed, so orphans are left alone.
+//!
+//! Unlike delta-rs' own vacuum, this writes no VACUUM START/END commits: Weir keeps each
+//! table's derivation state in its latest commit and reads change feeds over version ranges,
+//! and a commit that changes no data would look like a change to every reader downstream.
+//! Instead, the time before which files may be gone is recorded at
+//! `_weir/vacuum/<table>.json` *before* anything is deleted; an incremental reader whose range
+//! starts before it rebuilds from the current table instead of reading the change feed.
+
+use std::collections::HashSet;
+
+use chrono::Utc;
+use futures::{StreamExt, TryStreamExt};
+use object_store::path::Path as StorePath;
+use object_store::{ObjectStore, ObjectStoreExt, PutPayload};
+use serde_json::{Value, json};
+
+use crate::delta::{DeltaError, open_table};
+use crate::store::{Lake, LakeStoreError};
+
+/// What a vacuum of one table deleted (or, in a dry run, would delete).
+#[derive(Debug, Clone, Default)]
+pub struct VacuumReport {
+    /// The table, relative to the lake (`gold/ads_vw`).
+    pub table: String,
+    /// Data files removed from the table before the cutoff.
+    pub removed_files: u64,
+    /// Change-data files written before the cutoff.
+    pub change_files: u64,
+    pub bytes: u64,
+}
+
+/// How much longer than the retention change-data files are kept, at most.
+const CHANGE_DATA_SLACK_MS: i64 = 3_600_000;
+
+/// The layers whose tables Weir writes.
+const LAYERS: [&str; 3] = ["bronze", "silver", "gold"];
+
+fn store_err(what: String) -> impl FnOnce(object_store::Error) -> DeltaError {
+    move |e| DeltaError::Lake(LakeStoreError::Open { url: what, message: e.to_string() })
+}
+
+/// The Delta tables under the lake's layers, as paths relative to the lake (`bronze/listings`).
+pub async fn delta_tables(lake: &Lake) -> Result<Vec<String>, DeltaError> {
+    let store = lake.store();
+    let mut out = Vec::new();
+    for layer in LAYERS {
+        let prefix = lake.path(layer);
+        let listed = store.list_with_delimiter(Some(&prefix)).await.map_err(store_err(format!("listing {layer}/")))?;
+        for dir in listed.common_prefixes {
+            let Some(name) = dir.filename() else { continue };
+            let log = dir.clone().join("_delta_log");
+            let has_log = store.list(Some(&log)).next().await.is_some();
+            if has_log {
+                out.push(format!("{layer}/{name}"));
+            }
+        }
+    }
+    out.sort();
+    Ok(out)
+}
+
+fn horizon_path(lake: &Lake, rel: &str) -> StorePath {
+    lake.path(&format!("_weir/vacuum/{}.json", rel.trim_matches('/')))
+}
+
+/// The instant (milliseconds since the epoch) before which a vacuum may have deleted files
+/// of the table at `rel`: a change feed over commits older than this cannot be read.
+pub async fn vacuum_horizon(lake: &Lake, rel: &str) -> Result<Option<i64>, DeltaError> {
+    let path = horizon_path(lake, rel);
+    match lake.store().get(&path).await {
+        Ok(r) => {
+            let bytes = r.bytes().await.map_err(store_err(format!("reading {path}")))?;
+            let v: Value = serde_json::from_slice(&bytes).map_err(|e| {
+                DeltaError::Lake(LakeStoreError::Open { url: path.to_string(), message: format!("not JSON: {e}") })
+            })?;
+            Ok(v.get("cutoff_ms").and_then(Value::as_i64))
+        }
+        Err(object_store::Error::NotFound { .. }) => Ok(None),
+        Err(e) => Err(store_err(format!("reading {path}"))(e)),
+    }
+}
+
+/// Vacuums the Delta table at `rel`: deletes what was removed, and the change data written,
+/// more than `retain` ago. A dry run only counts. A table that does not exist is not an
+/// error (nothing to do).
+pub async fn vacuum(
+    lake: &Lake,
+    rel: &str,
+    retain: std::time::Duration,
+    dry_run: bool,
+) -> Result<VacuumReport, DeltaError> {
+    let mut report = VacuumReport { table: rel.to_string(), ..Default::default() };
+    let table = open_table(lake, rel).await?;
+    if table.version().is_none() {
+        return Ok(report);
+    }
+    let retain_ms = i64::try_from(retain.as_millis()).unwrap_or(i64::MAX);
+    let cutoff_ms = Utc::now().timestamp_millis().saturating_sub(retain_ms);
+    let change_cutoff_ms = cutoff_ms.saturating_sub(retain_ms.min(CHANGE_DATA_SLACK_MS));
+    // delta-rs plans which tombstones expired; its dry run commits nothing.
+    let (_, planned) = table
+        .vacuum()
+        .with_retention_period(chrono::Duration::milliseconds(retain_ms))
+        .with_enforce_retention_duration(false)
+        .with_dry_run(true)
+        .await
+        .map_err(|source| DeltaError::Delta { table: rel.to_string(), source })?;
+    let expired: HashSet<String> = planned.files_deleted.into_iter().collect();
+
+    // What is really there (a tombstone stays in the log after its file is gone).
+    let store = lake.store();
+    let root = lake.path(rel);
+    let skip = root.parts().count();
+    let mut doomed = Vec::new();
+    let mut listing = store.list(Some(&root));
+    while let Some(meta) = listing.next().await {
+        let meta = meta.map_err(store_err(format!("listing {rel}")))?;
+        let inner: StorePath = meta.location.parts().skip(skip).collect();
+        let inner = inner.to_string();
+        let change = inner.starts_with("_change_data/") && meta.last_modified.timestamp_millis() < change_cutoff_ms;
+        if change {
+            report.change_files += 1;
+        } else if expired.contains(&inner) {
+            report.removed_files += 1;
+        } else {
+            continue;
+        }
+        report.bytes += meta.size;
+        doomed.push(meta.location);
+    }
+    if dry_run || doomed.is_empty() {
+        return Ok(report);
+    }
+    // The horizon first: a crash after it deleted nothing yet, which is safe.
+    let path = horizon_path(lake, rel);
+    let previous = vacuum_horizon(lake, rel).await?.unwrap_or(i64::MIN);
+    if cutoff_ms > previous {
+        let body = serde_json::to_vec(&json!({ "cutoff_ms": cutoff_ms, "table": rel })).unwrap_or_default();
+        store.put(&path, PutPayload::from(body)).await.map_err(store_err(format!("writing {path}")))?;
+    }
+    delete_all(store.as_ref(), doomed, rel).await?;
+    Ok(report)
+}
+
+async fn delete_all(store: &dyn ObjectStore, paths: Vec<StorePath>, rel: &str) -> Result<(), DeltaError> {
+    let locations = futures::stream::iter(paths.into_iter().map(Ok)).boxed();
+    store
+        .delete_stream(locations)
+        .map(|r| match r {
+            Err(object_store::Error::NotFound { path, .. }) => Ok(StorePath::from(path)),
+            other => other,
+        })
+        .try_collect::<Vec<_>>()
+        .await
+        .map_err(store_err(format!("deleting files of {rel}")))?;
+    Ok(())
+}
+
+/// Vacuums `tables` (`gold/ads_vw` or `gold.ads_vw`), or every Delta table of the lake when
+/// empty, one after the other; stops at the first error.
+pub async fn vacuum_tables(
+    lake: &Lake,
+    tables: &[String],
+    retain: std::time::Duration,
+    dry_run: bool,
+) -> Result<Vec<VacuumReport>, DeltaError> {
+    let names = if tables.is_empty() {
+        delta_tables(lake).await?
+    } else {
+        tables.iter().map(|t| t.trim().replace('.', "/")).collect()
+    };
+    let mut out = Vec::with_capacity(names.len());
+    for rel in names {
+        out.push(vacuum(lake, &rel, retain, dry_run).await?);
+    }
+    Ok(out)
+}

@@ -78,7 +78,7 @@ enum Bench {
     },
     /// Freshness lag of `weir run` (the release binary next to this one) under a steady write
     /// load: a writer commits price changes at --rate transactions/s for --seconds; the lag
-    /// (source commit → marts committed) p50/p95 is read from `weir run`'s /metrics.
+    /// (source commit → marts committed) p50/p95 is read from `weir run`'s /metrics. The loop vacuums every 30 s (30 s retention), so that long runs fit on the disk.
     Lag {
         #[arg(long, default_value_t = 10.0)]
         scale: f64,
@@ -651,6 +651,8 @@ async fn lag(
     let mut child = Command::new(&weir)
         .args(["run", "--pg", &db, "--lake", &format!("file://{}", lake_dir.display()), "--addr", "127.0.0.1:0"])
         .args(["--status-addr", &format!("127.0.0.1:{port}"), "--poll-ms", "100"])
+        // Copy-on-write retires tens of MB a cycle: a long run must vacuum to fit on the disk.
+        .args(["--vacuum-every", "30s", "--retain", "30s"])
         .args(make.iter().flat_map(|m| ["--make", m.as_str()]))
         .env(
             "WEIR_SERVE_TOKEN",

@@ -36,9 +36,14 @@
 --! HAVING count(DISTINCT c.make_id) > 1
 --!     OR (bool_or(c._change_type = 'delete') AND bool_or(c._change_type = 'insert'))
 --! UNION
+--! -- The inserted keys build the join (written first: the change feed has no statistics);
+--! -- the largest BIGINT keeps them from being empty, so that the join's range filter
+--! -- [first new key, max] skips price_log's files without new listings, and all of them
+--! -- when no listing was inserted.
 --! SELECT DISTINCT p.listing_id
---! FROM bronze.price_log p
---! JOIN changes c ON c.listing_id = p.listing_id AND c._change_type = 'insert'
+--! FROM (SELECT listing_id FROM changes WHERE _change_type = 'insert'
+--!       UNION ALL SELECT CAST(9223372036854775807 AS BIGINT)) c
+--! JOIN bronze.price_log p ON p.listing_id = c.listing_id
 --! WHERE NOT EXISTS (SELECT 1 FROM new_rows n WHERE n.listing_id = p.listing_id AND n.changed_at = p.changed_at)
 --! """
 --! # A rate that arrives or changes for a day some listing already had prices on: those

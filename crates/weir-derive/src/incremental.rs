@@ -169,6 +169,9 @@ pub struct Shared {
     /// Change feeds by (input, from, to), or why an input's range is not one.
     #[allow(clippy::type_complexity)]
     feeds: std::sync::Mutex<std::collections::HashMap<(String, i64, i64), Result<Arc<DeltaCdfTableProvider>, String>>>,
+    /// Small change feeds in memory, by (input, from, to): see [`rules_changes`].
+    #[allow(clippy::type_complexity)]
+    small: std::sync::Mutex<std::collections::HashMap<(String, i64, i64), Arc<dyn datafusion::catalog::TableProvider>>>,
     keys: std::sync::Mutex<std::collections::HashMap<String, AffectedKeys>>,
     forks: std::sync::Mutex<std::collections::HashMap<String, datafusion::prelude::SessionContext>>,
 }
@@ -194,9 +197,46 @@ fn rules_read_current(inc: &Incremental) -> bool {
     inc.affects.values().chain(inc.removes.values()).any(|r| r.contains("current"))
 }
 
+/// Change feeds of at most this many rows are read once into memory for the rules.
+const SMALL_FEED_ROWS: usize = 1 << 20;
+
+/// What the rules read as `changes`: the change feed read once into memory when it is small
+/// (its exact size lets DataFusion build a join from it on one partition and push the join's
+/// key range into the scan of the other side, skipping files), else the feed itself.
+async fn rules_changes(
+    shared: &Shared,
+    ctx: &datafusion::prelude::SessionContext,
+    c: &Changed,
+    cdf: &Arc<DeltaCdfTableProvider>,
+) -> Result<Arc<dyn datafusion::catalog::TableProvider>, DeriveError> {
+    use futures::StreamExt;
+    let id = (c.name.clone(), c.from, c.to);
+    if let Some(t) = shared.small.lock().unwrap_or_else(|p| p.into_inner()).get(&id) {
+        return Ok(t.clone());
+    }
+    let what = || format!("reading the change feed of {}", c.name);
+    let df = ctx.read_table(cdf.clone()).map_err(df_err(what()))?;
+    let schema: SchemaRef = Arc::new(df.schema().as_arrow().clone());
+    let mut stream = df.execute_stream().await.map_err(df_err(what()))?;
+    let (mut batches, mut rows) = (Vec::new(), 0);
+    while let Some(b) = stream.next().await {
+        let b = b.map_err(df_err(what()))?;
+        rows += b.num_rows();
+        if rows > SMALL_FEED_ROWS {
+            return Ok(cdf.clone());
+        }
+        batches.push(b);
+    }
+    let t: Arc<dyn datafusion::catalog::TableProvider> =
+        Arc::new(MemTable::try_new(schema, vec![batches]).map_err(df_err(what()))?);
+    shared.small.lock().unwrap_or_else(|p| p.into_inner()).insert(id, t.clone());
+    Ok(t)
+}
+
 /// Rows per file of the tables rewritten by key (the marts): a change rewrites the few files
-/// whose key range it falls in. Two lookup pages.
-pub const KEY_RANGE_FILE_ROWS: usize = 2 * crate::run::LOOKUP_PAGE_ROWS;
+/// whose key range it falls in. One lookup page: under `weir run` the rewrites are most of
+/// the work (8,192 rows cost about twice as much per changed key).
+pub const KEY_RANGE_FILE_ROWS: usize = crate::run::LOOKUP_PAGE_ROWS;
 
 #[allow(clippy::too_many_arguments)]
 pub async fn attempt(
@@ -332,7 +372,8 @@ pub async fn attempt(
     ctx.register_table("current", current).map_err(df_err("registering current"))?;
     let mut removed: HashSet<ScalarValue> = HashSet::new();
     for (c, cdf) in feeds.iter().filter(|(c, _)| c.name != fold) {
-        ctx.register_table("changes", cdf.clone()).map_err(df_err("registering the change feed"))?;
+        let changes = rules_changes(shared, ctx, c, cdf).await?;
+        ctx.register_table("changes", changes).map_err(df_err("registering the change feed"))?;
         let mut result = Ok(());
         for (rules, into) in [(&inc.affects, &mut recompute), (&inc.removes, &mut removed)] {
             let Some(rule) = rules.get(&c.name) else { continue };
@@ -550,7 +591,8 @@ async fn recompute(
             let mut removed: HashSet<ScalarValue> = HashSet::new();
             let mut result = Ok(());
             for (c, cdf) in feeds {
-                ctx.register_table("changes", cdf.clone()).map_err(df_err("registering the change feed"))?;
+                let changes = rules_changes(shared, ctx, c, cdf).await?;
+                ctx.register_table("changes", changes).map_err(df_err("registering the change feed"))?;
                 for (rules, into) in [(&inc.affects, &mut recompute), (&inc.removes, &mut removed)] {
                     let Some(rule) = rules.get(&c.name) else { continue };
                     let batches = match ctx.sql(rule).await {

@@ -746,11 +746,14 @@ fn named_line(job: &Job, text: &str) -> Option<usize> {
     job.sql.lines().position(|l| l.contains(&name)).map(|i| job.file_line(i + 1))
 }
 
-/// Parquet settings of derived tables: zstd and page statistics.
+/// Parquet settings of derived tables: zstd, page statistics, no dictionaries (their values,
+/// prices and times and ids, are mostly distinct: parquet built each dictionary only to
+/// abandon it: 5 % of `weir run`'s CPU, mostly in listing_price's merges).
 pub(crate) fn writer_properties() -> WriterProperties {
     WriterProperties::builder()
         .set_compression(Compression::ZSTD(ZstdLevel::try_new(3).expect("valid level")))
         .set_statistics_enabled(EnabledStatistics::Page)
+        .set_dictionary_enabled(false)
         .build()
 }
 

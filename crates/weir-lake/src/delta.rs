@@ -27,6 +27,9 @@ fn delta_err(table: &str) -> impl FnOnce(deltalake::DeltaTableError) -> DeltaErr
     move |source| DeltaError::Delta { table: table.to_string(), source }
 }
 
+/// Commits between checkpoints of the tables Weir creates.
+pub const CHECKPOINT_INTERVAL: &str = "10";
+
 /// Opens (or prepares to create) the Delta table at `rel` under the lake.
 pub async fn open_table(lake: &Lake, rel: &str) -> Result<DeltaTable, DeltaError> {
     lake.prepare_table_dir(rel)?;
@@ -74,6 +77,10 @@ pub async fn commit_files(
             .with_partition_columns(partition_columns.to_vec())
             // Merges write a change data feed: incremental derivations read it.
             .with_configuration_property(deltalake::TableProperty::EnableChangeDataFeed, Some("true"))
+            // A reader replays the JSON commits since the last checkpoint; `weir run` commits
+            // to every mart each cycle, so a checkpoint every 100 (the default) made each
+            // cycle slower than the one before.
+            .with_configuration_property(deltalake::TableProperty::CheckpointInterval, Some(CHECKPOINT_INTERVAL))
             .with_actions(adds.into_iter().map(Action::Add))
             .with_commit_properties(props)
             .await

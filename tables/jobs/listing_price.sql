@@ -61,26 +61,34 @@
 --! WHERE c._change_type = 'delete'
 --!   AND NOT EXISTS (SELECT 1 FROM bronze.listings l WHERE l.listing_id = c.listing_id)
 --! """
+-- The listings join comes first: a one-make derive keeps only its make's price rows before
+-- the rates are looked up (the vw fold at SF 10: 0.88 s → 0.54 s). The rounded value is cast
+-- to its scale explicitly: without it this plan fails at run time (batches of
+-- decimal(31,2) where the planned schema says decimal(32,10)).
 WITH p AS (
-    SELECT p.listing_id,
+    SELECT l.make_id, p.listing_id, p.changed_at, p.price, p.currency
+    FROM bronze.listings l
+    JOIN bronze.price_log p ON p.listing_id = l.listing_id
+), e AS (
+    SELECT p.make_id,
+           p.listing_id,
            p.changed_at,
            -- a missing rate makes the EUR value NULL
            CASE WHEN p.currency = 'EUR' THEN p.price
-                ELSE round(p.price * f.eur_per_unit, 2) END AS eur
-    FROM bronze.price_log p
+                ELSE CAST(round(p.price * f.eur_per_unit, 2) AS DECIMAL(31, 2)) END AS eur
+    FROM p
     LEFT JOIN bronze.fx_rates f
            ON f.currency = p.currency
           AND f.day = CAST(p.changed_at AS DATE)
 )
-SELECT l.make_id,
-       p.listing_id,
-       CAST(first_by(p.eur, p.changed_at) AS DECIMAL(12, 2)) AS price_first_eur,
-       CAST(last_by(p.eur, p.changed_at) AS DECIMAL(12, 2)) AS price_last_eur,
-       CAST(min(p.eur) AS DECIMAL(12, 2)) AS price_min_eur,
-       CAST(max(p.eur) AS DECIMAL(12, 2)) AS price_max_eur,
+SELECT make_id,
+       listing_id,
+       CAST(first_by(eur, changed_at) AS DECIMAL(12, 2)) AS price_first_eur,
+       CAST(last_by(eur, changed_at) AS DECIMAL(12, 2)) AS price_last_eur,
+       CAST(min(eur) AS DECIMAL(12, 2)) AS price_min_eur,
+       CAST(max(eur) AS DECIMAL(12, 2)) AS price_max_eur,
        CAST(count(*) AS INT) AS price_rows,
-       min(p.changed_at) AS first_price_at,
-       max(p.changed_at) AS last_price_at
-FROM p
-JOIN bronze.listings l ON l.listing_id = p.listing_id
-GROUP BY l.make_id, p.listing_id
+       min(changed_at) AS first_price_at,
+       max(changed_at) AS last_price_at
+FROM e
+GROUP BY make_id, listing_id

@@ -151,6 +151,8 @@ async fn vacuum_keeps_tables_and_change_feeds(url: &str, root: &std::path::Path,
     assert!(before == after, "a dry run deleted files");
     let (ok, out, err) = weir(&["vacuum", "--lake", lake_url, "--tables", "gold.no_such_mart"]);
     assert!(!ok && err.contains("gold.no_such_mart") && err.lines().count() == 1, "{out}\n{err}");
+    let (ok, out, err) = weir(&["vacuum", "--lake", lake_url, "--retain", "1y"]);
+    assert!(!ok && err.contains("\"1y\"") && err.contains("unit"), "{out}\n{err}");
 
     // A day synced, then vacuumed before it is derived: the change feed's files are gone.
     day(url, 3, 63, 0.0).await;

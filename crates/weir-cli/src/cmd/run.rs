@@ -235,15 +235,9 @@ async fn vacuum_loop(
         if stop.load(Ordering::Relaxed) {
             return;
         }
-        let vacuumed = async {
-            let reports = weir_lake::vacuum_tables(&lake, &[], retain, false).await?;
-            let vectors = weir_ml::vectors::cleanup(&lake, retain).await?;
-            anyhow::Ok((reports, vectors))
-        };
-        match vacuumed.await {
-            Ok((reports, vectors)) => {
-                let files: u64 = reports.iter().map(|r| r.removed_files + r.change_files).sum::<u64>() + vectors.files;
-                let bytes: u64 = reports.iter().map(|r| r.bytes).sum::<u64>() + vectors.bytes;
+        match super::vacuum::vacuum_lake(&lake, &[], retain, false).await {
+            Ok(done) => {
+                let (files, bytes) = (done.files(), done.bytes());
                 status.vacuums.fetch_add(1, Ordering::Relaxed);
                 status.vacuumed_files.fetch_add(files, Ordering::Relaxed);
                 status.vacuumed_bytes.fetch_add(bytes, Ordering::Relaxed);

@@ -9,13 +9,11 @@ use datafusion::arrow::datatypes::SchemaRef;
 use datafusion::catalog::{CatalogProvider, TableProvider};
 use datafusion::prelude::SessionContext;
 use deltalake::DeltaTable;
-use object_store::ObjectStore;
 use weir_derive::{Jobs, Materialize};
-use weir_lake::Lake;
+use weir_lake::{LAYERS, Lake};
 
 use crate::ServeError;
 
-pub const LAYERS: [&str; 3] = ["bronze", "silver", "gold"];
 /// The schema of the Lance datasets (`vectors.listings`).
 pub const VECTORS: &str = "vectors";
 
@@ -75,7 +73,7 @@ impl Catalog {
         let ctx = weir_derive::session::session_context().map_err(|e| ServeError::Lake(e.to_string()))?;
         let mut tables = Vec::new();
         for layer in LAYERS {
-            for name in self.list(layer).await? {
+            for name in self.lake.table_names(layer).await.map_err(|e| ServeError::Lake(e.to_string()))? {
                 let rel = format!("{layer}/{name}");
                 let table =
                     weir_lake::open_table(&self.lake, &rel).await.map_err(|e| ServeError::Lake(e.to_string()))?;
@@ -129,21 +127,6 @@ impl Catalog {
             ctx.register_table(out.as_str(), df.into_view())?;
         }
         ctx.catalog(weir_derive::session::CATALOG).ok_or_else(|| ServeError::Lake("no catalog".into()))
-    }
-
-    /// Table folders directly under a layer.
-    async fn list(&self, layer: &str) -> Result<Vec<String>, ServeError> {
-        let store = self.lake.store();
-        let prefix = self.lake.path(layer);
-        let listing = match store.list_with_delimiter(Some(&prefix)).await {
-            Ok(l) => l,
-            Err(object_store::Error::NotFound { .. }) => return Ok(vec![]),
-            Err(e) => return Err(ServeError::Lake(format!("listing {layer}: {e}"))),
-        };
-        let mut names: Vec<String> =
-            listing.common_prefixes.iter().filter_map(|p| p.filename().map(str::to_string)).collect();
-        names.sort();
-        Ok(names)
     }
 
     /// A fresh session for one query (its own memory limit) over the shared catalog.

@@ -13,5 +13,5 @@ pub use delta::{
 };
 pub use doctor::{Check, run_checks};
 pub use rewrite::{RewriteStats, rewrite_by_key};
-pub use store::{Lake, LakeStoreError};
+pub use store::{LAYERS, Lake, LakeStoreError};
 pub use vacuum::{VacuumReport, delta_tables, vacuum, vacuum_horizon, vacuum_tables};

@@ -18,7 +18,12 @@ pub enum LakeStoreError {
     Open { url: String, message: String },
     #[error("cannot learn the region of bucket {bucket:?} (set s3.region in weir.toml or AWS_REGION): {message}")]
     Region { bucket: String, message: String },
+    #[error("lake {url}: {what}: {message}")]
+    Io { url: String, what: String, message: String },
 }
+
+/// The layers whose tables Weir writes, each table a folder under `<lake>/<layer>/`.
+pub const LAYERS: [&str; 3] = ["bronze", "silver", "gold"];
 
 /// An opened lake.
 #[derive(Clone)]
@@ -180,6 +185,25 @@ impl Lake {
             })?;
         }
         Ok(())
+    }
+
+    /// An error of this lake's store while doing `what`.
+    pub fn io_err(&self, what: impl Into<String>) -> impl FnOnce(object_store::Error) -> LakeStoreError + '_ {
+        let what = what.into();
+        move |e| LakeStoreError::Io { url: self.url().to_string(), what, message: e.to_string() }
+    }
+
+    /// The table folders directly under a layer, sorted (none when the layer has no folder).
+    pub async fn table_names(&self, layer: &str) -> Result<Vec<String>, LakeStoreError> {
+        let listing = match self.store.list_with_delimiter(Some(&self.path(layer))).await {
+            Ok(l) => l,
+            Err(object_store::Error::NotFound { .. }) => return Ok(vec![]),
+            Err(e) => return Err(self.io_err(format!("listing {layer}/"))(e)),
+        };
+        let mut names: Vec<String> =
+            listing.common_prefixes.iter().filter_map(|p| p.filename().map(str::to_string)).collect();
+        names.sort();
+        Ok(names)
     }
 
     /// Options for deltalake and lance (empty for a local lake).

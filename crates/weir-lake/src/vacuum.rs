@@ -18,11 +18,11 @@ use std::collections::HashSet;
 use chrono::Utc;
 use futures::{StreamExt, TryStreamExt};
 use object_store::path::Path as StorePath;
-use object_store::{ObjectStore, ObjectStoreExt, PutPayload};
+use object_store::{ObjectStoreExt, PutPayload};
 use serde_json::{Value, json};
 
 use crate::delta::{DeltaError, open_table};
-use crate::store::{Lake, LakeStoreError};
+use crate::store::{LAYERS, Lake, LakeStoreError};
 
 /// What a vacuum of one table deleted (or, in a dry run, would delete).
 #[derive(Debug, Clone, Default)]
@@ -39,30 +39,19 @@ pub struct VacuumReport {
 /// How much longer than the retention change-data files are kept, at most.
 const CHANGE_DATA_SLACK_MS: i64 = 3_600_000;
 
-/// The layers whose tables Weir writes.
-const LAYERS: [&str; 3] = ["bronze", "silver", "gold"];
-
-fn store_err(what: String) -> impl FnOnce(object_store::Error) -> DeltaError {
-    move |e| DeltaError::Lake(LakeStoreError::Open { url: what, message: e.to_string() })
-}
-
 /// The Delta tables under the lake's layers, as paths relative to the lake (`bronze/listings`).
 pub async fn delta_tables(lake: &Lake) -> Result<Vec<String>, DeltaError> {
     let store = lake.store();
     let mut out = Vec::new();
     for layer in LAYERS {
-        let prefix = lake.path(layer);
-        let listed = store.list_with_delimiter(Some(&prefix)).await.map_err(store_err(format!("listing {layer}/")))?;
-        for dir in listed.common_prefixes {
-            let Some(name) = dir.filename() else { continue };
-            let log = dir.clone().join("_delta_log");
-            let has_log = store.list(Some(&log)).next().await.is_some();
-            if has_log {
-                out.push(format!("{layer}/{name}"));
+        for name in lake.table_names(layer).await? {
+            let rel = format!("{layer}/{name}");
+            let log = lake.path(&format!("{rel}/_delta_log"));
+            if store.list(Some(&log)).next().await.is_some() {
+                out.push(rel);
             }
         }
     }
-    out.sort();
     Ok(out)
 }
 
@@ -76,14 +65,18 @@ pub async fn vacuum_horizon(lake: &Lake, rel: &str) -> Result<Option<i64>, Delta
     let path = horizon_path(lake, rel);
     match lake.store().get(&path).await {
         Ok(r) => {
-            let bytes = r.bytes().await.map_err(store_err(format!("reading {path}")))?;
+            let bytes = r.bytes().await.map_err(lake.io_err(format!("reading {path}")))?;
             let v: Value = serde_json::from_slice(&bytes).map_err(|e| {
-                DeltaError::Lake(LakeStoreError::Open { url: path.to_string(), message: format!("not JSON: {e}") })
+                DeltaError::Lake(LakeStoreError::Io {
+                    url: lake.url().to_string(),
+                    what: format!("reading {path}"),
+                    message: format!("not JSON: {e}"),
+                })
             })?;
             Ok(v.get("cutoff_ms").and_then(Value::as_i64))
         }
         Err(object_store::Error::NotFound { .. }) => Ok(None),
-        Err(e) => Err(store_err(format!("reading {path}"))(e)),
+        Err(e) => Err(lake.io_err(format!("reading {path}"))(e).into()),
     }
 }
 
@@ -121,7 +114,7 @@ pub async fn vacuum(
     let mut doomed = Vec::new();
     let mut listing = store.list(Some(&root));
     while let Some(meta) = listing.next().await {
-        let meta = meta.map_err(store_err(format!("listing {rel}")))?;
+        let meta = meta.map_err(lake.io_err(format!("listing {rel}")))?;
         let inner: StorePath = meta.location.parts().skip(skip).collect();
         let inner = inner.to_string();
         let change = inner.starts_with("_change_data/") && meta.last_modified.timestamp_millis() < change_cutoff_ms;
@@ -143,15 +136,15 @@ pub async fn vacuum(
     let previous = vacuum_horizon(lake, rel).await?.unwrap_or(i64::MIN);
     if cutoff_ms > previous {
         let body = serde_json::to_vec(&json!({ "cutoff_ms": cutoff_ms, "table": rel })).unwrap_or_default();
-        store.put(&path, PutPayload::from(body)).await.map_err(store_err(format!("writing {path}")))?;
+        store.put(&path, PutPayload::from(body)).await.map_err(lake.io_err(format!("writing {path}")))?;
     }
-    delete_all(store.as_ref(), doomed, rel).await?;
+    delete_all(lake, doomed, rel).await?;
     Ok(report)
 }
 
-async fn delete_all(store: &dyn ObjectStore, paths: Vec<StorePath>, rel: &str) -> Result<(), DeltaError> {
+async fn delete_all(lake: &Lake, paths: Vec<StorePath>, rel: &str) -> Result<(), DeltaError> {
     let locations = futures::stream::iter(paths.into_iter().map(Ok)).boxed();
-    store
+    lake.store()
         .delete_stream(locations)
         .map(|r| match r {
             Err(object_store::Error::NotFound { path, .. }) => Ok(StorePath::from(path)),
@@ -159,7 +152,7 @@ async fn delete_all(store: &dyn ObjectStore, paths: Vec<StorePath>, rel: &str) -
         })
         .try_collect::<Vec<_>>()
         .await
-        .map_err(store_err(format!("deleting files of {rel}")))?;
+        .map_err(lake.io_err(format!("deleting files of {rel}")))?;
     Ok(())
 }
 

@@ -40,6 +40,9 @@ enum Bench {
         jobs: usize,
         #[arg(long, default_value_t = 2)]
         runs: u32,
+        /// Rows per chunk (`weir backfill --chunk-rows`); the default is weir's.
+        #[arg(long)]
+        chunk_rows: Option<u64>,
     },
     /// `weir derive` of ads_<make> from bronze vs DuckDB (PyPI) on the same Parquet files vs the
     /// legacy PostgreSQL build; then Weir's re-derive after a taxonomy change.
@@ -127,7 +130,7 @@ fn main() -> Result<()> {
     let rt = tokio::runtime::Builder::new_multi_thread().enable_all().build()?;
     match cli.bench {
         Bench::Generate { scale, seed, runs } => rt.block_on(generate(scale, seed, runs)),
-        Bench::Backfill { scale, jobs, runs } => rt.block_on(backfill(scale, jobs, runs)),
+        Bench::Backfill { scale, jobs, runs, chunk_rows } => rt.block_on(backfill(scale, jobs, runs, chunk_rows)),
         Bench::Derive { scale, make, runs, lake_dir } => rt.block_on(derive(scale, &make, runs, lake_dir)),
         Bench::Serve { scale, make, runs, lookups } => rt.block_on(serve(scale, &make, runs, lookups)),
         Bench::Cdc { scale, runs } => rt.block_on(cdc(scale, runs)),
@@ -206,7 +209,7 @@ fn psql_cmd(psql: &Path, url: &str, command: &str) -> Result<()> {
     Ok(())
 }
 
-async fn backfill(scale: f64, jobs: usize, runs: u32) -> Result<()> {
+async fn backfill(scale: f64, jobs: usize, runs: u32, chunk_rows: Option<u64>) -> Result<()> {
     let pg = tokio::task::spawn_blocking(PgCluster::start).await??;
     let psql = pg.bindir().join("psql");
     let db = pg.create_database("bench")?;
@@ -226,13 +229,20 @@ async fn backfill(scale: f64, jobs: usize, runs: u32) -> Result<()> {
             &weir_core::S3Settings::default(),
             false,
         )?;
-        let opts = weir_ingest::BackfillOptions { jobs, slot: weir_ingest::SlotMode::NoSlot, ..Default::default() };
+        let opts = weir_ingest::BackfillOptions {
+            jobs,
+            slot: weir_ingest::SlotMode::NoSlot,
+            chunk_rows,
+            ..Default::default()
+        };
         let t = Instant::now();
         let r = weir_ingest::backfill(&db, &lake, &tables, &opts, Arc::new(weir_ingest::Metrics::default())).await?;
         let w = t.elapsed().as_secs_f64();
         println!(
-            "run {run}: weir backfill --jobs {jobs}   {w:>8.3} s  {} rows, {} files, {:.1} MB Parquet",
+            "run {run}: weir backfill --jobs {jobs}   {w:>8.3} s  {} rows, {} chunks ({:.3} s from the first chunk's start to the last's end), {} files, {:.1} MB Parquet",
             r[0].rows,
+            r[0].chunks,
+            r[0].seconds,
             r[0].files,
             r[0].bytes as f64 / 1e6
         );

@@ -93,8 +93,11 @@ async fn consistent_snapshot_under_concurrent_writes() {
         while done.load(Ordering::Relaxed) < 20 {
             tokio::time::sleep(Duration::from_millis(10)).await;
         }
-        let opts =
-            BackfillOptions { chunk_rows: 3_000, slot: SlotMode::Slot(format!("weir_test_{k}")), ..Default::default() };
+        let opts = BackfillOptions {
+            chunk_rows: Some(3_000),
+            slot: SlotMode::Slot(format!("weir_test_{k}")),
+            ..Default::default()
+        };
         let reports =
             weir_ingest::backfill(&url, lake, &sources().tables, &opts, Arc::new(Metrics::default())).await.unwrap();
         let during = done.load(Ordering::Relaxed);
@@ -398,4 +401,77 @@ async fn sigkill_and_resume() {
         "{}",
         String::from_utf8_lossy(&out.stdout)
     );
+}
+
+/// The COPY workers speak the protocol themselves (weir_postgres::RawConnection), so their
+/// logins are tested here against what PostgreSQL asks for: a backfill as a SCRAM-SHA-256
+/// user lands its tables with PostgreSQL's row counts; md5 and cleartext logins run queries;
+/// a wrong or missing password is an error naming the server and never the password.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn copy_workers_log_in_with_passwords() {
+    let (pg, url) = common::marketplace(0.01, 9).await;
+    let c = common::client(&url).await;
+    let hba = pg.data_dir().join("pg_hba.conf");
+    let trusted = std::fs::read_to_string(&hba).unwrap();
+    std::fs::write(
+        &hba,
+        format!(
+            "host all weir_scram 127.0.0.1/32 scram-sha-256\nhost all weir_md5 127.0.0.1/32 md5\n\
+             host all weir_plain 127.0.0.1/32 password\n{trusted}"
+        ),
+    )
+    .unwrap();
+    c.batch_execute(
+        "SET password_encryption = 'scram-sha-256'; CREATE ROLE weir_scram LOGIN PASSWORD 'sc-secret';
+         SET password_encryption = 'md5'; CREATE ROLE weir_md5 LOGIN PASSWORD 'md-secret';
+         CREATE ROLE weir_plain LOGIN PASSWORD 'pl-secret';
+         GRANT SELECT ON ALL TABLES IN SCHEMA public TO weir_scram;
+         SELECT pg_reload_conf();",
+    )
+    .await
+    .unwrap();
+    let as_user = |user: &str, password: &str| url.replace("postgres@", &format!("{user}:{password}@"));
+    // The reload is asynchronous: wait until a wrong password is refused.
+    let mut refused = None;
+    for _ in 0..100 {
+        match weir_postgres::RawConnection::connect(&as_user("weir_scram", "wrong")).await {
+            Ok(_) => tokio::time::sleep(Duration::from_millis(50)).await,
+            Err(e) => {
+                refused = Some(e.to_string());
+                break;
+            }
+        }
+    }
+    let refused = refused.expect("pg_hba.conf reloaded");
+    assert!(
+        refused.contains("password authentication failed") && refused.contains("weir_scram@127.0.0.1"),
+        "{refused}"
+    );
+    assert!(!refused.contains("wrong"), "the password is never shown: {refused}");
+    let e =
+        weir_postgres::RawConnection::connect(&url.replace("postgres@", "weir_md5@")).await.err().unwrap().to_string();
+    assert!(e.contains("asks for a password"), "{e}");
+    for (user, password) in [("weir_md5", "md-secret"), ("weir_plain", "pl-secret"), ("weir_scram", "sc-secret")] {
+        let mut conn = weir_postgres::RawConnection::connect(&as_user(user, password)).await.unwrap();
+        conn.execute("SELECT 1", user).await.unwrap();
+        let e = conn.execute("SELECT * FROM no_such_table", "probing").await.unwrap_err().to_string();
+        assert!(e.starts_with("probing: relation \"no_such_table\" does not exist"), "{e}");
+        conn.execute("SELECT 2", "the connection is usable after an error").await.unwrap();
+    }
+
+    let dir = tempfile::tempdir().unwrap();
+    let lake =
+        Lake::open(LakeLocation::Local { root: dir.path().to_path_buf() }, &S3Settings::default(), false).unwrap();
+    let tables = sources().select(Some(&["makes".to_string(), "price_log".to_string()])).unwrap();
+    let opts = BackfillOptions { chunk_rows: Some(2_000), slot: SlotMode::NoSlot, ..Default::default() };
+    let reports =
+        weir_ingest::backfill(&as_user("weir_scram", "sc-secret"), &lake, &tables, &opts, Arc::new(Metrics::default()))
+            .await
+            .unwrap();
+    for r in &reports {
+        assert!(matches!(r.outcome, Outcome::Committed { .. }), "{r:?}");
+        assert!(r.chunks > 1 || r.table == "makes", "{r:?}");
+        assert_eq!(r.rows as i64, scalar_i64(&c, &format!("SELECT count(*) FROM {}", r.table)).await, "{}", r.table);
+        lakecheck::assert_table_matches(&c, &lake, &r.table, pg_rows(&c, &r.table, "").await).await;
+    }
 }

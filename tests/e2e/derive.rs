@@ -25,7 +25,7 @@ fn local_lake(dir: &std::path::Path) -> Lake {
 }
 
 async fn backfill(url: &str, lake: &Lake, only: Option<&[String]>) {
-    let opts = BackfillOptions { force: true, slot: SlotMode::NoSlot, chunk_rows: 20_000, ..Default::default() };
+    let opts = BackfillOptions { force: true, slot: SlotMode::NoSlot, chunk_rows: Some(20_000), ..Default::default() };
     let tables = sources().select(only).unwrap();
     weir_ingest::backfill(url, lake, &tables, &opts, Arc::new(Metrics::default())).await.unwrap();
 }

@@ -242,9 +242,9 @@ pub struct BackfillArgs {
     /// Parallel COPY workers.
     #[arg(long, default_value_t = 2)]
     pub jobs: usize,
-    /// Target rows per chunk.
-    #[arg(long, default_value_t = 1_000_000)]
-    pub chunk_rows: u64,
+    /// Target rows per chunk (default: the table's rows / (2 × jobs), between 1 M and 10 M).
+    #[arg(long)]
+    pub chunk_rows: Option<u64>,
     /// Rebuild tables that are already landed, as a new table version.
     #[arg(long)]
     pub force: bool,

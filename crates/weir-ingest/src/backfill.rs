@@ -8,12 +8,12 @@ use std::time::{Duration, Instant};
 
 use arrow_schema::SchemaRef;
 use deltalake::kernel::Add;
-use deltalake::writer::{DeltaWriter, RecordBatchWriter};
-use futures::TryStreamExt;
+use deltalake::writer::{DeltaWriter, RecordBatchWriter, WriteMode};
+use indexmap::IndexMap;
 use serde_json::{Value, json};
 use tokio_postgres::Client;
 use weir_lake::Lake;
-use weir_postgres::{CopyDecoder, PgColumn, PgError, arrow_schema, connect};
+use weir_postgres::{CopyDecoder, PgColumn, PgError, RawConnection, arrow_schema, connect};
 
 use crate::IngestError;
 use crate::metrics::{Metrics, TableCounters};
@@ -46,8 +46,8 @@ pub fn default_slot_name(lake_url: &str) -> String {
 pub struct BackfillOptions {
     /// Parallel COPY workers (connections).
     pub jobs: usize,
-    /// Target rows per chunk.
-    pub chunk_rows: u64,
+    /// Target rows per chunk; `None`: [`plan::auto_chunk_rows`] of the table's size.
+    pub chunk_rows: Option<u64>,
     /// Rebuild tables that are already landed (as a new table version).
     pub force: bool,
     /// Parquet bytes buffered before a file is written.
@@ -61,7 +61,7 @@ impl Default for BackfillOptions {
     fn default() -> Self {
         Self {
             jobs: 2,
-            chunk_rows: 1_000_000,
+            chunk_rows: None,
             force: false,
             target_file_bytes: 128 << 20,
             batch_rows: 65_536,
@@ -216,7 +216,7 @@ pub async fn backfill(
             }
             None => {
                 state.clear(&t.name).await?;
-                let (chunks, expected_rows) = plan::plan_chunks(&coord, t, &cols, opts.chunk_rows).await?;
+                let (chunks, expected_rows) = plan::plan_chunks(&coord, t, &cols, opts.chunk_rows, opts.jobs).await?;
                 let run = RunState {
                     run_id: uuid::Uuid::new_v4().to_string(),
                     table: t.name.clone(),
@@ -263,22 +263,41 @@ pub async fn backfill(
     let queue = Arc::new(Mutex::new(queue));
     let abort = Arc::new(AtomicBool::new(false));
     let n_workers = opts.jobs.max(1).min(queue.lock().unwrap_or_else(|p| p.into_inner()).len().max(1));
+    // Each worker is an OS thread with its own single-threaded runtime, which also drives its
+    // PostgreSQL connection: a row's bytes are read, decoded and encoded on one thread, with
+    // no task hand-off between threads per message. The lake's shared store stays on this
+    // runtime (`main`), which writes the chunk manifests.
+    let main = tokio::runtime::Handle::current();
     let mut handles = Vec::new();
     for w in 0..n_workers {
-        let (queue, abort, works, state) = (queue.clone(), abort.clone(), works.clone(), state.clone());
+        let (queue, abort, works, state, main) =
+            (queue.clone(), abort.clone(), works.clone(), state.clone(), main.clone());
         let (pg_url, snapshot, lsn, lake, opts) =
             (pg_url.to_string(), snapshot.clone(), lsn.clone(), lake.clone(), opts.clone());
-        handles.push(tokio::spawn(async move {
-            let r = worker(w, &pg_url, &snapshot, &lsn, &lake, &opts, &queue, &abort, &works, &state).await;
-            if r.is_err() {
-                abort.store(true, Ordering::Relaxed);
-            }
-            r
-        }));
+        let (tx, rx) = tokio::sync::oneshot::channel();
+        std::thread::Builder::new()
+            .name(format!("weir-copy-{w}"))
+            .spawn(move || {
+                let r = tokio::runtime::Builder::new_current_thread()
+                    .enable_all()
+                    .build()
+                    .map_err(|e| IngestError::Task(format!("starting worker {w}: {e}")))
+                    .and_then(|rt| {
+                        rt.block_on(worker(
+                            w, &pg_url, &snapshot, &lsn, &lake, &opts, &queue, &abort, &works, &state, &main,
+                        ))
+                    });
+                if r.is_err() {
+                    abort.store(true, Ordering::Relaxed);
+                }
+                let _ = tx.send(r);
+            })
+            .map_err(|e| IngestError::Task(format!("starting worker {w}: {e}")))?;
+        handles.push(rx);
     }
     let mut first_err = None;
     for h in handles {
-        let r = h.await.map_err(|e| IngestError::Task(e.to_string())).and_then(|r| r);
+        let r = h.await.map_err(|_| IngestError::Task("a backfill worker panicked".to_string())).and_then(|r| r);
         if let Err(e) = r
             && first_err.is_none()
         {
@@ -401,16 +420,19 @@ async fn worker(
     abort: &AtomicBool,
     works: &[Arc<Work>],
     state: &StateStore,
+    main: &tokio::runtime::Handle,
 ) -> Result<(), IngestError> {
-    let client = connect(pg_url).await?;
+    let mut client = RawConnection::connect(pg_url).await?;
     client
-        .batch_execute(&format!(
-            // JIT compiles each chunk's plain range scan anew (~0.1 s a chunk at SF 10) and
-            // buys nothing for it.
-            "BEGIN ISOLATION LEVEL REPEATABLE READ, READ ONLY; SET TRANSACTION SNAPSHOT '{snapshot}'; SET LOCAL jit = off"
-        ))
-        .await
-        .map_err(PgError::query(format!("worker {id}: importing snapshot {snapshot}")))?;
+        .execute(
+            &format!(
+                // JIT compiles each chunk's plain range scan anew (~0.1 s a chunk at SF 10) and
+                // buys nothing for it.
+                "BEGIN ISOLATION LEVEL REPEATABLE READ, READ ONLY; SET TRANSACTION SNAPSHOT '{snapshot}'; SET LOCAL jit = off"
+            ),
+            &format!("worker {id}: importing snapshot {snapshot}"),
+        )
+        .await?;
     loop {
         if abort.load(Ordering::Relaxed) {
             return Ok(());
@@ -421,17 +443,20 @@ async fn worker(
             let mut s = work.first_start.lock().unwrap_or_else(|p| p.into_inner());
             s.get_or_insert_with(Instant::now);
         }
-        let manifest = copy_chunk(&client, lake, opts, work, &chunk, lsn, abort).await?;
-        state.write_manifest(&work.source.name, &work.run.run_id, &manifest).await?;
+        let manifest = copy_chunk(&mut client, lake, opts, work, &chunk, lsn, abort).await?;
+        let (state, table, run_id) = (state.clone(), work.source.name.clone(), work.run.run_id.clone());
+        main.spawn(async move { state.write_manifest(&table, &run_id, &manifest).await })
+            .await
+            .map_err(|e| IngestError::Task(e.to_string()))??;
         work.counters.chunks_done.fetch_add(1, Ordering::Relaxed);
         *work.last_end.lock().unwrap_or_else(|p| p.into_inner()) = Some(Instant::now());
     }
-    client.batch_execute("COMMIT").await.map_err(PgError::query("ending a worker transaction"))?;
+    client.execute("COMMIT", "ending a worker transaction").await?;
     Ok(())
 }
 
 async fn copy_chunk(
-    client: &Client,
+    client: &mut RawConnection,
     lake: &Lake,
     opts: &BackfillOptions,
     work: &Work,
@@ -448,48 +473,49 @@ async fn copy_chunk(
         chunk.predicate(work.run.chunk_column.as_deref())
     );
     let write_err = |message: String| IngestError::Write { table: t.name.clone(), chunk: chunk.id, message };
-    let props = crate::parquet_properties(&work.schema);
-    let partition_cols: Option<Vec<String>> = t.partition_column().map(|c| vec![c]);
+    let props = crate::parquet_properties(&work.schema, &t.key);
+    let partition_col = t.partition_column();
     let mut writer = RecordBatchWriter::try_new(
         lake.table_url(&t.bronze_path()).as_str(),
         work.schema.clone(),
-        partition_cols,
+        partition_col.clone().map(|c| vec![c]),
         Some(lake.storage_options().clone()),
     )
     .map_err(|e| write_err(e.to_string()))?
     .with_writer_properties(props);
 
-    let stream =
-        client.copy_out(&sql).await.map_err(PgError::query(format!("{} chunk {}: {sql}", t.name, chunk.id)))?;
-    futures::pin_mut!(stream);
-    let mut decoder = CopyDecoder::new(format!("{} chunk {}", t.name, chunk.id), work.columns.clone(), opts.batch_rows);
+    let context = format!("{} chunk {}", t.name, chunk.id);
+    client.start_copy(&sql, &format!("{context}: {sql}")).await?;
+    let mut decoder = CopyDecoder::new(context.clone(), work.columns.clone(), opts.batch_rows);
     let mut batches = Vec::new();
     let mut adds = Vec::new();
     let (mut rows, mut source_bytes) = (0u64, 0u64);
-    // Bytes not yet added to the shared counter, and messages since the last abort check:
-    // PostgreSQL sends a message per row, so per-message bookkeeping is kept off the hot path.
-    let (mut uncounted, mut messages) = (0u64, 0u32);
     let mut last_check = Instant::now();
+    let copy_context = format!("{context}: COPY");
     loop {
-        let next = stream.try_next().await.map_err(PgError::query(format!("{} chunk {}: COPY", t.name, chunk.id)))?;
-        let ended = next.is_none();
-        match next {
-            Some(bytes) => {
-                source_bytes += bytes.len() as u64;
-                uncounted += bytes.len() as u64;
-                messages += 1;
-                decoder.feed(&bytes, &mut batches)?;
-            }
-            None => decoder.finish(&mut batches)?,
+        // Every CopyData message (a row) the socket has for now, straight into the builders.
+        let mut read = 0u64;
+        let more = client
+            .read_copy(&copy_context, |payload| -> Result<(), IngestError> {
+                read += payload.len() as u64;
+                Ok(decoder.feed(payload, &mut batches)?)
+            })
+            .await?;
+        if !more {
+            decoder.finish(&mut batches)?;
         }
-        if batches.is_empty() && !ended && messages % 4096 != 0 {
-            continue;
-        }
-        work.counters.source_bytes.fetch_add(std::mem::take(&mut uncounted), Ordering::Relaxed);
+        source_bytes += read;
+        work.counters.source_bytes.fetch_add(read, Ordering::Relaxed);
         for batch in batches.drain(..) {
             let n = batch.num_rows() as u64;
-            let batch = partition::with_partition(t, &work.schema, batch)?;
-            writer.write(batch).await.map_err(|e| write_err(e.to_string()))?;
+            // Split here rather than in delta-rs's `write`, which sorts a partition string per row.
+            for (value, part) in partition::split(t, batch)? {
+                let values: IndexMap<String, _> = partition_col.clone().zip(value).into_iter().collect();
+                writer
+                    .write_partition(part, &values, WriteMode::Default)
+                    .await
+                    .map_err(|e| write_err(e.to_string()))?;
+            }
             rows += n;
             work.counters.rows.fetch_add(n, Ordering::Relaxed);
             if writer.buffer_len() >= opts.target_file_bytes {
@@ -504,7 +530,7 @@ async fn copy_chunk(
                 return Err(write_err("stopped because another worker failed".to_string()));
             }
         }
-        if ended {
+        if !more {
             break;
         }
     }

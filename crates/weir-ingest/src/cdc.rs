@@ -738,7 +738,7 @@ impl TableState {
         {
             on.push(pc);
         }
-        let writer = crate::parquet_properties(&batch.schema());
+        let writer = crate::parquet_properties(&batch.schema(), &self.source.key);
         if std::mem::replace(&mut self.only_inserts, true) {
             // New keys only (an append-only log like price_log): written as new files, no
             // join with the table. The applied LSN goes into the same commit, as in a merge.

@@ -75,9 +75,15 @@ impl From<DeltaError> for IngestError {
 /// dictionaries only where values repeat by nature (text, integers, booleans, dates): for
 /// timestamps, decimals and floats, mostly distinct, a dictionary is built per page only to
 /// be abandoned, which was the largest single cost of a backfill (price_log at SF 10).
-pub fn parquet_properties(schema: &arrow_schema::Schema) -> deltalake::parquet::file::properties::WriterProperties {
+/// Integer key columns (`key` in sources.toml) are mostly distinct too, and arrive in key
+/// order within a chunk: they get delta encoding instead of a dictionary (price_log at
+/// SF 10: the backfill ~8 % faster, the files 15 % smaller).
+pub fn parquet_properties(
+    schema: &arrow_schema::Schema,
+    key: &[String],
+) -> deltalake::parquet::file::properties::WriterProperties {
     use arrow_schema::DataType;
-    use deltalake::parquet::basic::{Compression, ZstdLevel};
+    use deltalake::parquet::basic::{Compression, Encoding, ZstdLevel};
     use deltalake::parquet::file::properties::{EnabledStatistics, WriterProperties};
     use deltalake::parquet::schema::types::ColumnPath;
     let mut b = WriterProperties::builder()
@@ -85,11 +91,18 @@ pub fn parquet_properties(schema: &arrow_schema::Schema) -> deltalake::parquet::
         .set_statistics_enabled(EnabledStatistics::Page)
         .set_max_row_group_row_count(Some(1 << 20));
     for f in schema.fields() {
+        let path = || ColumnPath::from(f.name().as_str());
+        let integer = matches!(f.data_type(), DataType::Int16 | DataType::Int32 | DataType::Int64);
+        if integer && key.contains(f.name()) {
+            b = b
+                .set_column_dictionary_enabled(path(), false)
+                .set_column_encoding(path(), Encoding::DELTA_BINARY_PACKED);
+        }
         if matches!(
             f.data_type(),
             DataType::Timestamp(_, _) | DataType::Decimal128(_, _) | DataType::Float32 | DataType::Float64
         ) {
-            b = b.set_column_dictionary_enabled(ColumnPath::from(f.name().as_str()), false);
+            b = b.set_column_dictionary_enabled(path(), false);
         }
     }
     b.build()

@@ -82,13 +82,23 @@ pub fn split_range(min: i64, max: i64, n: u32) -> Vec<Chunk> {
     chunks
 }
 
+/// Rows per chunk when none is given: two chunks per worker, so that a slow chunk is
+/// balanced by the other worker, but between 1 M and 10 M rows. A chunk writes a file per
+/// partition it touches (price_log: one per month), so small chunks make small files, and
+/// a chunk is the unit a resumed backfill redoes.
+pub fn auto_chunk_rows(rows: u64, jobs: usize) -> u64 {
+    (rows / (2 * jobs.max(1) as u64)).clamp(1_000_000, 10_000_000)
+}
+
 /// Plans the chunks of `table` (inside the snapshot transaction): about `chunk_rows` rows
-/// each, from the planner's row estimate and the chunk column's bounds.
+/// each (default [`auto_chunk_rows`]), from the planner's row estimate and the chunk
+/// column's bounds.
 pub async fn plan_chunks(
     client: &Client,
     table: &SourceTable,
     columns: &[PgColumn],
-    chunk_rows: u64,
+    chunk_rows: Option<u64>,
+    jobs: usize,
 ) -> Result<(Vec<Chunk>, u64), IngestError> {
     let estimate: f32 = client
         .query_one("SELECT reltuples FROM pg_class WHERE oid = quote_ident($1)::regclass", &[&table.name])
@@ -119,6 +129,7 @@ pub async fn plan_chunks(
         .await
         .map_err(PgError::query(format!("reading the bounds of {}.{col}", table.name)))?;
     let (min, max): (Option<i64>, Option<i64>) = (row.get(0), row.get(1));
+    let chunk_rows = chunk_rows.unwrap_or_else(|| auto_chunk_rows(rows, jobs));
     let n = rows.div_ceil(chunk_rows.max(1)).clamp(1, 10_000) as u32;
     Ok(match (min, max) {
         (Some(min), Some(max)) => (split_range(min, max, n), rows),
@@ -145,5 +156,13 @@ mod tests {
         assert_eq!(split_range(i64::MIN, i64::MAX, 3).len(), 3);
         assert_eq!(chunks[1].predicate(Some("id")), " WHERE \"id\" >= 26 AND \"id\" < 51");
         assert_eq!(chunks[0].predicate(None), "");
+    }
+
+    #[test]
+    fn default_chunks_are_two_per_worker_within_bounds() {
+        assert_eq!(auto_chunk_rows(9_899_669, 2), 2_474_917);
+        assert_eq!(auto_chunk_rows(500_000, 2), 1_000_000);
+        assert_eq!(auto_chunk_rows(3_000_000_000, 8), 10_000_000);
+        assert_eq!(auto_chunk_rows(20_000_000, 0), 10_000_000);
     }
 }

@@ -13,6 +13,9 @@ pub enum PgError {
     Connect { target: String, source: tokio_postgres::Error },
     #[error("{context}: {}", db_message(.source))]
     Query { context: String, source: tokio_postgres::Error },
+    /// From Weir's own protocol client ([`crate::RawConnection`]).
+    #[error("{context}: {message}")]
+    Raw { context: String, message: String },
 }
 
 impl PgError {
@@ -25,7 +28,7 @@ impl PgError {
     pub fn sqlstate(&self) -> Option<&str> {
         match self {
             Self::Query { source, .. } | Self::Connect { source, .. } => source.as_db_error().map(|e| e.code().code()),
-            Self::Url { .. } => None,
+            Self::Url { .. } | Self::Raw { .. } => None,
         }
     }
 }
@@ -49,7 +52,7 @@ pub fn describe_url(url: &str) -> String {
     }
 }
 
-fn describe(cfg: &Config) -> String {
+pub(crate) fn describe(cfg: &Config) -> String {
     let host = cfg
         .get_hosts()
         .first()
@@ -64,7 +67,7 @@ fn describe(cfg: &Config) -> String {
     format!("{user}@{host}:{port}/{db}")
 }
 
-fn redact(url: &str) -> String {
+pub(crate) fn redact(url: &str) -> String {
     // postgres://user:secret@host → postgres://user:***@host
     match (url.find("://"), url.rfind('@')) {
         (Some(s), Some(at)) if at > s => {

@@ -222,7 +222,7 @@ pub async fn parity(pg: &Client, lake: &Lake, opts: &ParityOptions) -> Result<Pa
         .and_then(|s| weir_core::parse_timestamp(&s).ok())
         .map(|t| t.timestamp_micros());
 
-    let mut session = LakeSession { ctx: crate::session::session_context()?, versions: BTreeMap::new() };
+    let mut session = LakeSession::empty()?;
     let Some(_) = session.register_delta(lake, &lake_name).await? else {
         return Err(DeriveError::Parity(format!(
             "{lake_name} is not in the lake: run `weir derive --make {slug}` first"

@@ -117,7 +117,9 @@ pub async fn derive(
         }
         None => jobs.ordered.iter().collect(),
     };
+    let clock = Instant::now();
     let mut session = LakeSession::open(lake, bronze).await?;
+    tracing::debug!(seconds = clock.elapsed().as_secs_f64(), "derive: bronze tables opened");
     for job in &selected {
         for s in &job.sources {
             if let Some(("bronze", t)) = s.split_once('.')
@@ -146,11 +148,12 @@ pub async fn derive(
 
     // Register what already exists, then plan everything (placeholders stand in for outputs
     // that do not exist yet).
-    for u in &units {
-        if u.job.materialize == Materialize::Table {
-            session.register_delta(lake, &u.output()).await?;
-        }
-    }
+    let clock = Instant::now();
+    let outputs: Vec<String> =
+        units.iter().filter(|u| u.job.materialize == Materialize::Table).map(|u| u.output()).collect();
+    session.register_deltas(lake, &outputs).await?;
+    tracing::debug!(seconds = clock.elapsed().as_secs_f64(), units = units.len(), "derive: outputs opened");
+    let clock = Instant::now();
     for u in &units {
         let df = plan(&session, u, opts.as_of_micros).await?;
         if u.job.materialize == Materialize::View || !session.versions.contains_key(&u.output()) {
@@ -159,6 +162,8 @@ pub async fn derive(
             session.replace(&u.output(), Arc::new(empty))?;
         }
     }
+
+    tracing::debug!(seconds = clock.elapsed().as_secs_f64(), "derive: every unit planned");
 
     // Per-make units share their large view sources (silver.listing: every listing): when a
     // run rebuilds several makes, such a view is computed once and split by make, instead of
@@ -212,7 +217,10 @@ pub async fn derive(
             }
             Materialize::Table | Materialize::History => {
                 let rel = out.replace('.', "/");
-                let table = weir_lake::open_table(lake, &rel).await?;
+                let table = match session.table(&out) {
+                    Some(t) => t,
+                    None => weir_lake::open_table(lake, &rel).await?,
+                };
                 let stored = match weir_lake::last_commit_info(&table, &rel).await? {
                     Some(info) => StoredState::parse(info.get(STATE_KEY)),
                     None => StoredState::default(),
@@ -398,10 +406,14 @@ async fn update_ahead(
     opts: &DeriveOptions,
     shared: &incremental::Shared,
 ) -> Result<BTreeMap<String, Result<(Attempt, Duration), DeriveError>>, DeriveError> {
+    let clock = Instant::now();
     let mut todo = Vec::new();
     for u in group {
         let out = u.output();
-        let table = weir_lake::open_table(lake, &out.replace('.', "/")).await?;
+        let table = match session.table(&out) {
+            Some(t) => t,
+            None => weir_lake::open_table(lake, &out.replace('.', "/")).await?,
+        };
         let stored = match weir_lake::last_commit_info(&table, &out).await? {
             Some(info) => StoredState::parse(info.get(STATE_KEY)),
             None => StoredState::default(),
@@ -414,6 +426,7 @@ async fn update_ahead(
         let recorded = stored.with(None, state.clone());
         todo.push(Pending { unit: u, out, table, previous, state, recorded });
     }
+    tracing::debug!(seconds = clock.elapsed().as_secs_f64(), units = group.len(), "derive: states of the units read");
     let mut done = BTreeMap::new();
     let mut rest = todo.into_iter();
     if let Some(first) = rest.next() {

@@ -15,6 +15,9 @@ pub struct LakeSession {
     pub ctx: SessionContext,
     /// Delta version of every registered table, by `layer.name`.
     pub versions: BTreeMap<String, i64>,
+    /// The registered tables as opened, by `layer.name`: a run reads each output's state and
+    /// writes it through this handle instead of opening the table again.
+    tables: BTreeMap<String, DeltaTable>,
 }
 
 impl std::fmt::Debug for LakeSession {
@@ -81,23 +84,53 @@ pub fn session_context_limited(memory_limit: Option<usize>) -> Result<SessionCon
 impl LakeSession {
     /// A session with every landed table of `bronze` registered.
     pub async fn open(lake: &Lake, bronze: &[String]) -> Result<Self, DeriveError> {
-        let mut s = LakeSession { ctx: session_context()?, versions: BTreeMap::new() };
-        for t in bronze {
-            s.register_delta(lake, &format!("bronze.{t}")).await?;
-        }
+        let mut s = Self::empty()?;
+        let names: Vec<String> = bronze.iter().map(|t| format!("bronze.{t}")).collect();
+        s.register_deltas(lake, &names).await?;
         Ok(s)
+    }
+
+    /// A session with no table registered.
+    pub fn empty() -> Result<Self, DeriveError> {
+        Ok(LakeSession { ctx: session_context()?, versions: BTreeMap::new(), tables: BTreeMap::new() })
     }
 
     /// Opens `layer.name` (stored at `<lake>/<layer>/<name>`) and registers it when it exists.
     /// Returns its version, None when there is no table yet.
     pub async fn register_delta(&mut self, lake: &Lake, name: &str) -> Result<Option<i64>, DeriveError> {
-        let rel = name.replace('.', "/");
-        let table = weir_lake::open_table(lake, &rel).await?;
+        let table = weir_lake::open_table(lake, &name.replace('.', "/")).await?;
+        self.register_opened(name, table).await
+    }
+
+    /// [`LakeSession::register_delta`] for several tables, opened four at a time (opening
+    /// reads and replays each table's log; a run over every make opens some 45 tables).
+    pub async fn register_deltas(&mut self, lake: &Lake, names: &[String]) -> Result<(), DeriveError> {
+        use futures::{StreamExt, TryStreamExt};
+        let opened: Vec<(String, DeltaTable)> = futures::stream::iter(names)
+            .map(|name| async move {
+                Ok::<_, DeriveError>((name.clone(), weir_lake::open_table(lake, &name.replace('.', "/")).await?))
+            })
+            .buffered(4)
+            .try_collect()
+            .await?;
+        for (name, table) in opened {
+            self.register_opened(&name, table).await?;
+        }
+        Ok(())
+    }
+
+    async fn register_opened(&mut self, name: &str, table: DeltaTable) -> Result<Option<i64>, DeriveError> {
         let Some(version) = table.version().map(|v| v as i64) else { return Ok(None) };
         let provider = provider(&self.ctx, &table, name).await?;
         self.replace(name, provider)?;
         self.versions.insert(name.to_string(), version);
+        self.tables.insert(name.to_string(), table);
         Ok(Some(version))
+    }
+
+    /// The table registered as `layer.name`, as it was opened (None when it is not registered).
+    pub fn table(&self, name: &str) -> Option<DeltaTable> {
+        self.tables.get(name).cloned()
     }
 
     /// A context over the same tables, functions and object stores in which `overrides`

@@ -217,10 +217,7 @@ pub async fn derive(
             }
             Materialize::Table | Materialize::History => {
                 let rel = out.replace('.', "/");
-                let table = match session.table(&out) {
-                    Some(t) => t,
-                    None => weir_lake::open_table(lake, &rel).await?,
-                };
+                let table = session.table(lake, &out).await?;
                 let stored = match weir_lake::last_commit_info(&table, &rel).await? {
                     Some(info) => StoredState::parse(info.get(STATE_KEY)),
                     None => StoredState::default(),
@@ -410,10 +407,7 @@ async fn update_ahead(
     let mut todo = Vec::new();
     for u in group {
         let out = u.output();
-        let table = match session.table(&out) {
-            Some(t) => t,
-            None => weir_lake::open_table(lake, &out.replace('.', "/")).await?,
-        };
+        let table = session.table(lake, &out).await?;
         let stored = match weir_lake::last_commit_info(&table, &out).await? {
             Some(info) => StoredState::parse(info.get(STATE_KEY)),
             None => StoredState::default(),

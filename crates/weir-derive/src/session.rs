@@ -128,9 +128,13 @@ impl LakeSession {
         Ok(Some(version))
     }
 
-    /// The table registered as `layer.name`, as it was opened (None when it is not registered).
-    pub fn table(&self, name: &str) -> Option<DeltaTable> {
-        self.tables.get(name).cloned()
+    /// The table registered as `layer.name`, as it was opened; opened now when it is not
+    /// registered (a table that does not exist yet).
+    pub async fn table(&self, lake: &Lake, name: &str) -> Result<DeltaTable, DeriveError> {
+        match self.tables.get(name) {
+            Some(t) => Ok(t.clone()),
+            None => Ok(weir_lake::open_table(lake, &name.replace('.', "/")).await?),
+        }
     }
 
     /// A context over the same tables, functions and object stores in which `overrides`

@@ -53,29 +53,11 @@ pub fn with_partition(
 ) -> Result<RecordBatch, IngestError> {
     let Some(p) = source.partition.as_ref().filter(|p| p.transform.is_some()) else { return Ok(batch) };
     let idx = batch.schema().index_of(&p.column).map_err(|e| IngestError::Config { message: e.to_string() })?;
-    let col = batch.column(idx);
-    let n = col.len();
-    let mut b = StringBuilder::with_capacity(n, n * 7);
-    let push_days = |days: i64, b: &mut StringBuilder| {
-        let (y, m) = year_month(days);
-        let mut buf = [0u8; 8];
-        let text = format_year_month(y, m, &mut buf);
-        b.append_value(text);
-    };
-    match col.data_type() {
-        DataType::Timestamp(_, _) => {
-            let a = col.as_primitive::<TimestampMicrosecondType>();
-            for i in 0..n {
-                if a.is_null(i) { b.append_null() } else { push_days(a.value(i).div_euclid(86_400_000_000), &mut b) }
-            }
-        }
-        DataType::Date32 => {
-            let a = col.as_primitive::<Date32Type>();
-            for i in 0..n {
-                if a.is_null(i) { b.append_null() } else { push_days(i64::from(a.value(i)), &mut b) }
-            }
-        }
-        other => return Err(IngestError::Config { message: format!("cannot derive a month from {other}") }),
+    let keys = month_keys(batch.column(idx)).map_err(|message| IngestError::Config { message })?;
+    let mut b = StringBuilder::with_capacity(keys.len(), keys.len() * 7);
+    let mut buf = [0u8; 8];
+    for k in keys {
+        if k == i64::MIN { b.append_null() } else { b.append_value(month_text(k, &mut buf)) }
     }
     let mut columns: Vec<ArrayRef> = batch.columns().to_vec();
     columns.push(Arc::new(b.finish()));
@@ -95,32 +77,24 @@ pub fn split(source: &SourceTable, batch: RecordBatch) -> Result<Vec<(Option<Sca
     let config = |message: String| IngestError::Config { message: format!("table {}: {message}", source.name) };
     let idx = batch.schema().index_of(&p.column).map_err(|e| config(e.to_string()))?;
     let col = batch.column(idx).clone();
-    let n = col.len();
     // Each row's partition as an integer key (i64::MIN for NULL).
-    let mut keys = Vec::with_capacity(n);
     let month = p.transform == Some(Transform::Month);
-    if month {
-        let days: Vec<Option<i64>> = match col.data_type() {
-            DataType::Timestamp(_, _) => {
-                let a = col.as_primitive::<TimestampMicrosecondType>();
-                a.iter().map(|v| v.map(|v| v.div_euclid(86_400_000_000))).collect()
-            }
-            DataType::Date32 => col.as_primitive::<Date32Type>().iter().map(|v| v.map(i64::from)).collect(),
-            other => return Err(config(format!("cannot derive a month from {other}"))),
-        };
-        month_keys(&days, &mut keys);
+    let keys = if month {
+        month_keys(&col).map_err(config)?
     } else {
         // Any type Delta partitions by, grouped through its text form (one-to-one for them).
         let text = cast(&col, &DataType::Utf8).map_err(|e| config(format!("partition column {}: {e}", p.column)))?;
-        let text = text.as_string::<i32>();
         let mut ids: HashMap<&str, i64> = HashMap::new();
-        for v in text.iter() {
-            keys.push(v.map_or(i64::MIN, |v| {
-                let next = ids.len() as i64;
-                *ids.entry(v).or_insert(next)
-            }));
-        }
-    }
+        text.as_string::<i32>()
+            .iter()
+            .map(|v| {
+                v.map_or(i64::MIN, |v| {
+                    let next = ids.len() as i64;
+                    *ids.entry(v).or_insert(next)
+                })
+            })
+            .collect()
+    };
     // The partition's value, from its key (a month) or its first row (a column's value).
     let value = |key: i64, row: u32| -> Result<Scalar, IngestError> {
         if !month {
@@ -130,8 +104,7 @@ pub fn split(source: &SourceTable, batch: RecordBatch) -> Result<Vec<(Option<Sca
         if key == i64::MIN {
             return Ok(Scalar::Null(delta_kernel::schema::DataType::STRING));
         }
-        let mut buf = [0u8; 8];
-        Ok(Scalar::String(format_year_month(key.div_euclid(12), (key.rem_euclid(12) + 1) as u32, &mut buf).into()))
+        Ok(Scalar::String(month_text(key, &mut [0u8; 8]).into()))
     };
     let groups = group_rows(&keys);
     if let [(key, rows)] = groups.as_slice() {
@@ -147,21 +120,35 @@ pub fn split(source: &SourceTable, batch: RecordBatch) -> Result<Vec<(Option<Sca
         .collect()
 }
 
-/// Each day's month as `year * 12 + month - 1` (i64::MIN for NULL): from a table of the
-/// batch's day range when it is short (the usual case: one call of the calendar per day,
-/// not per row), else per row.
-fn month_keys(days: &[Option<i64>], keys: &mut Vec<i64>) {
+/// Each row's month as `year * 12 + month - 1` in UTC (i64::MIN for NULL), for a timestamp
+/// or date column: from a table of the batch's day range when it is short (the usual case:
+/// one call of the calendar per day, not per row), else per row.
+fn month_keys(col: &ArrayRef) -> Result<Vec<i64>, String> {
+    let days: Vec<Option<i64>> = match col.data_type() {
+        DataType::Timestamp(_, _) => col
+            .as_primitive::<TimestampMicrosecondType>()
+            .iter()
+            .map(|v| v.map(|v| v.div_euclid(86_400_000_000)))
+            .collect(),
+        DataType::Date32 => col.as_primitive::<Date32Type>().iter().map(|v| v.map(i64::from)).collect(),
+        other => return Err(format!("cannot derive a month from {other}")),
+    };
     let month = |d: i64| {
         let (y, m) = year_month(d);
         y * 12 + i64::from(m) - 1
     };
     let (lo, hi) = days.iter().flatten().fold((i64::MAX, i64::MIN), |(lo, hi), d| (lo.min(*d), hi.max(*d)));
-    if lo <= hi && hi - lo < 1 << 20 {
+    Ok(if lo <= hi && hi - lo < 1 << 20 {
         let table: Vec<i64> = (lo..=hi).map(month).collect();
-        keys.extend(days.iter().map(|d| d.map_or(i64::MIN, |d| table[(d - lo) as usize])));
+        days.iter().map(|d| d.map_or(i64::MIN, |d| table[(d - lo) as usize])).collect()
     } else {
-        keys.extend(days.iter().map(|d| d.map_or(i64::MIN, month)));
-    }
+        days.iter().map(|d| d.map_or(i64::MIN, month)).collect()
+    })
+}
+
+/// 'YYYY-MM' of a month key of [`month_keys`].
+fn month_text(key: i64, buf: &mut [u8; 8]) -> &str {
+    format_year_month(key.div_euclid(12), (key.rem_euclid(12) + 1) as u32, buf)
 }
 
 /// Row numbers per key, keys in the order they first appear. Keys that span a small range

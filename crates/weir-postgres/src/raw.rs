@@ -121,19 +121,10 @@ impl RawConnection {
     /// Runs `sql` (one or more statements) with the simple query protocol.
     pub async fn execute(&mut self, sql: &str, context: &str) -> Result<(), PgError> {
         self.send_query(sql, context).await?;
-        let mut failed = None;
-        loop {
-            let (tag, body) = self.message().await?;
-            match tag {
-                b'E' => failed = Some(server_error(&body)),
-                b'Z' => break,
-                _ => {}
-            }
-        }
-        match failed {
-            Some(message) => Err(PgError::Raw { context: context.to_string(), message }),
-            None => Ok(()),
-        }
+        // The same reading as a COPY's: rows of a query are not CopyData, so this drains to
+        // ReadyForQuery and returns the first error the server sent.
+        while self.read_copy(context, |_| Ok::<(), PgError>(())).await? {}
+        Ok(())
     }
 
     /// Starts `COPY … TO STDOUT`; read its data with [`RawConnection::read_copy`].

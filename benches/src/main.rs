@@ -444,7 +444,7 @@ async fn derive(scale: f64, make: &str, runs: u32, keep: Option<std::path::PathB
         println!("run {run}: weir derive --make {make} --full {s:>8.3} s  {}", built.join(", "));
         weir = weir.min(s);
     }
-    let rows = bench_parity(&client, &lake, make, as_of.timestamp_micros()).await?;
+    let rows = bench_parity(&client, &lake, &jobs, make, as_of.timestamp_micros()).await?;
     println!("parity: gold.ads_{make} identical to the legacy ads_{make} ({rows} rows)");
 
     let out = Command::new(&python)
@@ -500,7 +500,7 @@ async fn derive(scale: f64, make: &str, runs: u32, keep: Option<std::path::PathB
     let t = Instant::now();
     weir_synth::build_legacy_mart(&mut client, make, as_of).await?;
     let legacy_after = t.elapsed().as_secs_f64();
-    bench_parity(&client, &lake, make, as_of.timestamp_micros()).await?;
+    bench_parity(&client, &lake, &jobs, make, as_of.timestamp_micros()).await?;
     println!("parity after the taxonomy change: identical (legacy rebuild took {legacy_after:.3} s)");
 
     println!();
@@ -589,7 +589,7 @@ async fn cdc(scale: f64, runs: u32) -> Result<()> {
         println!("run {run}: legacy PostgreSQL build of every mart {legacy_s:.3} s");
         legacy = legacy.min(legacy_s);
         for s in &slugs {
-            bench_parity(&client, &lake, s, as_of.timestamp_micros()).await?;
+            bench_parity(&client, &lake, &jobs, s, as_of.timestamp_micros()).await?;
         }
         println!("run {run}: parity: every mart identical to its legacy table");
 
@@ -724,10 +724,16 @@ async fn lag(
     Ok(())
 }
 
-async fn bench_parity(c: &tokio_postgres::Client, lake: &weir_lake::Lake, make: &str, as_of: i64) -> Result<u64> {
+async fn bench_parity(
+    c: &tokio_postgres::Client,
+    lake: &weir_lake::Lake,
+    jobs: &weir_derive::Jobs,
+    make: &str,
+    as_of: i64,
+) -> Result<u64> {
     let opts =
         weir_derive::ParityOptions { slug: make.to_string(), legacy_table: None, show: 3, expect_as_of: Some(as_of) };
-    let r = weir_derive::parity(c, lake, &opts).await?;
+    let r = weir_derive::parity(c, lake, jobs, &opts).await?;
     if !r.identical() {
         bail!("parity failed:\n{}", r.render());
     }

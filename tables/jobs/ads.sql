@@ -1,68 +1,41 @@
 --! layer = "gold"
---! description = "The mart ads_<slug>: one row per listing of the make, the legacy mart's 30 columns."
+--! description = "The mart ads_<slug>: one row per listing of the make, the legacy mart's 30 columns. A view: the stored rows (silver.ads_base_<slug>) with the taxonomy joined at read time, so that a renamed or moved model rewrites no mart row."
 --! key = ["listing_id"]
---! sources = ["silver.listing", "silver.listing_price", "silver.model", "silver.dealer", "bronze.makes"]
+--! sources = ["silver.ads_base", "silver.model"]
+--! materialize = "view"
 --! per = "make"
---! [incremental]
---! # A mart row is its listing joined with the listing's folded prices, model, seller and make:
---! # the listings a change reaches are recomputed (their listing and price rows read alone),
---! # the rest of the mart stays as it is, file by file.
---! keyed = ["silver.listing", "silver.listing_price"]
---! [incremental.affects]
---! "bronze.listings" = "SELECT listing_id FROM changes"
---! "silver.listing_price" = "SELECT listing_id FROM changes"
---! "silver.model" = """
---! SELECT l.listing_id FROM bronze.listings l
---! JOIN (SELECT DISTINCT model_id FROM changes) c ON c.model_id = l.model_id
---! """
---! "bronze.dealers" = """
---! SELECT l.listing_id FROM bronze.listings l
---! JOIN (SELECT DISTINCT dealer_id FROM changes) c ON c.dealer_id = l.dealer_id
---! """
---! "bronze.makes" = """
---! SELECT l.listing_id FROM bronze.listings l
---! JOIN (SELECT DISTINCT make_id FROM changes) c ON c.make_id = l.make_id
---! """
-SELECT l.listing_id,
-       l.country,
-       mk.name AS make,
+-- silver.ads_base_${slug}: the same make's stored rows; silver.model: ~1,500 models, joined
+-- in a few milliseconds when the mart is read, and filters on listing_id still reach the
+-- stored rows' files.
+SELECT a.listing_id,
+       a.country,
+       a.make,
        mo.name AS model,
        mo.segment,
        mo.body_type,
-       l.dealer_id,
-       d.kind AS seller_kind,
-       l.fuel,
-       l.gearbox,
-       l.first_registration,
-       l.registration_year,
-       l.mileage_km,
-       l.power_kw,
-       l.power_hp,
-       l.title,
-       l.zip,
-       p.price_first_eur,
-       p.price_last_eur,
-       p.price_min_eur,
-       p.price_max_eur,
-       CAST(coalesce(p.price_rows - 1, 0) AS INT) AS price_changes,
-       p.first_price_at,
-       p.last_price_at,
-       l.created_at,
-       l.updated_at,
-       l.deleted_at,
-       l.is_active,
-       -- UTC calendar days: (coalesce(deleted_at, as_of) AT TIME ZONE 'UTC')::date - (created_at AT TIME ZONE 'UTC')::date;
-       -- only the as-of's date is read, so a later as-of on the same day changes no row
-       CAST(CAST(coalesce(CAST(l.deleted_at AS DATE), ${as_of_date}) AS INT)
-            - CAST(CAST(l.created_at AS DATE) AS INT) AS INT) AS days_online,
-       -- PostgreSQL numeric division (pg_div), round half away from zero; must fit numeric(6,2)
-       fit_numeric(CASE WHEN p.price_first_eur > 0
-                        THEN round(100 * (p.price_first_eur - p.price_last_eur) / p.price_first_eur, 2) END,
-                   6, 2, 'price_drop_pct of listing_id', l.listing_id) AS price_drop_pct
-FROM silver.listing l
-JOIN bronze.makes mk ON mk.make_id = l.make_id AND mk.slug = '${slug}'
-LEFT JOIN silver.model mo ON mo.model_id = l.model_id
-LEFT JOIN silver.dealer d ON d.dealer_id = l.dealer_id
-LEFT JOIN silver.listing_price p ON p.listing_id = l.listing_id AND p.make_id = ${make_id}
--- ${make_id}: the slug's make_id, a literal that prunes listing_price to the make's partition
-WHERE l.make_id = ${make_id}
+       a.dealer_id,
+       a.seller_kind,
+       a.fuel,
+       a.gearbox,
+       a.first_registration,
+       a.registration_year,
+       a.mileage_km,
+       a.power_kw,
+       a.power_hp,
+       a.title,
+       a.zip,
+       a.price_first_eur,
+       a.price_last_eur,
+       a.price_min_eur,
+       a.price_max_eur,
+       a.price_changes,
+       a.first_price_at,
+       a.last_price_at,
+       a.created_at,
+       a.updated_at,
+       a.deleted_at,
+       a.is_active,
+       a.days_online,
+       a.price_drop_pct
+FROM silver.ads_base_${slug} a
+LEFT JOIN silver.model mo ON mo.model_id = a.model_id

@@ -140,7 +140,7 @@ async fn vacuum_keeps_tables_and_change_feeds(url: &str, root: &std::path::Path,
     use futures::TryStreamExt;
     let tables = weir_lake::delta_tables(lake).await.unwrap();
     assert!(
-        tables.contains(&"bronze/listings".to_string()) && tables.contains(&"gold/ads_vw".to_string()),
+        tables.contains(&"bronze/listings".to_string()) && tables.contains(&"silver/ads_base_vw".to_string()),
         "{tables:?}"
     );
     let before: Vec<_> = tables.iter().map(|t| files_on_disk(root, t)).collect();
@@ -255,12 +255,12 @@ async fn sync_applies_days_ddl_and_truncates_exactly() {
     let (ok, out, err) = derive(dir.path(), &[]);
     assert!(ok, "{out}\n{err}");
     assert_eq!(fold_outcome(&out), "incremental", "{out}");
-    let marts: Vec<&str> = out.lines().filter(|l| l.trim_start().starts_with("gold.ads_")).collect();
+    let marts: Vec<&str> = out.lines().filter(|l| l.trim_start().starts_with("silver.ads_base_")).collect();
     assert!(!marts.is_empty() && marts.iter().all(|l| l.contains(" incremental ")), "marts merged by key: {out}");
     let slugs = legacy_all(&url).await;
     assert_parity(&url, &lake, &slugs, "after two days through CDC and incremental derives").await;
     for s in &slugs {
-        assert_key_ranged(&lake, dir.path(), &format!("gold/ads_{s}")).await;
+        assert_key_ranged(&lake, dir.path(), &format!("silver/ads_base_{s}")).await;
     }
     let columns: Vec<(String, String)> = [
         "make_id",
@@ -492,7 +492,10 @@ async fn run_loop_survives_postgres_and_s3_restarts() {
     assert!(h["changes"].as_u64().unwrap() > 100, "{h}");
     assert!(h["freshness_lag_ms"].as_f64().is_some(), "{h}");
     assert_lake_equals_postgres(&url, &lake, "after the first day under weir run").await;
-    assert!(weir_lake::open_table(&lake, "gold/ads_vw").await.unwrap().version().is_some(), "the marts are derived");
+    assert!(
+        weir_lake::open_table(&lake, "silver/ads_base_vw").await.unwrap().version().is_some(),
+        "the marts are derived"
+    );
     wait_for(port, "the first day's feature run", |h| h["feature_runs"].as_u64() > Some(startup_feature_runs)).await;
     assert_vectors_follow(&url, &lake, "after the first day under weir run --features").await;
 
@@ -560,21 +563,21 @@ async fn run_loop_survives_postgres_and_s3_restarts() {
     }
     child.kill().unwrap();
     child.wait().unwrap();
-    let mart_version = weir_lake::open_table(&lake, "gold/ads_vw").await.unwrap().version();
+    let mart_version = weir_lake::open_table(&lake, "silver/ads_base_vw").await.unwrap().version();
     let mut child = spawn_run(false);
     wait_for(port, "the derive after the kill", |h| h["status"] == "ok" && h["pending"] == false).await;
     child.kill().unwrap();
     child.wait().unwrap();
     assert_lake_equals_postgres(&url, &lake, "after a SIGKILL of weir run").await;
-    let mart = weir_lake::open_table(&lake, "gold/ads_vw").await.unwrap();
+    let mart = weir_lake::open_table(&lake, "silver/ads_base_vw").await.unwrap();
     assert!(mart.version() > mart_version, "the restarted loop derived the mart");
-    let info = weir_lake::last_commit_info(&mart, "gold/ads_vw").await.unwrap().unwrap();
+    let info = weir_lake::last_commit_info(&mart, "silver/ads_base_vw").await.unwrap().unwrap();
     let as_of = weir_derive::run::recorded_as_of(info.get(weir_derive::run::STATE_KEY)).expect("the mart's as-of");
     let mut c = common::client(&url).await;
     let at = chrono::DateTime::from_timestamp_micros(as_of).unwrap();
     weir_synth::build_legacy_mart(&mut c, "vw", at).await.unwrap();
     let opts = weir_derive::ParityOptions { slug: "vw".into(), legacy_table: None, show: 3, expect_as_of: Some(as_of) };
-    let r = weir_derive::parity(&c, &lake, &opts).await.unwrap();
+    let r = weir_derive::parity(&c, &lake, &common::repo_jobs(), &opts).await.unwrap();
     assert!(r.identical(), "after a SIGKILL of weir run and a restart:\n{}", r.render());
     server.stop().await;
 }

@@ -56,3 +56,15 @@ pub fn python() -> String {
         panic!("WEIR_PYTHON is not set: run the tests through ./infra/local/test.sh, which installs the Python tools (infra/local/pytools.sh)")
     })
 }
+
+/// The repository's source tables (tables/sources.toml), by name.
+pub fn repo_bronze() -> Vec<String> {
+    let sources = weir_ingest::Sources::parse(include_str!("../../tables/sources.toml"), "sources.toml").unwrap();
+    sources.tables.iter().map(|t| t.name.clone()).collect()
+}
+
+/// The repository's jobs (tables/jobs), checked against its sources.
+pub fn repo_jobs() -> weir_derive::Jobs {
+    let root = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../../tables/jobs");
+    weir_derive::load_dir(&root, &repo_bronze()).unwrap()
+}

@@ -88,10 +88,7 @@ fn client(mode: &str, port: u16, arg: Option<&str>) -> Value {
 }
 
 pub async fn derive_vw(lake: &Lake) {
-    let sources = Sources::parse(include_str!("../../tables/sources.toml"), "sources.toml").unwrap();
-    let bronze: Vec<String> = sources.tables.iter().map(|t| t.name.clone()).collect();
-    let root = std::path::PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../../tables/jobs");
-    let jobs = weir_derive::load_dir(&root, &bronze).unwrap();
+    let (bronze, jobs) = (common::repo_bronze(), common::repo_jobs());
     let opts = weir_derive::DeriveOptions {
         job: Some("ads".into()),
         makes: weir_derive::MakeSelection::One("vw".into()),
@@ -193,6 +190,7 @@ async fn flight_sql_clients_read_the_marts() {
             "silver.listing_price",
             "silver.listing",
             "silver.dealer",
+            "silver.ads_base_vw",
             "gold.ads_vw",
             "public.ads_vw",
         ] {

@@ -450,6 +450,9 @@ pub struct ParityArgs {
     /// Differing rows shown per column.
     #[arg(long, default_value_t = 5)]
     pub show: usize,
+    /// The jobs folder that defines the mart (default: tables/jobs when present, else the built-in copy).
+    #[arg(long)]
+    pub jobs_dir: Option<PathBuf>,
     /// Accept an S3 bucket outside the EU.
     #[arg(long)]
     pub allow_non_eu: bool,

@@ -473,8 +473,9 @@ fn state_metadata(job: &Job, recorded: &Value, summary: Value) -> std::collectio
     ])
 }
 
-/// Writes the new rows of `upserts` and deletes `gone` in one commit: a mart (gold, stored
-/// in key order) is rewritten by key range, keeping its order and page layout; other tables
+/// Writes the new rows of `upserts` and deletes `gone` in one commit: a key-ranged table (a
+/// mart's stored rows, see [`Job::key_ranged`]) is rewritten by key range, keeping its order
+/// and page layout; other tables
 /// take a Delta MERGE by key, which writes their change data feed for the jobs that read them.
 #[allow(clippy::too_many_arguments)]
 async fn store_changes(
@@ -494,7 +495,7 @@ async fn store_changes(
     let metadata = state_metadata(job, recorded, summary);
     let integer_key = target.field_with_name(key).is_ok_and(|f| f.data_type().is_integer());
     let unpartitioned = job.partition.is_empty();
-    if job.layer == crate::jobs::Layer::Gold && integer_key && unpartitioned {
+    if job.key_ranged() && integer_key && unpartitioned {
         let mut parts = Vec::new();
         for b in upserts {
             parts.push(conform(&target, b, out)?);

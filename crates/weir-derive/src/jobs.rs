@@ -10,7 +10,9 @@
 //! --!                                       #   or "history" (versions with valid_from/valid_to)
 //! --! partition = ["make_id"]               # optional Delta partition columns
 //! --! per = "make"                          # optional: one output per make, ads_<slug>;
-//! --!                                       #   the SQL uses ${slug} (and may use ${make_id})
+//! --!                                       #   the SQL uses ${slug} (and may use ${make_id});
+//! --!                                       #   it may read another per-make job's output
+//! --!                                       #   for the same make as silver.<job>_${slug}
 //! SELECT …                                  # ${as_of}: the reference instant, a timestamptz
 //! SELECT …
 //! ```
@@ -148,6 +150,12 @@ impl Job {
         }
     }
 
+    /// Stored in key order, in small files with disjoint key ranges (what Flight clients and
+    /// the FDW look up by key): gold tables, and the per-make tables the marts' views read.
+    pub fn key_ranged(&self) -> bool {
+        (self.layer == Layer::Gold || self.per.is_some()) && !self.key.is_empty()
+    }
+
     pub fn uses_as_of(&self) -> bool {
         self.sql.contains("${as_of}") || self.uses_as_of_date()
     }
@@ -173,6 +181,25 @@ impl Job {
         sql
     }
 
+    /// A view's SQL as served: `${slug}` expanded for a per-make view (which cannot read
+    /// `${make_id}`, see [`parse_job`]).
+    pub fn expand_view(&self, slug: Option<&str>) -> String {
+        let sql = self.expand(None, 0);
+        match slug {
+            Some(s) => sql.replace("${slug}", s),
+            None => sql,
+        }
+    }
+
+    /// The per-make sources a per-make job reads for its own make, as `(source, output)`:
+    /// (`silver.ads_base`, `silver.ads_base_vw`).
+    pub fn own_make_sources<'a>(&'a self, jobs: &'a Jobs, slug: &'a str) -> impl Iterator<Item = (&'a str, String)> {
+        self.sources.iter().filter_map(move |s| {
+            let (_, n) = s.split_once('.')?;
+            jobs.get(n).filter(|d| d.per.is_some()).map(|_| (s.as_str(), format!("{s}_{slug}")))
+        })
+    }
+
     /// Maps a line of the SQL body (1-based, as parsers report) to the file's line.
     pub fn file_line(&self, sql_line: usize) -> usize {
         self.sql_line + sql_line.saturating_sub(1)
@@ -188,6 +215,26 @@ pub struct Jobs {
 impl Jobs {
     pub fn get(&self, name: &str) -> Option<&Job> {
         self.ordered.iter().find(|j| j.name == name)
+    }
+
+    /// The job producing `output` (`silver.listing`, `gold.ads_vw`) and, for a per-make job,
+    /// the slug. A name that two per-make jobs could produce (`ads_base_vw`) goes to the job
+    /// with the longer name.
+    pub fn resolve(&self, output: &str) -> Option<(&Job, Option<String>)> {
+        let (layer, name) = output.split_once('.')?;
+        let by_name = |j: &&Job| j.layer.to_string() == layer;
+        if let Some(j) = self.ordered.iter().filter(by_name).find(|j| j.per.is_none() && j.name == name) {
+            return Some((j, None));
+        }
+        self.ordered
+            .iter()
+            .filter(by_name)
+            .filter(|j| j.per.is_some())
+            .filter_map(|j| {
+                let slug = name.strip_prefix(j.name.as_str())?.strip_prefix('_')?;
+                (!slug.is_empty()).then(|| (j, Some(slug.to_string())))
+            })
+            .max_by_key(|(j, _)| j.name.len())
     }
 
     /// `name` and everything it reads from, transitively, in dependency order.
@@ -267,12 +314,12 @@ pub fn parse_job(file: &Path, text: &str) -> Result<Job, JobError> {
             "the SQL uses ${slug} or ${make_id} but the header has no per = \"make\"",
         ));
     }
-    if h.materialize == Materialize::View && (!h.partition.is_empty() || h.per.is_some()) {
-        return Err(JobError::new(
-            file,
-            header_line("materialize"),
-            "a view has no partitions and no per-make outputs",
-        ));
+    if h.materialize == Materialize::View && !h.partition.is_empty() {
+        return Err(JobError::new(file, header_line("materialize"), "a view has no partitions"));
+    }
+    if h.materialize == Materialize::View && h.per.is_some() && sql_text.contains("${make_id}") {
+        // A served per-make view is planned for every make stored under it, by slug alone.
+        return Err(JobError::new(file, sql_line, "a per-make view uses ${slug} only, not ${make_id}"));
     }
     if h.materialize == Materialize::History && (!h.partition.is_empty() || h.per.is_some()) {
         return Err(JobError::new(
@@ -376,11 +423,11 @@ pub fn order(jobs: Vec<Job>, bronze: &[String]) -> Result<Jobs, JobError> {
             let ok = match s.split_once('.') {
                 Some(("bronze", t)) => bronze.iter().any(|b| b == t),
                 Some(("silver" | "gold", n)) => match by_name.get(n) {
-                    Some(dep) if dep.per.is_some() => {
+                    Some(dep) if dep.per.is_some() && j.per.is_none() => {
                         return Err(JobError::new(
                             &j.file,
                             line,
-                            format!("source {s} is a per-make job; it cannot be read by another job"),
+                            format!("source {s} is a per-make job; only a per-make job can read it (as {s}_${{slug}})"),
                         ));
                     }
                     Some(dep) => s.starts_with(&format!("{}.", dep.layer)),
@@ -485,6 +532,46 @@ mod tests {
         assert!(e.to_string().contains("dependency cycle among jobs a, b"), "{e}");
         let e = order(vec![job("a", &["bronze.nope"])], &bronze).unwrap_err();
         assert!(e.to_string().contains("unknown source bronze.nope"), "{e}");
+    }
+
+    fn per_make(name: &str, layer: &str, sources: &[&str], extra: &str, sql: &str) -> Job {
+        let text = format!(
+            "--! layer = \"{layer}\"\n--! key = [\"id\"]\n--! sources = [{}]\n--! per = \"make\"\n{extra}{sql}\n",
+            sources.iter().map(|s| format!("\"{s}\"")).collect::<Vec<_>>().join(", ")
+        );
+        parse_job(Path::new(&format!("/nonexistent/{name}.sql")), &text).unwrap()
+    }
+
+    #[test]
+    fn per_make_views_read_their_own_makes_rows() {
+        let bronze = vec!["t".to_string()];
+        let base = per_make("ads_base", "silver", &["bronze.t"], "", "SELECT id FROM bronze.t WHERE s = '${slug}'");
+        let view = per_make(
+            "ads",
+            "gold",
+            &["silver.ads_base"],
+            "--! materialize = \"view\"\n",
+            "SELECT id FROM silver.ads_base_${slug}",
+        );
+        let jobs = order(vec![view.clone(), base.clone()], &bronze).unwrap();
+        let names: Vec<&str> = jobs.ordered.iter().map(|j| j.name.as_str()).collect();
+        assert_eq!(names, ["ads_base", "ads"]);
+        let ads = jobs.get("ads").unwrap();
+        assert_eq!(ads.expand_view(Some("vw")), "SELECT id FROM silver.ads_base_vw");
+        let own: Vec<(&str, String)> = ads.own_make_sources(&jobs, "vw").collect();
+        assert_eq!(own, [("silver.ads_base", "silver.ads_base_vw".to_string())]);
+        // Outputs map back to their job and make; a longer job name wins a shared prefix.
+        let of = |o: &str| jobs.resolve(o).map(|(j, s)| (j.name.clone(), s));
+        assert_eq!(of("gold.ads_vw"), Some(("ads".into(), Some("vw".into()))));
+        assert_eq!(of("silver.ads_base_mercedes_benz"), Some(("ads_base".into(), Some("mercedes_benz".into()))));
+        assert_eq!(of("gold.ads_"), None);
+        assert_eq!(of("silver.listing"), None);
+        // A job that is not per make cannot read a per-make output; a per-make view has no make_id.
+        let e = order(vec![base, job("x", &["silver.ads_base"])], &bronze).unwrap_err();
+        assert!(e.to_string().contains("only a per-make job can read it"), "{e}");
+        let text = "--! layer = \"gold\"\n--! key = [\"id\"]\n--! sources = [\"bronze.t\"]\n--! per = \"make\"\n--! materialize = \"view\"\nSELECT ${make_id} AS id FROM bronze.t WHERE s = '${slug}'\n";
+        let e = parse_job(Path::new("v.sql"), text).unwrap_err();
+        assert!(e.to_string().contains("v.sql:6: a per-make view uses ${slug} only"), "{e}");
     }
 
     #[test]

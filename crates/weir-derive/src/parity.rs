@@ -16,6 +16,7 @@ use tokio_postgres::Client;
 use weir_lake::Lake;
 use weir_postgres::PgError;
 
+use crate::jobs::Jobs;
 use crate::session::LakeSession;
 use crate::{DeriveError, df_err};
 
@@ -190,7 +191,9 @@ fn row_hash_lake(canon: &str) -> String {
     format!("md5(CAST(listing_id AS VARCHAR) || chr(31) || coalesce('V' || {canon}, 'N'))")
 }
 
-pub async fn parity(pg: &Client, lake: &Lake, opts: &ParityOptions) -> Result<ParityReport, DeriveError> {
+/// Compares the lake's `gold.ads_<slug>` (as `jobs` define it: a stored table or a view over
+/// stored rows) with the legacy table in PostgreSQL.
+pub async fn parity(pg: &Client, lake: &Lake, jobs: &Jobs, opts: &ParityOptions) -> Result<ParityReport, DeriveError> {
     let slug = weir_core::validate_slug(&opts.slug).map_err(|e| DeriveError::Parity(e.to_string()))?;
     let legacy = opts.legacy_table.clone().unwrap_or_else(|| format!("ads_{slug}"));
     let lake_name = format!("gold.ads_{slug}");
@@ -223,13 +226,13 @@ pub async fn parity(pg: &Client, lake: &Lake, opts: &ParityOptions) -> Result<Pa
         .map(|t| t.timestamp_micros());
 
     let mut session = LakeSession::empty()?;
-    let Some(_) = session.register_delta(lake, &lake_name).await? else {
+    let Some(stored) = session.register_output(lake, jobs, &lake_name).await? else {
         return Err(DeriveError::Parity(format!(
             "{lake_name} is not in the lake: run `weir derive --make {slug}` first"
         )));
     };
-    let table = weir_lake::open_table(lake, &lake_name.replace('.', "/")).await?;
-    let lake_as_of = weir_lake::last_commit_info(&table, &lake_name)
+    let table = session.table(lake, &stored).await?;
+    let lake_as_of = weir_lake::last_commit_info(&table, &stored)
         .await?
         .and_then(|m| crate::run::recorded_as_of(m.get(crate::run::STATE_KEY)));
     let df = session.ctx.table(lake_name.as_str()).await.map_err(df_err(format!("reading {lake_name}")))?;

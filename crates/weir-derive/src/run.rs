@@ -209,11 +209,11 @@ pub async fn derive(
                 let df = plan(&session, u, opts.as_of_micros).await?;
                 session.replace(&out, df.into_view())?;
                 tokens.insert(out.clone(), format!("view:{}", state));
-                reports.push(JobReport {
-                    output: out,
-                    outcome: JobOutcome::View,
-                    reason: "planned into its readers".into(),
-                });
+                let reason = match &u.make {
+                    Some(_) => "a view, computed when read (not stored)",
+                    None => "planned into its readers",
+                };
+                reports.push(JobReport { output: out, outcome: JobOutcome::View, reason: reason.into() });
             }
             Materialize::Table | Materialize::History => {
                 let rel = out.replace('.', "/");
@@ -324,8 +324,13 @@ const MAKE_ID: &str = "make_id";
 
 /// The state a unit is built from: its definition, its inputs' tokens, the as-of if read.
 fn unit_state(u: &Unit<'_>, tokens: &BTreeMap<String, String>, opts: &DeriveOptions) -> Value {
-    let inputs: BTreeMap<String, String> =
-        u.job.sources.iter().map(|s| (s.clone(), tokens.get(s).cloned().unwrap_or_else(|| "none".into()))).collect();
+    // A per-make unit reads a per-make source for its own make (`silver.ads_base` as
+    // `silver.ads_base_<slug>`).
+    let token = |s: &String| {
+        let own = u.make.as_ref().and_then(|(slug, _)| tokens.get(&format!("{s}_{slug}")));
+        own.or_else(|| tokens.get(s)).cloned().unwrap_or_else(|| "none".into())
+    };
+    let inputs: BTreeMap<String, String> = u.job.sources.iter().map(|s| (s.clone(), token(s))).collect();
     let mut state = json!({ "definition": u.job.fingerprint, "inputs": inputs });
     if u.job.uses_as_of() {
         state["as_of_micros"] = json!(opts.as_of_micros);
@@ -801,8 +806,7 @@ async fn write(
         }
     }
     let werr = |m: String| DeriveError::Write { table: rel.to_string(), message: m };
-    let key_ranged = job.layer == crate::jobs::Layer::Gold && !job.key.is_empty();
-    let (df, props) = if key_ranged {
+    let (df, props) = if job.key_ranged() {
         // Marts are what Flight clients and the FDW look up by key: stored in key order with
         // small pages, a lookup's page-index pruning decodes one page per column, not the file.
         let order = job.key.iter().map(|k| datafusion::prelude::ident(k).sort(true, false)).collect();
@@ -825,7 +829,7 @@ async fn write(
     let mut rows = 0u64;
     // A mart is cut into files of key ranges (its rows come sorted): an incremental update
     // rewrites only the files its keys fall in (see incremental::KEY_RANGE_FILE_ROWS).
-    let file_rows = if key_ranged { crate::incremental::KEY_RANGE_FILE_ROWS } else { usize::MAX };
+    let file_rows = if job.key_ranged() { crate::incremental::KEY_RANGE_FILE_ROWS } else { usize::MAX };
     let mut in_file = 0usize;
     while let Some(batch) = stream.next().await {
         let mut batch = batch.map_err(df_err(format!("running {}", job.file.display())))?;

@@ -9,6 +9,7 @@ use datafusion::prelude::{SessionConfig, SessionContext};
 use deltalake::DeltaTable;
 use weir_lake::Lake;
 
+use crate::jobs::{Jobs, Materialize};
 use crate::{DeriveError, df_err, functions};
 
 pub struct LakeSession {
@@ -172,6 +173,39 @@ impl LakeSession {
             .with_catalog_list(list)
             .build();
         Ok(SessionContext::new_with_state(state))
+    }
+
+    /// Registers `output` (`gold.ads_vw`) for reading: a stored table as it is, a view planned
+    /// over its sources, registered the same way. Returns the stored table whose last commit
+    /// records how `output` was built (the table itself, or the per-make stored rows a per-make
+    /// view reads), None when `output` or something it reads is not in the lake.
+    pub async fn register_output(
+        &mut self,
+        lake: &Lake,
+        jobs: &Jobs,
+        output: &str,
+    ) -> Result<Option<String>, DeriveError> {
+        let stored = |v: Option<i64>| v.map(|_| output.to_string());
+        let Some((job, slug)) = jobs.resolve(output).filter(|(j, _)| j.materialize == Materialize::View) else {
+            return Ok(stored(self.register_delta(lake, output).await?));
+        };
+        let own: BTreeMap<&str, String> = match &slug {
+            Some(slug) => job.own_make_sources(jobs, slug).collect(),
+            None => BTreeMap::new(),
+        };
+        let (mut built, mut first) = (None, None);
+        for s in &job.sources {
+            let source = own.get(s.as_str()).unwrap_or(s);
+            let Some(table) = Box::pin(self.register_output(lake, jobs, source)).await? else { return Ok(None) };
+            if own.contains_key(s.as_str()) && built.is_none() {
+                built = Some(table.clone());
+            }
+            first.get_or_insert(table);
+        }
+        let built = built.or(first);
+        let df = self.ctx.sql(&job.expand_view(slug.as_deref())).await.map_err(df_err(format!("planning {output}")))?;
+        self.replace(output, df.into_view())?;
+        Ok(built)
     }
 
     /// Registers (or re-registers) a provider under `layer.name`.

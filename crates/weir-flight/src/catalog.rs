@@ -33,6 +33,8 @@ struct Snapshot {
     vectors: Vec<(String, Arc<dyn TableProvider>)>,
     /// Tables and planned views, shared by every query's session until the next refresh.
     catalog: Arc<dyn CatalogProvider>,
+    /// The views planned into `catalog`, as (layer, name): `silver.listing`, `gold.ads_vw`.
+    views: Vec<(String, String)>,
 }
 
 pub struct Catalog {
@@ -91,19 +93,20 @@ impl Catalog {
             let provider = lance::datafusion::LanceTableProvider::new(Arc::new(ds), false, false);
             vectors.push(("listings".to_string(), Arc::new(provider)));
         }
-        let catalog = self.build_catalog(&tables, &vectors).await?;
-        let snap = Arc::new(Snapshot { taken: Instant::now(), tables, vectors, catalog });
+        let (catalog, views) = self.build_catalog(&tables, &vectors).await?;
+        let snap = Arc::new(Snapshot { taken: Instant::now(), tables, vectors, catalog, views });
         *guard = Some(snap.clone());
         Ok(snap)
     }
 
     /// The `weir` catalog for a set of tables: `layer.name`, gold also under bare names, and
-    /// the view jobs planned over them.
+    /// the view jobs planned over them (a per-make view once per make whose stored rows are
+    /// there: `gold.ads_vw` over `silver.ads_base_vw`).
     async fn build_catalog(
         &self,
         tables: &[(String, String, DeltaTable, Arc<dyn TableProvider>)],
         vectors: &[(String, Arc<dyn TableProvider>)],
-    ) -> Result<Arc<dyn CatalogProvider>, ServeError> {
+    ) -> Result<(Arc<dyn CatalogProvider>, Vec<(String, String)>), ServeError> {
         let ctx = weir_derive::session::session_context().map_err(|e| ServeError::Lake(e.to_string()))?;
         if let Some(c) = ctx.catalog(weir_derive::session::CATALOG) {
             c.register_schema(VECTORS, Arc::new(datafusion::catalog::MemorySchemaProvider::new()))?;
@@ -118,15 +121,41 @@ impl Catalog {
                 ctx.register_table(name.as_str(), provider.clone())?;
             }
         }
+        let mut views = Vec::new();
         for job in self.jobs.ordered.iter().filter(|j| j.materialize == Materialize::View) {
-            let out = job.output(None);
-            // A view whose sources are not all in the lake yet is left out.
-            let Ok(df) = ctx.sql(&job.expand(None, 0)).await else { continue };
-            // The job's view wins over a table left under its name by an older definition.
-            ctx.deregister_table(out.as_str())?;
-            ctx.register_table(out.as_str(), df.into_view())?;
+            let slugs: Vec<Option<String>> = match job.per {
+                None => vec![None],
+                // The makes whose stored rows the view reads are in the lake.
+                Some(_) => tables
+                    .iter()
+                    .filter_map(|(layer, name, _, _)| {
+                        let (dep, slug) = self.jobs.resolve(&format!("{layer}.{name}"))?;
+                        job.sources.contains(&dep.output(None)).then_some(slug?)
+                    })
+                    .collect::<std::collections::BTreeSet<String>>()
+                    .into_iter()
+                    .map(Some)
+                    .collect(),
+            };
+            for slug in slugs {
+                let out = job.output(slug.as_deref());
+                // A view whose sources are not all in the lake yet is left out.
+                let Ok(df) = ctx.sql(&job.expand_view(slug.as_deref())).await else { continue };
+                // The job's view wins over a table left under its name by an older definition.
+                let view = df.into_view();
+                ctx.deregister_table(out.as_str())?;
+                ctx.register_table(out.as_str(), view.clone())?;
+                let (layer, name) = out.split_once('.').unwrap_or(("gold", &out));
+                if layer == "gold" {
+                    ctx.deregister_table(name)?;
+                    ctx.register_table(name, view)?;
+                }
+                views.push((layer.to_string(), name.to_string()));
+            }
         }
-        ctx.catalog(weir_derive::session::CATALOG).ok_or_else(|| ServeError::Lake("no catalog".into()))
+        let catalog =
+            ctx.catalog(weir_derive::session::CATALOG).ok_or_else(|| ServeError::Lake("no catalog".into()))?;
+        Ok((catalog, views))
     }
 
     /// A fresh session for one query (its own memory limit) over the shared catalog.
@@ -145,11 +174,9 @@ impl Catalog {
     /// Every table and view, for GetTables.
     pub async fn entries(&self) -> Result<Vec<Entry>, ServeError> {
         let snap = self.snapshot().await?;
-        let views: Vec<String> =
-            self.jobs.ordered.iter().filter(|j| j.materialize == Materialize::View).map(|j| j.output(None)).collect();
         let mut out = Vec::new();
         for (layer, name, _, provider) in &snap.tables {
-            if views.contains(&format!("{layer}.{name}")) {
+            if snap.views.iter().any(|(l, n)| l == layer && n == name) {
                 continue;
             }
             out.push(Entry {
@@ -175,13 +202,15 @@ impl Catalog {
                 arrow_schema: provider.schema(),
             });
         }
-        // The views as planned into the snapshot's catalog (absent when their sources are).
-        for job in self.jobs.ordered.iter().filter(|j| j.materialize == Materialize::View) {
-            let Some(schema) = snap.catalog.schema(&job.layer.to_string()) else { continue };
-            if let Some(view) = schema.table(&job.name).await? {
+        // The views as planned into the snapshot's catalog; gold ones also under bare names.
+        for (layer, name) in &snap.views {
+            let Some(schema) = snap.catalog.schema(layer) else { continue };
+            let Some(view) = schema.table(name).await? else { continue };
+            let schemas: &[&str] = if layer == "gold" { &["gold", "public"] } else { &[layer.as_str()] };
+            for s in schemas {
                 out.push(Entry {
-                    schema: job.layer.to_string(),
-                    name: job.name.clone(),
+                    schema: s.to_string(),
+                    name: name.clone(),
                     kind: "VIEW",
                     arrow_schema: view.schema(),
                 });

@@ -418,7 +418,7 @@ async fn derive_and_compare(
         show: 5,
         expect_as_of: Some(as_of_micros),
     };
-    let parity = weir_derive::parity(&c, lake, &opts).await?;
+    let parity = weir_derive::parity(&c, lake, jobs, &opts).await?;
     for line in parity.render().lines() {
         println!("  {line}");
     }

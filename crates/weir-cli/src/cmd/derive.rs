@@ -17,6 +17,7 @@ const BUILTIN_JOBS: &[(&str, &str)] = &[
     ("built-in tables/jobs/dealer.sql", include_str!("../../../../tables/jobs/dealer.sql")),
     ("built-in tables/jobs/listing.sql", include_str!("../../../../tables/jobs/listing.sql")),
     ("built-in tables/jobs/listing_price.sql", include_str!("../../../../tables/jobs/listing_price.sql")),
+    ("built-in tables/jobs/ads_base.sql", include_str!("../../../../tables/jobs/ads_base.sql")),
     ("built-in tables/jobs/ads.sql", include_str!("../../../../tables/jobs/ads.sql")),
 ];
 
@@ -27,6 +28,13 @@ pub fn load_jobs(dir: Option<&Path>, bronze: &[String]) -> Result<Jobs> {
         None if default.is_dir() => weir_derive::load_dir(default, bronze)?,
         None => weir_derive::jobs::from_texts(BUILTIN_JOBS, bronze)?,
     })
+}
+
+/// The jobs of `dir` (see [`load_jobs`]) checked against the default sources.
+pub fn load_jobs_with_default_sources(dir: Option<&Path>) -> Result<Jobs> {
+    let sources = super::backfill::load_sources(None)?;
+    let bronze: Vec<String> = sources.tables.iter().map(|t| t.name.clone()).collect();
+    load_jobs(dir, &bronze)
 }
 
 pub async fn run(a: DeriveArgs, cfg: &Config) -> Result<()> {

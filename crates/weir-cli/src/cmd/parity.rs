@@ -13,7 +13,8 @@ pub async fn run(a: ParityArgs, cfg: &Config) -> Result<()> {
     let expect_as_of = a.as_of.as_deref().map(parse_timestamp).transpose()?.map(|t| t.timestamp_micros());
     let client = weir_postgres::connect(&url).await?;
     let opts = ParityOptions { slug: a.make.clone(), legacy_table: a.legacy_table.clone(), show: a.show, expect_as_of };
-    let report = weir_derive::parity(&client, &lake, &opts).await?;
+    let jobs = super::derive::load_jobs_with_default_sources(a.jobs_dir.as_deref())?;
+    let report = weir_derive::parity(&client, &lake, &jobs, &opts).await?;
     println!("{}", report.render());
     if !report.identical() {
         bail!("{} and {} differ (see the report above)", report.legacy_table, report.lake_table);

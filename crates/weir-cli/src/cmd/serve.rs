@@ -10,9 +10,7 @@ use crate::cli::ServeArgs;
 
 pub async fn run(a: ServeArgs, cfg: &Config) -> Result<()> {
     let lake = crate::settings::open_lake(a.lake.as_deref(), cfg, a.allow_non_eu).await?;
-    let sources = super::backfill::load_sources(None)?;
-    let bronze: Vec<String> = sources.tables.iter().map(|t| t.name.clone()).collect();
-    let jobs = super::derive::load_jobs(a.jobs_dir.as_deref(), &bronze)?;
+    let jobs = super::derive::load_jobs_with_default_sources(a.jobs_dir.as_deref())?;
     let (opts, auth, scheme, memory_mb) = flight_options(&a.addr, a.memory_limit_mb, a.refresh_ms, cfg)?;
     let catalog = weir_flight::Catalog::new(lake.clone(), jobs, opts.refresh, opts.memory_limit_bytes);
     let lake_url = lake.url();

@@ -475,3 +475,57 @@ async fn copy_workers_log_in_with_passwords() {
         lakecheck::assert_table_matches(&c, &lake, &r.table, pg_rows(&c, &r.table, "").await).await;
     }
 }
+
+/// A table this process opened before is reopened from its snapshot brought up to date: it
+/// follows commits made through other handles, and a table deleted and created again under the
+/// same URL (its versions starting over) is read afresh, on both lake kinds.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn reopened_tables_follow_commits_and_recreation() {
+    use arrow::datatypes::{DataType, Field, Schema};
+    use futures::TryStreamExt;
+    let (lakes, _server, _dir) = lakes().await;
+    let rel = "silver/reopened";
+    let schema =
+        |cols: &[&str]| Schema::new(cols.iter().map(|c| Field::new(*c, DataType::Int64, true)).collect::<Vec<_>>());
+    let columns = |t: &deltalake::DeltaTable| -> Vec<String> {
+        t.snapshot().unwrap().snapshot().arrow_schema().fields().iter().map(|f| f.name().clone()).collect()
+    };
+    let create = |lake: &Lake, cols: &'static [&'static str]| {
+        let (lake, schema) = (lake.clone(), schema(cols));
+        async move {
+            // A handle of its own, as another process would have: not through open_table.
+            lake.prepare_table_dir(rel).unwrap();
+            let fresh = deltalake::DeltaTable::try_from_url_with_storage_options(
+                lake.table_url(rel),
+                lake.storage_options().clone(),
+            )
+            .await
+            .unwrap();
+            assert!(fresh.version().is_none(), "{rel} is gone");
+            weir_lake::commit_files(fresh, rel, &schema, &[], vec![], Default::default(), None, None).await.unwrap()
+        }
+    };
+    for lake in &lakes {
+        assert_eq!(create(lake, &["a"]).await, 0);
+        let t = weir_lake::open_table(lake, rel).await.unwrap();
+        assert_eq!((t.version(), columns(&t)), (Some(0), vec!["a".to_string()]));
+        // A commit through another handle is seen by the next open.
+        let other = weir_lake::open_table(lake, rel).await.unwrap();
+        assert_eq!(
+            weir_lake::commit_files(other, rel, &schema(&["a"]), &[], vec![], Default::default(), None, None)
+                .await
+                .unwrap(),
+            1
+        );
+        assert_eq!(weir_lake::open_table(lake, rel).await.unwrap().version(), Some(1));
+        // Deleted and created again at version 0 with other columns: not the cached table.
+        let store = lake.store();
+        let paths: Vec<_> = store.list(Some(&lake.path(rel))).map_ok(|m| m.location).try_collect().await.unwrap();
+        for p in paths {
+            object_store::ObjectStoreExt::delete(&store, &p).await.unwrap();
+        }
+        assert_eq!(create(lake, &["b", "c"]).await, 0);
+        let t = weir_lake::open_table(lake, rel).await.unwrap();
+        assert_eq!((t.version(), columns(&t)), (Some(0), vec!["b".to_string(), "c".to_string()]), "{}", lake.url());
+    }
+}

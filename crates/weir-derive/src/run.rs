@@ -2,7 +2,7 @@
 //! definition, an input's version, or (if it reads it) the as-of instant changed since the
 //! commit that produced it; the state it was built from is recorded in that commit.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, BTreeSet};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -167,8 +167,8 @@ pub async fn derive(
 
     // Per-make units share their large view sources (silver.listing: every listing): when a
     // run rebuilds several makes, such a view is computed once and split by make, instead of
-    // being scanned and filtered once per make.
-    let per_make_units = units.iter().filter(|u| u.make.is_some()).count();
+    // being scanned and filtered once per make (a one-make run scans it once, filtered).
+    let several_makes = units.iter().filter_map(|u| u.make.as_ref()).collect::<BTreeSet<_>>().len() > 1;
     let mut splits = MakeSplits::default();
     let shared = incremental::Shared::default();
     let mut not_incremental: BTreeMap<String, String> = BTreeMap::new();
@@ -278,7 +278,7 @@ pub async fn derive(
                     }
                 }
                 let swapped = match &u.make {
-                    Some((_, make_id)) if per_make_units > 1 => splits.swap_in(&session, jobs, u.job, *make_id).await?,
+                    Some((_, make_id)) if several_makes => splits.swap_in(&session, jobs, u.job, *make_id).await?,
                     _ => vec![],
                 };
                 let df = plan(&session, u, opts.as_of_micros).await;

@@ -9,6 +9,7 @@ use deltalake::kernel::transaction::{CommitBuilder, CommitProperties};
 use deltalake::kernel::{Action, Add, StructType, new_metadata};
 use deltalake::protocol::{DeltaOperation, SaveMode};
 use futures::TryStreamExt;
+use object_store::ObjectStoreExt as _;
 use serde_json::Value;
 
 use crate::store::{Lake, LakeStoreError};
@@ -30,11 +31,51 @@ fn delta_err(table: &str) -> impl FnOnce(deltalake::DeltaTableError) -> DeltaErr
 /// Commits between checkpoints of the tables Weir creates.
 pub const CHECKPOINT_INTERVAL: &str = "10";
 
-/// Opens (or prepares to create) the Delta table at `rel` under the lake.
+/// The tables this process has opened, by URL and storage options, as last seen, with the
+/// identity of their latest commit file. Opening one again brings that snapshot up to date with
+/// the commits made since (a listing of the log after its version) instead of reading and
+/// replaying the whole log: `weir run` and `weir serve` reopen every table on each cycle or
+/// refresh, and `weir derive` reopens each table it writes.
+static OPENED: std::sync::LazyLock<std::sync::Mutex<HashMap<String, (DeltaTable, String)>>> =
+    std::sync::LazyLock::new(Default::default);
+
+fn opened() -> std::sync::MutexGuard<'static, HashMap<String, (DeltaTable, String)>> {
+    OPENED.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
+}
+
+/// The identity of the table's latest commit file (its ETag, else its time and size): a table
+/// deleted and created again under the same URL starts its versions over, with other files.
+async fn commit_identity(table: &DeltaTable) -> Option<String> {
+    let commit = deltalake::logstore::commit_uri_from_version(Some(table.version()?));
+    let meta = table.log_store().object_store(None).head(&commit).await.ok()?;
+    Some(meta.e_tag.unwrap_or_else(|| format!("{}-{}", meta.last_modified.timestamp_micros(), meta.size)))
+}
+
+/// Opens (or prepares to create) the Delta table at `rel` under the lake: its latest version.
 pub async fn open_table(lake: &Lake, rel: &str) -> Result<DeltaTable, DeltaError> {
     lake.prepare_table_dir(rel)?;
     let url = lake.table_url(rel);
-    DeltaTable::try_from_url_with_storage_options(url, lake.storage_options().clone()).await.map_err(delta_err(rel))
+    let options: std::collections::BTreeMap<_, _> = lake.storage_options().iter().collect();
+    let key = format!("{url} {options:?}");
+    let cached = opened().get(&key).cloned();
+    if let Some((mut table, identity)) = cached {
+        let seen = table.version();
+        if commit_identity(&table).await.as_ref() == Some(&identity) && table.update_incremental(None).await.is_ok() {
+            let now = if table.version() == seen { Some(identity) } else { commit_identity(&table).await };
+            if let Some(now) = now {
+                opened().insert(key, (table.clone(), now));
+                return Ok(table);
+            }
+        }
+        opened().remove(&key);
+    }
+    let table = DeltaTable::try_from_url_with_storage_options(url.clone(), lake.storage_options().clone())
+        .await
+        .map_err(delta_err(rel))?;
+    if let Some(identity) = commit_identity(&table).await {
+        opened().insert(key, (table.clone(), identity));
+    }
+    Ok(table)
 }
 
 /// The application metadata (commitInfo) of the latest commit, if the table exists.

@@ -514,12 +514,17 @@ fn read_through_views(sources: &[String], by_name: &BTreeMap<String, Job>) -> BT
 mod tests {
     use super::*;
 
-    fn job(name: &str, sources: &[&str]) -> Job {
+    /// A job file: `layer`, key `id`, `sources`, then `extra` header lines and the SQL.
+    fn job_with(name: &str, layer: &str, sources: &[&str], extra: &str, sql: &str) -> Job {
         let text = format!(
-            "--! layer = \"silver\"\n--! key = [\"id\"]\n--! sources = [{}]\nSELECT 1 AS id\n",
+            "--! layer = \"{layer}\"\n--! key = [\"id\"]\n--! sources = [{}]\n{extra}{sql}\n",
             sources.iter().map(|s| format!("\"{s}\"")).collect::<Vec<_>>().join(", ")
         );
         parse_job(Path::new(&format!("/nonexistent/{name}.sql")), &text).unwrap()
+    }
+
+    fn job(name: &str, sources: &[&str]) -> Job {
+        job_with(name, "silver", sources, "", "SELECT 1 AS id")
     }
 
     #[test]
@@ -535,11 +540,7 @@ mod tests {
     }
 
     fn per_make(name: &str, layer: &str, sources: &[&str], extra: &str, sql: &str) -> Job {
-        let text = format!(
-            "--! layer = \"{layer}\"\n--! key = [\"id\"]\n--! sources = [{}]\n--! per = \"make\"\n{extra}{sql}\n",
-            sources.iter().map(|s| format!("\"{s}\"")).collect::<Vec<_>>().join(", ")
-        );
-        parse_job(Path::new(&format!("/nonexistent/{name}.sql")), &text).unwrap()
+        job_with(name, layer, sources, &format!("--! per = \"make\"\n{extra}"), sql)
     }
 
     #[test]

@@ -325,7 +325,7 @@ async fn query(lake_dir: &Path, sql: &str, runs: u32, explain: bool) -> Result<(
         false,
     )?;
     let sources = repo_sources()?;
-    let bronze: Vec<String> = sources.tables.iter().map(|t| t.name.clone()).collect();
+    let bronze = sources.names();
     let mut session = weir_derive::LakeSession::open(&lake, &bronze).await?;
     for t in ["silver/listing_price", "silver/model"] {
         session.register_delta(&lake, &t.replace('/', ".")).await?;
@@ -383,7 +383,7 @@ async fn landed(scale: f64, lake_dir: Option<std::path::PathBuf>, slot: bool) ->
     weir_synth::generate(&db, &GenerateOptions { scale, seed: 42, replace: false }, Arc::new(NoProgress)).await?;
     println!("generated SF {scale} in {:.1} s", t.elapsed().as_secs_f64());
     let sources = repo_sources()?;
-    let bronze: Vec<String> = sources.tables.iter().map(|t| t.name.clone()).collect();
+    let bronze = sources.names();
     let lake_dir = match lake_dir {
         Some(d) => d,
         None => tempfile_dir(pg.data_dir())?.join("lake"),

@@ -13,10 +13,6 @@ use weir_testkit::{S3Server, S3ServerConfig};
 use crate::common::{self, scalar_i64};
 use crate::lakecheck::{self, pg_rows};
 
-fn sources() -> Sources {
-    Sources::parse(include_str!("../../tables/sources.toml"), "tables/sources.toml").unwrap()
-}
-
 /// A local lake and an S3 lake (the server lives as long as the returned value).
 pub async fn lakes() -> (Vec<Lake>, S3Server, tempfile::TempDir) {
     let dir = tempfile::tempdir().unwrap();
@@ -99,7 +95,9 @@ async fn consistent_snapshot_under_concurrent_writes() {
             ..Default::default()
         };
         let reports =
-            weir_ingest::backfill(&url, lake, &sources().tables, &opts, Arc::new(Metrics::default())).await.unwrap();
+            weir_ingest::backfill(&url, lake, &common::repo_sources().tables, &opts, Arc::new(Metrics::default()))
+                .await
+                .unwrap();
         let during = done.load(Ordering::Relaxed);
         stop.store(true, Ordering::Relaxed);
         writer.await.unwrap();
@@ -160,14 +158,16 @@ async fn consistent_snapshot_under_concurrent_writes() {
 
         // A rerun commits nothing and says so.
         let again =
-            weir_ingest::backfill(&url, lake, &sources().tables, &opts, Arc::new(Metrics::default())).await.unwrap();
+            weir_ingest::backfill(&url, lake, &common::repo_sources().tables, &opts, Arc::new(Metrics::default()))
+                .await
+                .unwrap();
         assert!(again.iter().all(|r| matches!(r.outcome, Outcome::UpToDate { version: 0 })), "{again:?}");
         // --force rebuilds as a new version.
         let forced = BackfillOptions { force: true, ..opts.clone() };
         let rebuilt = weir_ingest::backfill(
             &url,
             lake,
-            &sources().select(Some(&["makes".into()])).unwrap(),
+            &common::repo_sources().select(Some(&["makes".into()])).unwrap(),
             &forced,
             Arc::new(Metrics::default()),
         )
@@ -309,7 +309,7 @@ async fn concurrent_backfill_of_a_table_is_refused() {
     let holder = common::client(&url).await;
     let key = format!("weir.backfill|{}|fx_rates", lake.url());
     holder.query_one("SELECT pg_advisory_lock(hashtextextended($1, 0))", &[&key]).await.unwrap();
-    let s = sources().select(Some(&["fx_rates".into(), "makes".into()])).unwrap();
+    let s = common::repo_sources().select(Some(&["fx_rates".into(), "makes".into()])).unwrap();
     let err = weir_ingest::backfill(&url, lake, &s, &BackfillOptions::default(), Arc::new(Metrics::default()))
         .await
         .unwrap_err();
@@ -462,7 +462,7 @@ async fn copy_workers_log_in_with_passwords() {
     let dir = tempfile::tempdir().unwrap();
     let lake =
         Lake::open(LakeLocation::Local { root: dir.path().to_path_buf() }, &S3Settings::default(), false).unwrap();
-    let tables = sources().select(Some(&["makes".to_string(), "price_log".to_string()])).unwrap();
+    let tables = common::repo_sources().select(Some(&["makes".to_string(), "price_log".to_string()])).unwrap();
     let opts = BackfillOptions { chunk_rows: Some(2_000), slot: SlotMode::NoSlot, ..Default::default() };
     let reports =
         weir_ingest::backfill(&as_user("weir_scram", "sc-secret"), &lake, &tables, &opts, Arc::new(Metrics::default()))

@@ -8,7 +8,6 @@ use std::time::{Duration, Instant};
 
 use chrono::NaiveDate;
 use weir_core::{LakeLocation, S3Settings};
-use weir_ingest::Sources;
 use weir_lake::Lake;
 use weir_postgres::pgoutput::parse_lsn;
 use weir_testkit::{S3Server, S3ServerConfig};
@@ -16,15 +15,6 @@ use weir_testkit::{S3Server, S3ServerConfig};
 use crate::common::{self, weir_bin};
 use crate::derive::{assert_parity, derive, legacy_all};
 use crate::lakecheck::{assert_table_matches, lake_rows, pg_rows};
-
-fn table_names() -> Vec<String> {
-    Sources::parse(include_str!("../../tables/sources.toml"), "tables/sources.toml")
-        .unwrap()
-        .tables
-        .into_iter()
-        .map(|t| t.name)
-        .collect()
-}
 
 pub(crate) fn weir(args: &[&str]) -> (bool, String, String) {
     let out = Command::new(weir_bin())
@@ -50,7 +40,7 @@ pub(crate) async fn day(url: &str, d: u32, seed: u64, taxonomy_rate: f64) {
 
 async fn assert_lake_equals_postgres(url: &str, lake: &Lake, when: &str) {
     let c = common::client(url).await;
-    for t in table_names() {
+    for t in common::repo_bronze() {
         let expected = pg_rows(&c, &t, "").await;
         assert!(!expected.is_empty() || t == "fx_rates", "{when}: {t} is empty");
         assert_table_matches(&c, lake, &t, expected).await;
@@ -340,7 +330,7 @@ async fn sigkill_at_random_points_loses_and_doubles_nothing() {
             .get(0);
         let confirmed = parse_lsn(&confirmed).unwrap();
         let mut newest = 0;
-        for t in table_names() {
+        for t in common::repo_bronze() {
             let rel = format!("bronze/{t}");
             let table = weir_lake::open_table(&lake, &rel).await.unwrap();
             newest = newest.max(weir_ingest::cdc::applied_lsn(&table, &rel).await.unwrap().unwrap());

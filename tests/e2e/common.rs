@@ -57,10 +57,14 @@ pub fn python() -> String {
     })
 }
 
-/// The repository's source tables (tables/sources.toml), by name.
+/// The repository's source tables (tables/sources.toml).
+pub fn repo_sources() -> weir_ingest::Sources {
+    weir_ingest::Sources::parse(include_str!("../../tables/sources.toml"), "tables/sources.toml").unwrap()
+}
+
+/// The repository's source tables, by name.
 pub fn repo_bronze() -> Vec<String> {
-    let sources = weir_ingest::Sources::parse(include_str!("../../tables/sources.toml"), "sources.toml").unwrap();
-    sources.tables.iter().map(|t| t.name.clone()).collect()
+    repo_sources().names()
 }
 
 /// The repository's jobs (tables/jobs), checked against its sources.

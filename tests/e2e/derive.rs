@@ -16,17 +16,13 @@ use crate::common::{self, weir_bin};
 
 pub(crate) const AS_OF: &str = "2026-07-20T00:00:00Z";
 
-fn sources() -> Sources {
-    Sources::parse(include_str!("../../tables/sources.toml"), "tables/sources.toml").unwrap()
-}
-
 fn local_lake(dir: &std::path::Path) -> Lake {
     Lake::open(LakeLocation::Local { root: dir.to_path_buf() }, &S3Settings::default(), false).unwrap()
 }
 
 async fn backfill(url: &str, lake: &Lake, only: Option<&[String]>) {
     let opts = BackfillOptions { force: true, slot: SlotMode::NoSlot, chunk_rows: Some(20_000), ..Default::default() };
-    let tables = sources().select(only).unwrap();
+    let tables = common::repo_sources().select(only).unwrap();
     weir_ingest::backfill(url, lake, &tables, &opts, Arc::new(Metrics::default())).await.unwrap();
 }
 

@@ -9,7 +9,7 @@ use std::sync::Arc;
 
 use serde_json::Value;
 use weir_core::{LakeLocation, S3Settings};
-use weir_ingest::{BackfillOptions, Metrics, SlotMode, Sources};
+use weir_ingest::{BackfillOptions, Metrics, SlotMode};
 use weir_lake::Lake;
 
 use crate::common;
@@ -100,7 +100,7 @@ pub async fn derive_vw(lake: &Lake) {
 }
 
 pub async fn backfill(url: &str, lake: &Lake, only: Option<&[String]>) {
-    let sources = Sources::parse(include_str!("../../tables/sources.toml"), "sources.toml").unwrap();
+    let sources = common::repo_sources();
     let opts = BackfillOptions { force: true, slot: SlotMode::NoSlot, ..Default::default() };
     weir_ingest::backfill(url, lake, &sources.select(only).unwrap(), &opts, Arc::new(Metrics::default()))
         .await

@@ -3,7 +3,7 @@
 
 use std::sync::Arc;
 
-use weir_ingest::{BackfillOptions, Metrics, Sources};
+use weir_ingest::{BackfillOptions, Metrics};
 
 use crate::backfill::lakes;
 use crate::common;
@@ -34,7 +34,7 @@ async fn python_deltalake_reads_every_table() {
     let (lakes, server, _dir) = lakes().await;
     let (_pg, url) = common::marketplace(0.01, 21).await;
     let c = common::client(&url).await;
-    let sources = Sources::parse(include_str!("../../tables/sources.toml"), "tables/sources.toml").unwrap();
+    let sources = common::repo_sources();
     for lake in &lakes {
         weir_ingest::backfill(&url, lake, &sources.tables, &BackfillOptions::default(), Arc::new(Metrics::default()))
             .await

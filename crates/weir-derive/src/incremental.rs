@@ -475,8 +475,8 @@ fn state_metadata(job: &Job, recorded: &Value, summary: Value) -> std::collectio
 
 /// Writes the new rows of `upserts` and deletes `gone` in one commit: a key-ranged table (a
 /// mart's stored rows, see [`Job::key_ranged`]) is rewritten by key range, keeping its order
-/// and page layout; other tables
-/// take a Delta MERGE by key, which writes their change data feed for the jobs that read them.
+/// and page layout; other tables take a Delta MERGE by key, which writes their change data
+/// feed for the jobs that read them.
 #[allow(clippy::too_many_arguments)]
 async fn store_changes(
     lake: &Lake,

@@ -181,6 +181,8 @@ pub async fn derive(
     // them (their inputs are all built by then); what could not be done incrementally is
     // rebuilt by the loop.
     let mut ahead: BTreeMap<String, Result<(Attempt, Duration), DeriveError>> = BTreeMap::new();
+    // What update_ahead read of the units it left to the loop (their last commit, unchanged).
+    let mut stored_states: BTreeMap<String, StoredState> = BTreeMap::new();
     for (i, u) in units.iter().enumerate() {
         let first_of_job = i == 0 || !std::ptr::eq(units[i - 1].job, u.job);
         let out = u.output();
@@ -190,9 +192,9 @@ pub async fn derive(
             && u.job.incremental.as_ref().is_some_and(incremental::shares_rules)
         {
             let group: Vec<&Unit> = units[i..].iter().take_while(|v| std::ptr::eq(v.job, u.job)).collect();
-            ahead = update_ahead(lake, &session, &group, &tokens, opts, &shared).await?;
+            ahead = update_ahead(lake, &session, jobs, &group, &tokens, opts, &shared, &mut stored_states).await?;
         }
-        let state = unit_state(u, &tokens, opts);
+        let state = unit_state(u, jobs, &tokens, opts);
         if let Some(done) = ahead.remove(&out) {
             match done {
                 Ok((Attempt::Done(r), elapsed)) => {
@@ -218,9 +220,9 @@ pub async fn derive(
             Materialize::Table | Materialize::History => {
                 let rel = out.replace('.', "/");
                 let table = session.table(lake, &out).await?;
-                let stored = match weir_lake::last_commit_info(&table, &rel).await? {
-                    Some(info) => StoredState::parse(info.get(STATE_KEY)),
-                    None => StoredState::default(),
+                let stored = match stored_states.remove(&out) {
+                    Some(stored) => stored,
+                    None => stored_state(&table, &rel).await?,
                 };
                 let built_from = stored.built_from(u.scope);
                 let reason =
@@ -322,13 +324,25 @@ pub async fn derive(
 
 const MAKE_ID: &str = "make_id";
 
+/// The derivation state recorded in the table's last commit (empty for a new table).
+async fn stored_state(table: &deltalake::DeltaTable, rel: &str) -> Result<StoredState, DeriveError> {
+    Ok(match weir_lake::last_commit_info(table, rel).await? {
+        Some(info) => StoredState::parse(info.get(STATE_KEY)),
+        None => StoredState::default(),
+    })
+}
+
 /// The state a unit is built from: its definition, its inputs' tokens, the as-of if read.
-fn unit_state(u: &Unit<'_>, tokens: &BTreeMap<String, String>, opts: &DeriveOptions) -> Value {
+fn unit_state(u: &Unit<'_>, jobs: &Jobs, tokens: &BTreeMap<String, String>, opts: &DeriveOptions) -> Value {
     // A per-make unit reads a per-make source for its own make (`silver.ads_base` as
     // `silver.ads_base_<slug>`).
+    let own: BTreeMap<&str, String> = match &u.make {
+        Some((slug, _)) => u.job.own_make_sources(jobs, slug).collect(),
+        None => BTreeMap::new(),
+    };
     let token = |s: &String| {
-        let own = u.make.as_ref().and_then(|(slug, _)| tokens.get(&format!("{s}_{slug}")));
-        own.or_else(|| tokens.get(s)).cloned().unwrap_or_else(|| "none".into())
+        let relation = own.get(s.as_str()).unwrap_or(s);
+        tokens.get(relation).cloned().unwrap_or_else(|| "none".into())
     };
     let inputs: BTreeMap<String, String> = u.job.sources.iter().map(|s| (s.clone(), token(s))).collect();
     let mut state = json!({ "definition": u.job.fingerprint, "inputs": inputs });
@@ -400,28 +414,29 @@ async fn attempt_ahead(
 /// Brings the per-make units of one job up to date from their inputs' change feeds, the
 /// first alone (it computes the affected keys every unit shares), then two at a time. Units
 /// that are up to date, or never built, are left to the loop.
+#[allow(clippy::too_many_arguments)]
 async fn update_ahead(
     lake: &Lake,
     session: &LakeSession,
+    jobs: &Jobs,
     group: &[&Unit<'_>],
     tokens: &BTreeMap<String, String>,
     opts: &DeriveOptions,
     shared: &incremental::Shared,
+    left: &mut BTreeMap<String, StoredState>,
 ) -> Result<BTreeMap<String, Result<(Attempt, Duration), DeriveError>>, DeriveError> {
     let clock = Instant::now();
     let mut todo = Vec::new();
     for u in group {
         let out = u.output();
         let table = session.table(lake, &out).await?;
-        let stored = match weir_lake::last_commit_info(&table, &out).await? {
-            Some(info) => StoredState::parse(info.get(STATE_KEY)),
-            None => StoredState::default(),
-        };
-        let state = unit_state(u, tokens, opts);
-        let Some(previous) = stored.built_from(None) else { continue };
-        if why_rebuild(Some(&previous), &state, false).is_none() {
+        let stored = stored_state(&table, &out).await?;
+        let state = unit_state(u, jobs, tokens, opts);
+        let Some(previous) = stored.built_from(None).filter(|p| why_rebuild(Some(p), &state, false).is_some()) else {
+            // Up to date, or never built whole: the loop decides, from what was read here.
+            left.insert(out, stored);
             continue;
-        }
+        };
         let recorded = stored.with(None, state.clone());
         todo.push(Pending { unit: u, out, table, previous, state, recorded });
     }

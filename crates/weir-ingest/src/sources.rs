@@ -53,6 +53,11 @@ impl SourceTable {
 }
 
 impl Sources {
+    /// The tables' names, in file order: what `bronze.<name>` may name in a job.
+    pub fn names(&self) -> Vec<String> {
+        self.tables.iter().map(|t| t.name.clone()).collect()
+    }
+
     /// Parses the file's text; `path` names it in errors.
     pub fn parse(text: &str, path: &str) -> Result<Self, IngestError> {
         let sources: Self = toml::from_str(text).map_err(|e| IngestError::Sources {

@@ -97,7 +97,7 @@ pub async fn run(a: DemoArgs) -> Result<()> {
     )
     .await?;
 
-    let bronze: Vec<String> = sources.tables.iter().map(|t| t.name.clone()).collect();
+    let bronze = sources.names();
     let jobs = super::derive::load_jobs(None, &bronze)?;
     derive_and_compare(&db_url, &lake, &jobs, &bronze, &a.make, as_of.timestamp_micros()).await?;
 

@@ -33,14 +33,14 @@ pub fn load_jobs(dir: Option<&Path>, bronze: &[String]) -> Result<Jobs> {
 /// The jobs of `dir` (see [`load_jobs`]) checked against the default sources.
 pub fn load_jobs_with_default_sources(dir: Option<&Path>) -> Result<Jobs> {
     let sources = super::backfill::load_sources(None)?;
-    let bronze: Vec<String> = sources.tables.iter().map(|t| t.name.clone()).collect();
+    let bronze = sources.names();
     load_jobs(dir, &bronze)
 }
 
 pub async fn run(a: DeriveArgs, cfg: &Config) -> Result<()> {
     let lake = crate::settings::open_lake(a.lake.as_deref(), cfg, a.allow_non_eu).await?;
     let sources = super::backfill::load_sources(a.sources.as_deref())?;
-    let bronze: Vec<String> = sources.tables.iter().map(|t| t.name.clone()).collect();
+    let bronze = sources.names();
     let jobs = load_jobs(a.jobs_dir.as_deref(), &bronze)?;
     let makes = match a.make {
         Some(m) => MakeSelection::One(weir_core::validate_slug(&m)?.to_string()),

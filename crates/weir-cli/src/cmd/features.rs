@@ -79,7 +79,7 @@ pub fn print_vectors(r: &RefreshReport) {
 pub async fn run(a: FeaturesArgs, cfg: &Config) -> Result<()> {
     let lake = crate::settings::open_lake(a.lake.as_deref(), cfg, a.allow_non_eu).await?;
     let sources = super::backfill::load_sources(a.sources.as_deref())?;
-    let bronze: Vec<String> = sources.tables.iter().map(|t| t.name.clone()).collect();
+    let bronze = sources.names();
     let jobs = load_feature_jobs(a.jobs_dir.as_deref(), a.features_dir.as_deref(), &bronze)?;
     weir_ml::embed::check_dimension(a.dim)?;
     anyhow::ensure!(a.rating_k >= 3, "--rating-k must be at least 3, not {}", a.rating_k);

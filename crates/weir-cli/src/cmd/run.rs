@@ -119,7 +119,7 @@ pub async fn run(a: RunArgs, cfg: &Config) -> Result<()> {
     let url = settings::pg_url(a.pg.pg.as_deref(), cfg)?;
     let lake = settings::open_lake(a.lake.as_deref(), cfg, a.allow_non_eu).await?;
     let sources = super::backfill::load_sources(None)?;
-    let bronze: Vec<String> = sources.tables.iter().map(|t| t.name.clone()).collect();
+    let bronze = sources.names();
     let jobs = super::derive::load_jobs(None, &bronze)?;
     let features = if a.features { Some(super::features::load_feature_jobs(None, None, &bronze)?) } else { None };
     let sync_opts = SyncOptions {

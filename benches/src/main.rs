@@ -53,6 +53,9 @@ enum Bench {
         make: String,
         #[arg(long, default_value_t = 2)]
         runs: u32,
+        /// Taxonomy changes, one after the other, each landed and re-derived and timed as (d).
+        #[arg(long, default_value_t = 5)]
+        changes: u32,
         /// Keep the lake in this folder (default: a temporary folder).
         #[arg(long)]
         lake_dir: Option<std::path::PathBuf>,
@@ -131,7 +134,9 @@ fn main() -> Result<()> {
     match cli.bench {
         Bench::Generate { scale, seed, runs } => rt.block_on(generate(scale, seed, runs)),
         Bench::Backfill { scale, jobs, runs, chunk_rows } => rt.block_on(backfill(scale, jobs, runs, chunk_rows)),
-        Bench::Derive { scale, make, runs, lake_dir } => rt.block_on(derive(scale, &make, runs, lake_dir)),
+        Bench::Derive { scale, make, runs, changes, lake_dir } => {
+            rt.block_on(derive(scale, &make, runs, changes.max(1), lake_dir))
+        }
         Bench::Serve { scale, make, runs, lookups } => rt.block_on(serve(scale, &make, runs, lookups)),
         Bench::Cdc { scale, runs } => rt.block_on(cdc(scale, runs)),
         Bench::Lag { scale, seconds, rate, make, run_log } => rt.block_on(lag(scale, seconds, rate, make, run_log)),
@@ -415,7 +420,7 @@ fn ads_options(make: &str, as_of: chrono::DateTime<chrono::Utc>, full: bool) -> 
     }
 }
 
-async fn derive(scale: f64, make: &str, runs: u32, keep: Option<std::path::PathBuf>) -> Result<()> {
+async fn derive(scale: f64, make: &str, runs: u32, changes: u32, keep: Option<std::path::PathBuf>) -> Result<()> {
     let python = bench_python(true)?;
     let Landed { pg: _pg, db, lake, lake_dir, sources, bronze, jobs, as_of } = landed(scale, keep, false).await?;
     let opts = weir_ingest::BackfillOptions { slot: weir_ingest::SlotMode::NoSlot, ..Default::default() };
@@ -465,33 +470,39 @@ async fn derive(scale: f64, make: &str, runs: u32, keep: Option<std::path::PathB
         duck = duck.min(s);
     }
 
-    // A taxonomy change: one of the make's models renamed, another moved segment; only
-    // `models` is landed again.
-    client
-        .batch_execute(&format!(
-            "UPDATE models SET name = name || ' Neo', updated_at = now()
-              WHERE model_id = (SELECT min(model_id) FROM models JOIN makes USING (make_id) WHERE slug = '{make}');
-             UPDATE models SET segment = segment || ' (moved)', updated_at = now()
-              WHERE model_id = (SELECT max(model_id) FROM models JOIN makes USING (make_id) WHERE slug = '{make}');"
-        ))
-        .await?;
+    // Taxonomy changes: each renames one of the make's models and moves another to a new
+    // segment; only `models` is landed again, then `weir derive --make` is timed.
     let models = sources.select(Some(&["models".to_string()]))?;
     let force = weir_ingest::BackfillOptions { force: true, ..opts.clone() };
-    let t = Instant::now();
-    weir_ingest::backfill(&db, &lake, &models, &force, Arc::new(weir_ingest::Metrics::default())).await?;
-    let models_s = t.elapsed().as_secs_f64();
-    let t = Instant::now();
-    let reports = weir_derive::derive(&lake, &jobs, &bronze, &derive_opts(false), |_| {}).await?;
-    let taxonomy = t.elapsed().as_secs_f64();
-    let rebuilt: Vec<&str> = reports
-        .iter()
-        .filter(|r| matches!(r.outcome, weir_derive::JobOutcome::Built { .. }))
-        .map(|r| r.output.as_str())
-        .collect();
-    println!(
-        "taxonomy change: backfill of models {models_s:.3} s, weir derive {taxonomy:.3} s (rebuilt {})",
-        rebuilt.join(", ")
-    );
+    let mut taxonomy = Vec::new();
+    for change in 0..changes {
+        client
+            .batch_execute(&format!(
+                "UPDATE models SET name = name || ' {change}', updated_at = now()
+                  WHERE model_id = (SELECT min(model_id) FROM models JOIN makes USING (make_id) WHERE slug = '{make}');
+                 UPDATE models SET segment = segment || ' ({change})', updated_at = now()
+                  WHERE model_id = (SELECT max(model_id) FROM models JOIN makes USING (make_id) WHERE slug = '{make}');"
+            ))
+            .await?;
+        let t = Instant::now();
+        weir_ingest::backfill(&db, &lake, &models, &force, Arc::new(weir_ingest::Metrics::default())).await?;
+        let models_s = t.elapsed().as_secs_f64();
+        let t = Instant::now();
+        let reports = weir_derive::derive(&lake, &jobs, &bronze, &derive_opts(false), |_| {}).await?;
+        let s = t.elapsed().as_secs_f64();
+        let rebuilt: Vec<&str> = reports
+            .iter()
+            .filter(|r| matches!(r.outcome, weir_derive::JobOutcome::Built { .. }))
+            .map(|r| r.output.as_str())
+            .collect();
+        println!(
+            "taxonomy change {change}: backfill of models {models_s:.3} s, weir derive {s:.3} s (rebuilt {})",
+            rebuilt.join(", ")
+        );
+        taxonomy.push(s);
+    }
+    taxonomy.sort_by(f64::total_cmp);
+    let (median, worst) = (taxonomy[taxonomy.len() / 2], taxonomy[taxonomy.len() - 1]);
     // The floor: the same derive with nothing changed (open the lake, plan, compare states).
     let t = Instant::now();
     weir_derive::derive(&lake, &jobs, &bronze, &derive_opts(false), |_| {}).await?;
@@ -501,7 +512,7 @@ async fn derive(scale: f64, make: &str, runs: u32, keep: Option<std::path::PathB
     weir_synth::build_legacy_mart(&mut client, make, as_of).await?;
     let legacy_after = t.elapsed().as_secs_f64();
     bench_parity(&client, &lake, &jobs, make, as_of.timestamp_micros()).await?;
-    println!("parity after the taxonomy change: identical (legacy rebuild took {legacy_after:.3} s)");
+    println!("parity after the taxonomy changes: identical (legacy rebuild took {legacy_after:.3} s)");
 
     println!();
     println!("ads_{make} at SF {scale}, best of {runs}:");
@@ -509,12 +520,13 @@ async fn derive(scale: f64, make: &str, runs: u32, keep: Option<std::path::PathB
     println!("  (b) duckdb, the mart from the same Parquet files:              {duck:.3} s");
     println!("  (c) legacy PostgreSQL build:                                   {legacy:.3} s");
     println!(
-        "  (d) weir re-derive after a taxonomy change:                     {taxonomy:.3} s (nothing changed: {floor:.3} s)"
+        "  (d) weir re-derive after a taxonomy change, median of {changes}:        {median:.3} s (worst {worst:.3} s; nothing changed: {floor:.3} s)"
     );
     println!(
-        "  (a)/(b) = {:.2} (target ≤ 1); (d)/(c) = {:.2} % (target ≤ 1 %)",
+        "  (a)/(b) = {:.2} (target ≤ 1); (d)/(c) = {:.2} % median, {:.2} % worst (target ≤ 1 %)",
         weir / duck,
-        100.0 * taxonomy / legacy
+        100.0 * median / legacy,
+        100.0 * worst / legacy
     );
     Ok(())
 }

@@ -130,6 +130,10 @@ enum Bench {
 
 fn main() -> Result<()> {
     let cli = Cli::parse();
+    // WEIR_LOG (as for `weir`) turns on the libraries' logs, e.g. WEIR_LOG=weir_derive=debug.
+    if let Ok(filter) = tracing_subscriber::EnvFilter::try_from_env("WEIR_LOG") {
+        tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr).with_target(false).init();
+    }
     let rt = tokio::runtime::Builder::new_multi_thread().enable_all().build()?;
     match cli.bench {
         Bench::Generate { scale, seed, runs } => rt.block_on(generate(scale, seed, runs)),

@@ -478,7 +478,8 @@ async fn copy_workers_log_in_with_passwords() {
 
 /// A table this process opened before is reopened from its snapshot brought up to date: it
 /// follows commits made through other handles, and a table deleted and created again under the
-/// same URL (its versions starting over) is read afresh, on both lake kinds.
+/// same URL (its versions starting over) is read afresh, on both lake kinds. The checkpoints
+/// commits are due are written in the background and are there once the process settles.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn reopened_tables_follow_commits_and_recreation() {
     use arrow::datatypes::{DataType, Field, Schema};
@@ -502,7 +503,7 @@ async fn reopened_tables_follow_commits_and_recreation() {
             .await
             .unwrap();
             assert!(fresh.version().is_none(), "{rel} is gone");
-            weir_lake::commit_files(fresh, rel, &schema, &[], vec![], Default::default(), None, None).await.unwrap()
+            weir_lake::commit_files(fresh, rel, &schema, &[], vec![], Default::default(), None, None).await.unwrap().0
         }
     };
     for lake in &lakes {
@@ -514,7 +515,8 @@ async fn reopened_tables_follow_commits_and_recreation() {
         assert_eq!(
             weir_lake::commit_files(other, rel, &schema(&["a"]), &[], vec![], Default::default(), None, None)
                 .await
-                .unwrap(),
+                .unwrap()
+                .0,
             1
         );
         assert_eq!(weir_lake::open_table(lake, rel).await.unwrap().version(), Some(1));
@@ -527,5 +529,32 @@ async fn reopened_tables_follow_commits_and_recreation() {
         assert_eq!(create(lake, &["b", "c"]).await, 0);
         let t = weir_lake::open_table(lake, rel).await.unwrap();
         assert_eq!((t.version(), columns(&t)), (Some(0), vec!["b".to_string(), "c".to_string()]), "{}", lake.url());
+
+        // The checkpoint due at version 9 (every 10 versions) is written off the commit path;
+        // each commit hands back the table at its new version.
+        let mut t = t;
+        for v in 1..=9 {
+            let (version, next) =
+                weir_lake::commit_files(t, rel, &schema(&["b", "c"]), &[], vec![], Default::default(), None, None)
+                    .await
+                    .unwrap();
+            assert_eq!((version, next.version()), (v, Some(v as u64)), "{}", lake.url());
+            t = next;
+        }
+        weir_lake::settle().await;
+        let log: Vec<String> = store
+            .list(Some(&lake.path(&format!("{rel}/_delta_log"))))
+            .map_ok(|m| m.location.filename().unwrap_or_default().to_string())
+            .try_collect()
+            .await
+            .unwrap();
+        assert!(log.contains(&"00000000000000000009.checkpoint.parquet".to_string()), "{}: {log:?}", lake.url());
+        let fresh = deltalake::DeltaTable::try_from_url_with_storage_options(
+            lake.table_url(rel),
+            lake.storage_options().clone(),
+        )
+        .await
+        .unwrap();
+        assert_eq!((fresh.version(), columns(&fresh)), (Some(9), vec!["b".to_string(), "c".to_string()]));
     }
 }

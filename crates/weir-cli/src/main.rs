@@ -41,7 +41,13 @@ fn main() {
             std::process::exit(1);
         }
     };
-    if let Err(e) = runtime.block_on(cmd::run(cli)) {
+    // Checkpoints scheduled by the command's commits finish before the process exits.
+    let result = runtime.block_on(async {
+        let result = cmd::run(cli).await;
+        weir_lake::settle().await;
+        result
+    });
+    if let Err(e) = result {
         eprintln!("weir: {}", one_line(&e));
         std::process::exit(1);
     }

@@ -61,9 +61,13 @@ struct Changed {
 }
 
 /// A changed input's change data feed over the range, or why it cannot be read as one.
-async fn change_feed(lake: &Lake, c: &Changed) -> Result<Result<Arc<DeltaCdfTableProvider>, String>, DeriveError> {
+/// `t` is the input at version `c.to`.
+async fn change_feed(
+    lake: &Lake,
+    t: DeltaTable,
+    c: &Changed,
+) -> Result<Result<Arc<DeltaCdfTableProvider>, String>, DeriveError> {
     let rel = c.name.replace('.', "/");
-    let t = weir_lake::open_table(lake, &rel).await?;
     let enabled = t
         .snapshot()
         .map(|s| s.table_config().enable_change_data_feed.unwrap_or(false))
@@ -302,7 +306,13 @@ pub async fn attempt(
         let feed = match cached {
             Some(f) => f,
             None => {
-                let f = change_feed(lake, c).await?;
+                // The session's table when it is at the version the state names (an input
+                // updated ahead of the loop is not registered again).
+                let t = match session.table(lake, &c.name).await? {
+                    t if t.version().map(|v| v as i64) == Some(c.to) => t,
+                    _ => weir_lake::open_table(lake, &c.name.replace('.', "/")).await?,
+                };
+                let f = change_feed(lake, t, c).await?;
                 shared.feeds.lock().unwrap_or_else(|p| p.into_inner()).insert(id, f.clone());
                 f
             }

@@ -186,6 +186,7 @@ pub async fn derive(
     for (i, u) in units.iter().enumerate() {
         let first_of_job = i == 0 || !std::ptr::eq(units[i - 1].job, u.job);
         let out = u.output();
+        let _clock = UnitClock(out.clone(), Instant::now());
         if first_of_job
             && u.make.is_some()
             && !opts.full
@@ -224,6 +225,7 @@ pub async fn derive(
                     Some(stored) => stored,
                     None => stored_state(&table, &rel).await?,
                 };
+                tracing::trace!(unit = out.as_str(), "stored state read");
                 let built_from = stored.built_from(u.scope);
                 let reason =
                     if built_from.is_none() && u.scope.is_none() && !stored.partitions.is_empty() && !opts.full {
@@ -288,6 +290,7 @@ pub async fn derive(
                     session.replace(&name, original)?;
                 }
                 let df = df?;
+                tracing::trace!(unit = out.as_str(), seconds = t.elapsed().as_secs_f64(), "planned for writing");
                 let df = match (u.job.materialize, table.version()) {
                     (Materialize::History, Some(_)) => {
                         let r = history::apply(&session, u.job, &out, table, df, &recorded, opts.as_of_micros).await?;
@@ -308,8 +311,9 @@ pub async fn derive(
                     (Materialize::History, None) => history::opened(df, opts.as_of_micros)?,
                     _ => df,
                 };
-                let (rows, files, bytes, version) = write(lake, table, &rel, u, df, &recorded, opts).await?;
-                session.register_delta(lake, &out).await?;
+                let (rows, files, bytes, version, table) = write(lake, table, &rel, u, df, &recorded, opts).await?;
+                session.register_table(&out, table).await?;
+                tracing::trace!(unit = out.as_str(), "registered");
                 tokens.insert(out.clone(), format!("v{version}"));
                 reports.push(JobReport {
                     output: out,
@@ -323,6 +327,15 @@ pub async fn derive(
 }
 
 const MAKE_ID: &str = "make_id";
+
+/// Logs how long a unit took (at debug level) however its turn of the loop ends.
+struct UnitClock(String, Instant);
+
+impl Drop for UnitClock {
+    fn drop(&mut self) {
+        tracing::debug!(unit = self.0.as_str(), seconds = self.1.elapsed().as_secs_f64(), "derive: unit done");
+    }
+}
 
 /// The derivation state recorded in the table's last commit (empty for a new table).
 async fn stored_state(table: &deltalake::DeltaTable, rel: &str) -> Result<StoredState, DeriveError> {
@@ -660,8 +673,42 @@ fn short(v: &Value) -> String {
     if s.starts_with("view:") { "(view changed)".into() } else { s.to_string() }
 }
 
+/// (slug, make_id) of every make, by the files of the bronze.makes they were read from: a
+/// Delta file is never rewritten, so the same files are the same makes (`weir run` and a
+/// taxonomy change derive again and again over an unchanged bronze.makes).
+static MAKES_READ: std::sync::LazyLock<std::sync::Mutex<Option<MakesRead>>> =
+    std::sync::LazyLock::new(Default::default);
+
+/// The files of bronze.makes, and the (slug, make_id) read from them.
+type MakesRead = (String, Vec<(String, i64)>);
+
 /// (slug, make_id) of the selected makes.
 async fn make_slugs(session: &LakeSession, sel: &MakeSelection) -> Result<Vec<(String, i64)>, DeriveError> {
+    let files = session.files_of("bronze.makes");
+    let read = MAKES_READ.lock().unwrap_or_else(std::sync::PoisonError::into_inner).clone();
+    let all = match (read, files) {
+        (Some((key, all)), Some(files)) if key == files => all,
+        (_, files) => {
+            let all = read_makes(session).await?;
+            if let Some(files) = files {
+                *MAKES_READ.lock().unwrap_or_else(std::sync::PoisonError::into_inner) = Some((files, all.clone()));
+            }
+            all
+        }
+    };
+    match sel {
+        MakeSelection::All => Ok(all),
+        MakeSelection::One(s) => match all.iter().find(|(a, _)| a == s) {
+            Some(m) => Ok(vec![m.clone()]),
+            None => {
+                let names: Vec<&str> = all.iter().map(|(a, _)| a.as_str()).collect();
+                Err(DeriveError::UnknownMake(s.clone(), names.join(", ")))
+            }
+        },
+    }
+}
+
+async fn read_makes(session: &LakeSession) -> Result<Vec<(String, i64)>, DeriveError> {
     let batches = session
         .ctx
         .sql("SELECT slug, CAST(make_id AS BIGINT) AS id FROM bronze.makes ORDER BY id")
@@ -678,16 +725,7 @@ async fn make_slugs(session: &LakeSession, sel: &MakeSelection) -> Result<Vec<(S
         let ids = arrow::array::AsArray::as_primitive::<arrow::datatypes::Int64Type>(b.column(1));
         all.extend(col.iter().zip(ids.iter()).filter_map(|(s, id)| Some((s?.to_string(), id?))));
     }
-    match sel {
-        MakeSelection::All => Ok(all),
-        MakeSelection::One(s) => match all.iter().find(|(a, _)| a == s) {
-            Some(m) => Ok(vec![m.clone()]),
-            None => {
-                let names: Vec<&str> = all.iter().map(|(a, _)| a.as_str()).collect();
-                Err(DeriveError::UnknownMake(s.clone(), names.join(", ")))
-            }
-        },
-    }
+    Ok(all)
 }
 
 /// Plans a unit's SQL; an error names the job file and the line. A scoped unit keeps only
@@ -807,7 +845,7 @@ async fn write(
     df: DataFrame,
     state: &Value,
     opts: &DeriveOptions,
-) -> Result<(u64, usize, u64, i64), DeriveError> {
+) -> Result<(u64, usize, u64, i64, deltalake::DeltaTable), DeriveError> {
     let job = u.job;
     let schema = storage_schema(df.schema().as_arrow());
     for p in &job.partition {
@@ -839,6 +877,7 @@ async fn write(
     )
     .map_err(|e| werr(e.to_string()))?
     .with_writer_properties(props);
+    tracing::trace!(table = rel, "writer ready");
     let mut stream = df.execute_stream().await.map_err(df_err(format!("running {}", job.file.display())))?;
     let mut adds = Vec::new();
     let mut rows = 0u64;
@@ -862,6 +901,7 @@ async fn write(
         }
     }
     adds.extend(writer.flush().await.map_err(|e| werr(e.to_string()))?);
+    tracing::debug!(table = rel, files = adds.len(), "derive: files written");
     let files = adds.len();
     let bytes: u64 = adds.iter().map(|a| a.size as u64).sum();
     let mut meta = std::collections::HashMap::new();
@@ -870,6 +910,8 @@ async fn write(
     meta.insert("weir.derive.key".to_string(), json!(job.key));
     let value = u.scope.map(|id| id.to_string());
     let partition = value.as_deref().map(|v| (MAKE_ID, v));
-    let version = weir_lake::commit_files(table, rel, &schema, &job.partition, adds, meta, partition, None).await?;
-    Ok((rows, files, bytes, version))
+    let (version, table) =
+        weir_lake::commit_files(table, rel, &schema, &job.partition, adds, meta, partition, None).await?;
+    tracing::debug!(table = rel, version, "derive: committed");
+    Ok((rows, files, bytes, version, table))
 }

@@ -100,33 +100,46 @@ impl LakeSession {
     /// Returns its version, None when there is no table yet.
     pub async fn register_delta(&mut self, lake: &Lake, name: &str) -> Result<Option<i64>, DeriveError> {
         let table = weir_lake::open_table(lake, &name.replace('.', "/")).await?;
-        self.register_opened(name, table).await
+        self.register_table(name, table).await
     }
 
-    /// [`LakeSession::register_delta`] for several tables, opened four at a time (opening
-    /// reads and replays each table's log; a run over every make opens some 45 tables).
+    /// [`LakeSession::register_delta`] for several tables, opened eight at a time (opening
+    /// reads and replays each table's log, or lists it after the version this process last
+    /// saw; a run over every make opens some 45 tables).
     pub async fn register_deltas(&mut self, lake: &Lake, names: &[String]) -> Result<(), DeriveError> {
         use futures::{StreamExt, TryStreamExt};
         let opened: Vec<(String, DeltaTable)> = futures::stream::iter(names)
             .map(|name| async move {
                 Ok::<_, DeriveError>((name.clone(), weir_lake::open_table(lake, &name.replace('.', "/")).await?))
             })
-            .buffered(4)
+            .buffered(8)
             .try_collect()
             .await?;
         for (name, table) in opened {
-            self.register_opened(&name, table).await?;
+            self.register_table(&name, table).await?;
         }
         Ok(())
     }
 
-    async fn register_opened(&mut self, name: &str, table: DeltaTable) -> Result<Option<i64>, DeriveError> {
+    /// Registers `table` (as opened, or as a commit left it) as `layer.name`. Returns its
+    /// version, None when it does not exist yet.
+    pub async fn register_table(&mut self, name: &str, table: DeltaTable) -> Result<Option<i64>, DeriveError> {
         let Some(version) = table.version().map(|v| v as i64) else { return Ok(None) };
+        let clock = std::time::Instant::now();
         let provider = provider(&self.ctx, &table, name).await?;
+        tracing::trace!(table = name, seconds = clock.elapsed().as_secs_f64(), "provider");
         self.replace(name, provider)?;
         self.versions.insert(name.to_string(), version);
         self.tables.insert(name.to_string(), table);
         Ok(Some(version))
+    }
+
+    /// The data files of the registered table `layer.name` (full URIs, one per line): the same
+    /// files are the same rows, whatever the version. None when it is not registered.
+    pub fn files_of(&self, name: &str) -> Option<String> {
+        let mut uris: Vec<String> = self.tables.get(name)?.get_file_uris().ok()?.collect();
+        uris.sort_unstable();
+        Some(uris.join("\n"))
     }
 
     /// The table registered as `layer.name`, as it was opened; opened now when it is not

@@ -344,7 +344,7 @@ pub async fn backfill(
         // CDC starts at the snapshot's LSN: recorded where `weir sync` keeps its position.
         let txn = weir_postgres::pgoutput::parse_lsn(&work.run.snapshot_lsn)
             .map(|l| deltalake::kernel::Transaction::new(crate::cdc::APP_ID, l as i64));
-        let version =
+        let (version, _) =
             weir_lake::commit_files(table, &t.bronze_path(), &work.schema, &partition_cols, adds, metadata, None, txn)
                 .await?;
         let seconds = match (

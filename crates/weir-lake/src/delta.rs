@@ -35,12 +35,26 @@ pub const CHECKPOINT_INTERVAL: &str = "10";
 /// identity of their latest commit file. Opening one again brings that snapshot up to date with
 /// the commits made since (a listing of the log after its version) instead of reading and
 /// replaying the whole log: `weir run` and `weir serve` reopen every table on each cycle or
-/// refresh, and `weir derive` reopens each table it writes.
-static OPENED: std::sync::LazyLock<std::sync::Mutex<HashMap<String, (DeltaTable, String)>>> =
-    std::sync::LazyLock::new(Default::default);
+/// refresh, and `weir derive` reopens each table it writes. A commit made through a table
+/// opened here replaces it with the table at the new version (its commit file's identity is
+/// read when the table is next opened).
+type Opened = HashMap<String, (DeltaTable, Option<String>)>;
+static OPENED: std::sync::LazyLock<std::sync::Mutex<Opened>> = std::sync::LazyLock::new(Default::default);
 
-fn opened() -> std::sync::MutexGuard<'static, HashMap<String, (DeltaTable, String)>> {
+fn opened() -> std::sync::MutexGuard<'static, Opened> {
     OPENED.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
+}
+
+/// After a commit through `before` (a table [`open_table`] handed out, sharing its log store):
+/// the cache holds `after`, the table at the new version, instead of `before`'s version.
+fn remember_commit(before: &DeltaTable, after: &DeltaTable) {
+    let store = before.log_store();
+    for (table, identity) in opened().values_mut() {
+        if std::sync::Arc::ptr_eq(&table.log_store(), &store) && table.version() == before.version() {
+            *table = after.clone();
+            *identity = None;
+        }
+    }
 }
 
 /// The identity of the table's latest commit file (its ETag, else its time and size): a table
@@ -53,6 +67,13 @@ async fn commit_identity(table: &DeltaTable) -> Option<String> {
 
 /// Opens (or prepares to create) the Delta table at `rel` under the lake: its latest version.
 pub async fn open_table(lake: &Lake, rel: &str) -> Result<DeltaTable, DeltaError> {
+    let clock = std::time::Instant::now();
+    let table = open_table_inner(lake, rel).await?;
+    tracing::trace!(table = rel, seconds = clock.elapsed().as_secs_f64(), "opened");
+    Ok(table)
+}
+
+async fn open_table_inner(lake: &Lake, rel: &str) -> Result<DeltaTable, DeltaError> {
     lake.prepare_table_dir(rel)?;
     let url = lake.table_url(rel);
     let options: std::collections::BTreeMap<_, _> = lake.storage_options().iter().collect();
@@ -60,9 +81,12 @@ pub async fn open_table(lake: &Lake, rel: &str) -> Result<DeltaTable, DeltaError
     let cached = opened().get(&key).cloned();
     if let Some((mut table, identity)) = cached {
         let seen = table.version();
-        if commit_identity(&table).await.as_ref() == Some(&identity) && table.update_incremental(None).await.is_ok() {
-            let now = if table.version() == seen { Some(identity) } else { commit_identity(&table).await };
-            if let Some(now) = now {
+        let first = commit_identity(&table).await;
+        // Unknown after this process's own commit: its commit file is the one there now.
+        let same = first.is_some() && identity.as_ref().is_none_or(|i| Some(i) == first.as_ref());
+        if same && table.update_incremental(None).await.is_ok() {
+            let now = if table.version() == seen { first } else { commit_identity(&table).await };
+            if now.is_some() {
                 opened().insert(key, (table.clone(), now));
                 return Ok(table);
             }
@@ -73,7 +97,7 @@ pub async fn open_table(lake: &Lake, rel: &str) -> Result<DeltaTable, DeltaError
         .await
         .map_err(delta_err(rel))?;
     if let Some(identity) = commit_identity(&table).await {
-        opened().insert(key, (table.clone(), identity));
+        opened().insert(key, (table.clone(), Some(identity)));
     }
     Ok(table)
 }
@@ -90,7 +114,7 @@ pub async fn last_commit_info(table: &DeltaTable, rel: &str) -> Result<Option<Ha
 /// Commits `adds` as the table's content in one commit: creates the table (schema and
 /// partitioning) when it does not exist, otherwise replaces every current file (overwrite),
 /// or with `partition` (`column = value`) only that partition's files. Returns the new
-/// version; `txn` (an application transaction) goes into the same commit. A concurrent writer
+/// version and the table at it; `txn` (an application transaction) goes into the same commit. A concurrent writer
 /// that commits first makes this fail, never corrupt: the commit file is put-if-absent.
 #[allow(clippy::too_many_arguments)]
 pub async fn commit_files(
@@ -102,7 +126,7 @@ pub async fn commit_files(
     metadata: HashMap<String, Value>,
     partition: Option<(&str, &str)>,
     txn: Option<deltalake::kernel::Transaction>,
-) -> Result<i64, DeltaError> {
+) -> Result<(i64, DeltaTable), DeltaError> {
     let mut props = CommitProperties::default().with_metadata(metadata.clone());
     if let Some(t) = &txn {
         props = props.with_application_transaction(t.clone());
@@ -126,7 +150,7 @@ pub async fn commit_files(
             .with_commit_properties(props)
             .await
             .map_err(|source| classify(rel, source))?;
-        return Ok(created.version().unwrap_or(0) as i64);
+        return Ok((created.version().unwrap_or(0) as i64, created));
     }
     let filters = match partition {
         Some((c, v)) => vec![deltalake::PartitionFilter::try_from((c, "=", v)).map_err(delta_err(rel))?],
@@ -157,7 +181,8 @@ pub async fn commit_files(
         partition_by: Some(partition_columns.to_vec()),
         predicate: partition.map(|(c, v)| format!("{c} = {v}")),
     };
-    commit(&table, rel, actions, metadata, op).await
+    let table = commit(&table, rel, actions, metadata, op).await?;
+    Ok((table.version().map_or(0, |v| v as i64), table))
 }
 
 /// Appends `batch` (the table's columns, partition columns included) as new files in one
@@ -182,28 +207,88 @@ pub async fn append_batch(
     actions.push(Action::Txn(txn));
     let partition_by = snapshot.metadata().partition_columns().to_vec();
     let op = DeltaOperation::Write { mode: SaveMode::Append, partition_by: Some(partition_by), predicate: None };
-    commit(&table, rel, actions, metadata, op).await
+    let table = commit(&table, rel, actions, metadata, op).await?;
+    Ok(table.version().map_or(0, |v| v as i64))
 }
 
-/// Commits `actions` and `metadata` on top of the table's loaded version, running delta-rs'
-/// post-commit hook: a checkpoint every `delta.checkpointInterval` versions (100), so opening a
-/// table that a long `weir run` commits to every cycle replays a bounded log
-/// (`CommitBuilder::default()` runs no hook). Returns the new version.
+/// Commits `actions` and `metadata` on top of the table's loaded version. Returns the table at
+/// the new version (the post-commit snapshot, nothing read again). The checkpoint the table is
+/// due (every `delta.checkpointInterval` versions) is written off the commit path, see
+/// [`maintain`].
 pub(crate) async fn commit(
     table: &DeltaTable,
     rel: &str,
     actions: Vec<Action>,
     metadata: HashMap<String, Value>,
     op: DeltaOperation,
-) -> Result<i64, DeltaError> {
+) -> Result<DeltaTable, DeltaError> {
     let snapshot = table.snapshot().map_err(delta_err(rel))?;
-    let done = CommitBuilder::from(CommitProperties::default())
+    let done = CommitBuilder::from(without_maintenance(CommitProperties::default()))
         .with_actions(actions)
         .with_app_metadata(metadata)
         .build(Some(snapshot), table.log_store(), op)
         .await
         .map_err(|source| classify(rel, source))?;
-    Ok(done.version() as i64)
+    let mut after = table.clone();
+    after.state = Some(done.snapshot());
+    remember_commit(table, &after);
+    maintain(&after, rel);
+    Ok(after)
+}
+
+/// `props` without delta-rs' post-commit checkpoint and log clean-up: [`maintain`] does both.
+pub fn without_maintenance(props: CommitProperties) -> CommitProperties {
+    props.with_create_checkpoint(false).with_cleanup_expired_logs(Some(false))
+}
+
+/// Checkpoints this process scheduled and has not seen finish.
+static MAINTENANCE: std::sync::LazyLock<std::sync::Mutex<Vec<tokio::task::JoinHandle<()>>>> =
+    std::sync::LazyLock::new(Default::default);
+
+/// Schedules the checkpoint `table` is due at its version (every `delta.checkpointInterval`
+/// versions), then the clean-up of log files past `delta.logRetentionDuration`, as a task off
+/// the commit path: a commit is complete and visible without them (a reader replays the JSON
+/// commits since the last checkpoint), and writing one took 15–20 ms, longer than the commit of
+/// a small table it followed. A failed checkpoint is logged; the next one covers it.
+/// [`settle`] waits for them.
+pub fn maintain(table: &DeltaTable, rel: &str) {
+    use deltalake::table::config::TablePropertiesExt as _;
+    let Ok(state) = table.snapshot() else { return };
+    let version = state.version();
+    let config = state.table_config();
+    if !(version + 1).is_multiple_of(config.checkpoint_interval().get()) {
+        return;
+    }
+    let cleanup = config.enable_expired_log_cleanup();
+    let (table, rel) = (table.clone(), rel.to_string());
+    let task = tokio::spawn(async move {
+        let clock = std::time::Instant::now();
+        if let Err(e) = deltalake::checkpoints::create_checkpoint(&table, None).await {
+            tracing::warn!(table = rel, version, "checkpoint not written (readers replay the log instead): {e}");
+            return;
+        }
+        if cleanup && let Err(e) = deltalake::checkpoints::cleanup_metadata(&table, None).await {
+            tracing::warn!(table = rel, version, "expired log files not cleaned up: {e}");
+        }
+        tracing::debug!(table = rel, version, seconds = clock.elapsed().as_secs_f64(), "checkpoint written");
+    });
+    let mut pending = MAINTENANCE.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+    pending.retain(|t| !t.is_finished());
+    pending.push(task);
+}
+
+/// Waits for the checkpoints this process scheduled (see [`maintain`]); a command calls it
+/// before it exits, so it leaves none half done.
+pub async fn settle() {
+    loop {
+        let pending = std::mem::take(&mut *MAINTENANCE.lock().unwrap_or_else(std::sync::PoisonError::into_inner));
+        if pending.is_empty() {
+            return;
+        }
+        for task in pending {
+            let _ = task.await;
+        }
+    }
 }
 
 /// A commit that changes no data and records `metadata` (e.g. the state a derived table is
@@ -214,7 +299,8 @@ pub async fn commit_metadata(
     metadata: HashMap<String, Value>,
 ) -> Result<i64, DeltaError> {
     let op = DeltaOperation::Write { mode: SaveMode::Append, partition_by: None, predicate: None };
-    commit(table, rel, vec![], metadata, op).await
+    let table = commit(table, rel, vec![], metadata, op).await?;
+    Ok(table.version().map_or(0, |v| v as i64))
 }
 
 pub(crate) fn classify(rel: &str, source: deltalake::DeltaTableError) -> DeltaError {
@@ -305,13 +391,14 @@ pub async fn merge_by_key(
         .filter(|n| n != OP_COLUMN && !n.starts_with(KEEP_PREFIX))
         .collect();
     let upsert = s(OP_COLUMN).eq(lit("U"));
+    let before = table.clone();
     let (table, m) = table
         .merge(df, predicate)
         .with_source_alias("s")
         .with_target_alias("t")
         .with_session_state(std::sync::Arc::new(ctx.state()))
         .with_writer_properties(writer)
-        .with_commit_properties(commit)
+        .with_commit_properties(without_maintenance(commit))
         .when_matched_delete(|d| d.predicate(s(OP_COLUMN).eq(lit("D"))))
         .and_then(|m| {
             m.when_matched_update(|mut u| {
@@ -345,5 +432,7 @@ pub async fn merge_by_key(
         updated: m.num_target_rows_updated as u64,
         deleted: m.num_target_rows_deleted as u64,
     };
+    remember_commit(&before, &table);
+    maintain(&table, rel);
     Ok((table, stats))
 }

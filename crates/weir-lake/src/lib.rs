@@ -9,7 +9,7 @@ pub mod vacuum;
 
 pub use delta::{
     DeltaError, KEEP_PREFIX, MergeStats, OP_COLUMN, append_batch, commit_files, commit_metadata, last_commit_info,
-    merge_by_key, open_table,
+    maintain, merge_by_key, open_table, settle, without_maintenance,
 };
 pub use doctor::{Check, run_checks};
 pub use rewrite::{RewriteStats, rewrite_by_key};

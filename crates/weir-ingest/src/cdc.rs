@@ -175,6 +175,7 @@ pub async fn sync(
             )
             .await
             .map_err(PgError::query(format!("reading changes from replication slot {slot}")))?;
+        let read = started.elapsed();
         if rows.is_empty() {
             // Every transaction that committed before `upto` is applied. `upto` is a record
             // boundary (the insert position), so moving the slot there skips no commit record
@@ -253,11 +254,29 @@ pub async fn sync(
                 message: format!("slot {slot}: the batch ended inside a transaction; nothing was applied"),
             });
         };
+        let decoded = started.elapsed();
         for st in &mut states {
+            let clock = Instant::now();
             st.apply(lake, slot, end).await?;
+            if st.changes.version.is_some() {
+                tracing::debug!(
+                    table = st.source.name.as_str(),
+                    seconds = clock.elapsed().as_secs_f64(),
+                    "sync: applied"
+                );
+            }
         }
+        let applied = started.elapsed();
         // Only now that every table's commit is durable may PostgreSQL recycle the WAL.
         advance(&client, slot, end).await?;
+        tracing::debug!(
+            messages = rows.len(),
+            read = read.as_secs_f64(),
+            decode = (decoded - read).as_secs_f64(),
+            apply = (applied - decoded).as_secs_f64(),
+            advance = (started.elapsed() - applied).as_secs_f64(),
+            "sync: batch"
+        );
         position = end;
         batch.to_lsn = pgoutput::format_lsn(end);
         batch.seconds = started.elapsed().as_secs_f64();
@@ -729,7 +748,14 @@ impl TableState {
             self.lake_columns.extend(added.iter().map(|f| (f.name().clone(), f.data_type().clone())));
         }
 
+        let clock = Instant::now();
         let batch = self.source_batch()?;
+        tracing::trace!(
+            table = rel.as_str(),
+            rows = batch.num_rows(),
+            seconds = clock.elapsed().as_secs_f64(),
+            "sync: batch built"
+        );
         let mut on = self.source.key.clone();
         // A month partition derived from a key column is equal on both sides: it prunes files.
         if let (Some(p), Some(pc)) = (&self.source.partition, self.source.partition_column())

@@ -200,9 +200,11 @@ pub async fn append_batch(
     let snapshot = table.snapshot().map_err(delta_err(rel))?;
     // The table's own schema (NOT NULL key columns), by column name.
     let batch = crate::rewrite::conform(&snapshot.snapshot().arrow_schema(), batch, rel)?;
+    let clock = std::time::Instant::now();
     let mut w = RecordBatchWriter::for_table(&table).map_err(delta_err(rel))?.with_writer_properties(writer);
     w.write(batch).await.map_err(delta_err(rel))?;
     let adds = w.flush().await.map_err(delta_err(rel))?;
+    tracing::trace!(table = rel, files = adds.len(), seconds = clock.elapsed().as_secs_f64(), "append: files written");
     let mut actions: Vec<Action> = adds.into_iter().map(Action::Add).collect();
     actions.push(Action::Txn(txn));
     let partition_by = snapshot.metadata().partition_columns().to_vec();
@@ -222,6 +224,7 @@ pub(crate) async fn commit(
     metadata: HashMap<String, Value>,
     op: DeltaOperation,
 ) -> Result<DeltaTable, DeltaError> {
+    let clock = std::time::Instant::now();
     let snapshot = table.snapshot().map_err(delta_err(rel))?;
     let done = CommitBuilder::from(without_maintenance(CommitProperties::default()))
         .with_actions(actions)
@@ -229,6 +232,7 @@ pub(crate) async fn commit(
         .build(Some(snapshot), table.log_store(), op)
         .await
         .map_err(|source| classify(rel, source))?;
+    tracing::trace!(table = rel, version = done.version(), seconds = clock.elapsed().as_secs_f64(), "committed");
     let mut after = table.clone();
     after.state = Some(done.snapshot());
     remember_commit(table, &after);
@@ -427,6 +431,16 @@ pub async fn merge_by_key(
         .map_err(delta_err(rel))?
         .await
         .map_err(|source| classify(rel, source))?;
+    tracing::trace!(
+        table = rel,
+        copied = m.num_target_rows_copied,
+        files_scanned = m.num_target_files_scanned,
+        files_added = m.num_target_files_added,
+        execution_ms = m.execution_time_ms,
+        scan_ms = m.scan_time_ms,
+        rewrite_ms = m.rewrite_time_ms,
+        "merged"
+    );
     let stats = MergeStats {
         inserted: m.num_target_rows_inserted as u64,
         updated: m.num_target_rows_updated as u64,

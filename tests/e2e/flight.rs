@@ -212,6 +212,22 @@ async fn flight_sql_clients_read_the_marts() {
     std::thread::sleep(std::time::Duration::from_millis(300));
     let t = client("title", server.port, Some(&id.to_string()));
     assert_eq!(t["title"], "Über-neu ✨ \t tab");
+    // So is a renamed model: the mart is a view joining silver.model, which the server holds
+    // in memory per version.
+    let renamed: String = c
+        .query_one(
+            "UPDATE models SET name = name || ' ✦', updated_at = now()
+              WHERE model_id = (SELECT model_id FROM listings WHERE listing_id = $1) RETURNING name",
+            &[&id],
+        )
+        .await
+        .unwrap()
+        .get(0);
+    assert_ne!(t["model"], renamed.as_str());
+    backfill(&url, &lake, Some(&["models".to_string()])).await;
+    derive_vw(&lake).await;
+    std::thread::sleep(std::time::Duration::from_millis(300));
+    assert_eq!(client("title", server.port, Some(&id.to_string()))["model"], renamed.as_str());
     drop(server);
 
     // Cancellation: a client that cancels its DoGet stops the query on the server (logged),

@@ -3,7 +3,7 @@
 usage: flight_client.py MODE PORT [ARG]
   read      ADBC: ads_vw rows, a prepared statement, the table list; pyarrow.flight: the same
             mart and the table list with hand-encoded Flight SQL commands; bad credentials
-  title ID  ADBC: the title of one listing in ads_vw
+  title ID  ADBC: the title and model of one listing in ads_vw
   memory    ADBC: a query that needs more than the server's memory limit
   tls CERT  pyarrow.flight over TLS, trusting CERT: count(*) of ads_vw
   cancel    pyarrow.flight: a long query, one batch read, then the DoGet cancelled
@@ -98,8 +98,10 @@ if mode == "read":
 elif mode == "title":
     with adbc() as conn:
         cur = conn.cursor()
-        cur.execute("SELECT title FROM ads_vw WHERE listing_id = ?", parameters=(int(sys.argv[3]),))
-        out["title"] = cur.fetch_arrow_table().column("title")[0].as_py()
+        cur.execute("SELECT title, model FROM ads_vw WHERE listing_id = ?", parameters=(int(sys.argv[3]),))
+        t = cur.fetch_arrow_table()
+        out["title"] = t.column("title")[0].as_py()
+        out["model"] = t.column("model")[0].as_py()
 elif mode == "tls":
     certs = open(sys.argv[3], "rb").read()
     client = flight.FlightClient(f"grpc+tls://127.0.0.1:{port}", tls_root_certs=certs)

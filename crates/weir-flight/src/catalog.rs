@@ -43,7 +43,13 @@ pub struct Catalog {
     refresh: Duration,
     memory_limit: usize,
     snapshot: tokio::sync::Mutex<Option<Arc<Snapshot>>>,
+    /// The small tables views join, in memory, with the version they hold (see
+    /// [`Catalog::hold_dimensions`]).
+    dimensions: tokio::sync::Mutex<std::collections::HashMap<String, (i64, Arc<datafusion::datasource::MemTable>)>>,
 }
+
+/// The largest stored table (in Parquet bytes) a view's join is served from memory.
+const DIMENSION_BYTES: i64 = 16 << 20;
 
 impl std::fmt::Debug for Catalog {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
@@ -53,7 +59,14 @@ impl std::fmt::Debug for Catalog {
 
 impl Catalog {
     pub fn new(lake: Lake, jobs: Jobs, refresh: Duration, memory_limit: usize) -> Self {
-        Catalog { lake, jobs, refresh, memory_limit, snapshot: tokio::sync::Mutex::new(None) }
+        Catalog {
+            lake,
+            jobs,
+            refresh,
+            memory_limit,
+            snapshot: tokio::sync::Mutex::new(None),
+            dimensions: Default::default(),
+        }
     }
 
     pub fn lake(&self) -> &Lake {
@@ -121,6 +134,7 @@ impl Catalog {
                 ctx.register_table(name.as_str(), provider.clone())?;
             }
         }
+        self.hold_dimensions(&ctx, tables).await?;
         let mut views = Vec::new();
         for job in self.jobs.ordered.iter().filter(|j| j.materialize == Materialize::View) {
             let slugs: Vec<Option<String>> = match job.per {
@@ -156,6 +170,55 @@ impl Catalog {
         let catalog =
             ctx.catalog(weir_derive::session::CATALOG).ok_or_else(|| ServeError::Lake("no catalog".into()))?;
         Ok((catalog, views))
+    }
+
+    /// Registers the small stored tables the views join (`silver.model` under every
+    /// `gold.ads_<slug>`) as in-memory tables of this snapshot: a point lookup through a view
+    /// then builds its join from memory instead of opening and decoding the table's file per
+    /// query. Held by version, so a refresh re-reads only a table that changed.
+    async fn hold_dimensions(
+        &self,
+        ctx: &SessionContext,
+        tables: &[(String, String, DeltaTable, Arc<dyn TableProvider>)],
+    ) -> Result<(), ServeError> {
+        let read: std::collections::BTreeSet<&String> = self
+            .jobs
+            .ordered
+            .iter()
+            .filter(|j| j.materialize == Materialize::View)
+            .flat_map(|j| j.sources.iter())
+            .collect();
+        let mut held = self.dimensions.lock().await;
+        let mut now = std::collections::HashMap::new();
+        for (layer, name, table, provider) in tables {
+            let full = format!("{layer}.{name}");
+            let stored = self.jobs.resolve(&full).is_some_and(|(j, slug)| {
+                slug.is_none() && j.per.is_none() && j.materialize != Materialize::View && read.contains(&full)
+            });
+            let Some(version) = table.version().map(|v| v as i64).filter(|_| stored) else { continue };
+            let mem = match held.get(&full).filter(|(v, _)| *v == version) {
+                Some((_, mem)) => mem.clone(),
+                None => {
+                    let bytes: i64 = table
+                        .snapshot()
+                        .map_err(|e| ServeError::Lake(format!("{full}: {e}")))?
+                        .log_data()
+                        .iter()
+                        .map(|f| f.size())
+                        .sum();
+                    if bytes > DIMENSION_BYTES {
+                        continue;
+                    }
+                    let batches = ctx.read_table(provider.clone())?.collect().await?;
+                    Arc::new(datafusion::datasource::MemTable::try_new(provider.schema(), vec![batches])?)
+                }
+            };
+            ctx.deregister_table(full.as_str())?;
+            ctx.register_table(full.as_str(), mem.clone())?;
+            now.insert(full, (version, mem));
+        }
+        *held = now;
+        Ok(())
     }
 
     /// A fresh session for one query (its own memory limit) over the shared catalog.

@@ -247,9 +247,16 @@ impl WeirFlightSql {
     }
 
     async fn plan(&self, sql: &str, params: Option<&[ScalarValue]>) -> Result<(SessionContext, DataFrame), Status> {
+        let clock = std::time::Instant::now();
         let ctx = self.catalog.session().await.map_err(status)?;
+        let session = clock.elapsed();
         let limit = Some(self.catalog.memory_limit());
         let df = ctx.sql(&numbered_placeholders(sql)).await.map_err(|e| df_status(&e, limit))?;
+        tracing::trace!(
+            session = session.as_secs_f64(),
+            sql = (clock.elapsed() - session).as_secs_f64(),
+            "query planned"
+        );
         let df = match params {
             Some(p) if !p.is_empty() => df
                 .with_param_values(ParamValues::List(p.iter().cloned().map(Into::into).collect()))
@@ -264,8 +271,9 @@ impl WeirFlightSql {
         let (_ctx, df) = self.plan(sql, params).await?;
         let limit = Some(self.catalog.memory_limit());
         let schema: SchemaRef = Arc::new(df.schema().as_arrow().clone());
+        let clock = std::time::Instant::now();
         let stream = df.execute_stream().await.map_err(|e| df_status(&e, limit))?;
-        tracing::debug!(sql = %sql, "query started");
+        tracing::debug!(sql = %sql, seconds = clock.elapsed().as_secs_f64(), "query started");
         let batches = stream.map_err(move |e| FlightError::Tonic(Box::new(df_status(&e, limit))));
         let encoded = FlightDataEncoderBuilder::new().with_schema(schema).build(batches).map_err(|e| match e {
             FlightError::Tonic(s) => *s,

@@ -710,14 +710,17 @@ impl TableState {
             let mut delete = table.delete();
             if !self.pending.is_empty() {
                 // The merge below carries the applied LSN; a crash in between replays the truncate.
-                delete = delete.with_commit_properties(CommitProperties::default().with_metadata([
-                    ("weir.cdc.lsn".to_string(), json!(pgoutput::format_lsn(end))),
-                    ("weir.cdc.slot".to_string(), json!(slot)),
-                ]));
+                delete = delete.with_commit_properties(weir_lake::without_maintenance(
+                    CommitProperties::default().with_metadata([
+                        ("weir.cdc.lsn".to_string(), json!(pgoutput::format_lsn(end))),
+                        ("weir.cdc.slot".to_string(), json!(slot)),
+                    ]),
+                ));
             } else {
-                delete = delete.with_commit_properties(props());
+                delete = delete.with_commit_properties(weir_lake::without_maintenance(props()));
             }
             let (t, m) = delete.await.map_err(|e| delta_err(&rel, e))?;
+            weir_lake::maintain(&t, &rel);
             self.changes.rows_deleted += m.num_deleted_rows.unwrap_or(0) as u64;
             self.changes.version = t.version().map(|v| v as i64);
             table = t;

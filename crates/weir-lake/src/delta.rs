@@ -45,12 +45,11 @@ fn opened() -> std::sync::MutexGuard<'static, Opened> {
     OPENED.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
 }
 
-/// After a commit through `before` (a table [`open_table`] handed out, sharing its log store):
-/// the cache holds `after`, the table at the new version, instead of `before`'s version.
-fn remember_commit(before: &DeltaTable, after: &DeltaTable) {
-    let store = before.log_store();
+/// After a commit on top of version `base` through a table [`open_table`] handed out (sharing
+/// its log store `store`): the cache holds `after`, the table at the new version, instead.
+fn remember_commit(store: &deltalake::logstore::LogStoreRef, base: Option<u64>, after: &DeltaTable) {
     for (table, identity) in opened().values_mut() {
-        if std::sync::Arc::ptr_eq(&table.log_store(), &store) && table.version() == before.version() {
+        if std::sync::Arc::ptr_eq(&table.log_store(), store) && table.version() == base {
             *table = after.clone();
             *identity = None;
         }
@@ -181,8 +180,7 @@ pub async fn commit_files(
         partition_by: Some(partition_columns.to_vec()),
         predicate: partition.map(|(c, v)| format!("{c} = {v}")),
     };
-    let table = commit(&table, rel, actions, metadata, op).await?;
-    Ok((table.version().map_or(0, |v| v as i64), table))
+    commit(&table, rel, actions, metadata, op).await
 }
 
 /// Appends `batch` (the table's columns, partition columns included) as new files in one
@@ -209,12 +207,11 @@ pub async fn append_batch(
     actions.push(Action::Txn(txn));
     let partition_by = snapshot.metadata().partition_columns().to_vec();
     let op = DeltaOperation::Write { mode: SaveMode::Append, partition_by: Some(partition_by), predicate: None };
-    let table = commit(&table, rel, actions, metadata, op).await?;
-    Ok(table.version().map_or(0, |v| v as i64))
+    Ok(commit(&table, rel, actions, metadata, op).await?.0)
 }
 
-/// Commits `actions` and `metadata` on top of the table's loaded version. Returns the table at
-/// the new version (the post-commit snapshot, nothing read again). The checkpoint the table is
+/// Commits `actions` and `metadata` on top of the table's loaded version. Returns the new
+/// version and the table at it (the post-commit snapshot, nothing read again). The checkpoint the table is
 /// due (every `delta.checkpointInterval` versions) is written off the commit path, see
 /// [`maintain`].
 pub(crate) async fn commit(
@@ -223,7 +220,7 @@ pub(crate) async fn commit(
     actions: Vec<Action>,
     metadata: HashMap<String, Value>,
     op: DeltaOperation,
-) -> Result<DeltaTable, DeltaError> {
+) -> Result<(i64, DeltaTable), DeltaError> {
     let clock = std::time::Instant::now();
     let snapshot = table.snapshot().map_err(delta_err(rel))?;
     let done = CommitBuilder::from(without_maintenance(CommitProperties::default()))
@@ -235,9 +232,9 @@ pub(crate) async fn commit(
     tracing::trace!(table = rel, version = done.version(), seconds = clock.elapsed().as_secs_f64(), "committed");
     let mut after = table.clone();
     after.state = Some(done.snapshot());
-    remember_commit(table, &after);
+    remember_commit(&table.log_store(), table.version(), &after);
     maintain(&after, rel);
-    Ok(after)
+    Ok((done.version() as i64, after))
 }
 
 /// `props` without delta-rs' post-commit checkpoint and log clean-up: [`maintain`] does both.
@@ -303,8 +300,7 @@ pub async fn commit_metadata(
     metadata: HashMap<String, Value>,
 ) -> Result<i64, DeltaError> {
     let op = DeltaOperation::Write { mode: SaveMode::Append, partition_by: None, predicate: None };
-    let table = commit(table, rel, vec![], metadata, op).await?;
-    Ok(table.version().map_or(0, |v| v as i64))
+    Ok(commit(table, rel, vec![], metadata, op).await?.0)
 }
 
 pub(crate) fn classify(rel: &str, source: deltalake::DeltaTableError) -> DeltaError {
@@ -395,7 +391,7 @@ pub async fn merge_by_key(
         .filter(|n| n != OP_COLUMN && !n.starts_with(KEEP_PREFIX))
         .collect();
     let upsert = s(OP_COLUMN).eq(lit("U"));
-    let before = table.clone();
+    let (store, base) = (table.log_store(), table.version());
     let (table, m) = table
         .merge(df, predicate)
         .with_source_alias("s")
@@ -446,7 +442,7 @@ pub async fn merge_by_key(
         updated: m.num_target_rows_updated as u64,
         deleted: m.num_target_rows_deleted as u64,
     };
-    remember_commit(&before, &table);
+    remember_commit(&store, base, &table);
     maintain(&table, rel);
     Ok((table, stats))
 }

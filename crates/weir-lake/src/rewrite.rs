@@ -196,8 +196,8 @@ pub async fn rewrite_by_key(
         stats.rows_written += sorted.num_rows() as u64;
     }
     let op = DeltaOperation::Update { predicate: Some(format!("{key} in the {} changed keys", replaced.len())) };
-    let table = crate::delta::commit(&table, rel, actions, metadata, op).await?;
-    Ok((table.version().map_or(0, |v| v as i64), stats))
+    let (version, _) = crate::delta::commit(&table, rel, actions, metadata, op).await?;
+    Ok((version, stats))
 }
 
 /// `b` with `schema`'s columns and field types, by name (a file read back may carry other

@@ -46,7 +46,10 @@ fn opened() -> std::sync::MutexGuard<'static, Opened> {
 }
 
 /// After a commit on top of version `base` through a table [`open_table`] handed out (sharing
-/// its log store `store`): the cache holds `after`, the table at the new version, instead.
+/// its log store `store`): the cache holds `after`, the table at the new version, instead. The
+/// next open takes the commit file found then as this commit's: a table deleted and created
+/// again up to the same version in between would go unnoticed, the same window as between
+/// opening a table and reading its identity.
 fn remember_commit(store: &deltalake::logstore::LogStoreRef, base: Option<u64>, after: &DeltaTable) {
     for (table, identity) in opened().values_mut() {
         if std::sync::Arc::ptr_eq(&table.log_store(), store) && table.version() == base {

@@ -306,13 +306,7 @@ pub async fn attempt(
         let feed = match cached {
             Some(f) => f,
             None => {
-                // The session's table when it is at the version the state names (an input
-                // updated ahead of the loop is not registered again).
-                let t = match session.table(lake, &c.name).await? {
-                    t if t.version().map(|v| v as i64) == Some(c.to) => t,
-                    _ => weir_lake::open_table(lake, &c.name.replace('.', "/")).await?,
-                };
-                let f = change_feed(lake, t, c).await?;
+                let f = change_feed(lake, session.table_at(lake, &c.name, c.to).await?, c).await?;
                 shared.feeds.lock().unwrap_or_else(|p| p.into_inner()).insert(id, f.clone());
                 f
             }

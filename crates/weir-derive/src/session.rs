@@ -142,6 +142,15 @@ impl LakeSession {
         Some(uris.join("\n"))
     }
 
+    /// The table registered as `layer.name` when it is at `version`, else opened now (an
+    /// output updated ahead of a derive's loop is not registered again).
+    pub async fn table_at(&self, lake: &Lake, name: &str, version: i64) -> Result<DeltaTable, DeriveError> {
+        match self.tables.get(name) {
+            Some(t) if t.version().map(|v| v as i64) == Some(version) => Ok(t.clone()),
+            _ => Ok(weir_lake::open_table(lake, &name.replace('.', "/")).await?),
+        }
+    }
+
     /// The table registered as `layer.name`, as it was opened; opened now when it is not
     /// registered (a table that does not exist yet).
     pub async fn table(&self, lake: &Lake, name: &str) -> Result<DeltaTable, DeriveError> {

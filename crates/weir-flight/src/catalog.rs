@@ -192,9 +192,11 @@ impl Catalog {
         let mut now = std::collections::HashMap::new();
         for (layer, name, table, provider) in tables {
             let full = format!("{layer}.{name}");
-            let stored = self.jobs.resolve(&full).is_some_and(|(j, slug)| {
-                slug.is_none() && j.per.is_none() && j.materialize != Materialize::View && read.contains(&full)
-            });
+            let stored = read.contains(&full)
+                && self
+                    .jobs
+                    .resolve(&full)
+                    .is_some_and(|(j, slug)| slug.is_none() && j.per.is_none() && j.materialize != Materialize::View);
             let Some(version) = table.version().map(|v| v as i64).filter(|_| stored) else { continue };
             let mem = match held.get(&full).filter(|(v, _)| *v == version) {
                 Some((_, mem)) => mem.clone(),

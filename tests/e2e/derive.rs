@@ -28,8 +28,10 @@ async fn backfill(url: &str, lake: &Lake, only: Option<&[String]>) {
 
 /// Runs `weir derive` (the binary, from the repository root so tables/jobs is used).
 pub(crate) fn derive(lake_dir: &std::path::Path, extra: &[&str]) -> (bool, String, String) {
+    // Every file kept, as `cdc::sync` does: incremental merges write deletion vectors.
     let out = Command::new(weir_bin())
         .current_dir(env!("CARGO_MANIFEST_DIR").to_string() + "/../..")
+        .env("WEIR_SMALL_FILE_ROWS", "0")
         .args(["derive", "--lake", &format!("file://{}", lake_dir.display()), "--as-of", AS_OF])
         .args(extra)
         .output()

@@ -30,7 +30,6 @@ fn expected_type(format_type: &str) -> String {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn python_deltalake_reads_every_table() {
-    let py = common::python();
     let (lakes, server, _dir) = lakes().await;
     let (_pg, url) = common::marketplace(0.01, 21).await;
     let c = common::client(&url).await;
@@ -44,20 +43,8 @@ async fn python_deltalake_reads_every_table() {
             .iter()
             .map(|t| lake.table_url(&t.bronze_path()).as_str().trim_end_matches('/').to_string())
             .collect();
-        let mut cmd = std::process::Command::new(&py);
-        cmd.arg(concat!(env!("CARGO_MANIFEST_DIR"), "/../../tests/e2e/read_delta.py")).args(&uris);
-        if matches!(lake.location, weir_core::LakeLocation::S3 { .. }) {
-            let opts = format!(
-                r#"{{"AWS_ENDPOINT_URL": "{}", "AWS_REGION": "eu-central-1", "AWS_ACCESS_KEY_ID": "{}", "AWS_SECRET_ACCESS_KEY": "{}", "AWS_ALLOW_HTTP": "true"}}"#,
-                server.endpoint(),
-                weir_testkit::DEFAULT_ACCESS_KEY,
-                weir_testkit::DEFAULT_SECRET_KEY
-            );
-            cmd.env("WEIR_STORAGE_OPTIONS", opts);
-        }
-        let out = cmd.output().unwrap();
-        assert!(out.status.success(), "{}: {}", lake.url(), String::from_utf8_lossy(&out.stderr));
-        let stdout = String::from_utf8_lossy(&out.stdout).to_string();
+        let s3 = matches!(lake.location, weir_core::LakeLocation::S3 { .. }).then(|| server.endpoint());
+        let stdout = python_read_output(&uris, s3.as_deref());
         for (t, uri) in sources.tables.iter().zip(&uris) {
             let rows = common::scalar_i64(&c, &format!("SELECT count(*) FROM {}", t.name)).await;
             let cols: Vec<(String, String)> = common::column_types(&c, &t.name).await;
@@ -71,4 +58,26 @@ async fn python_deltalake_reads_every_table() {
             assert!(stdout.contains(&want), "{}: expected {want}\nin {stdout}", t.name);
         }
     }
+}
+
+/// What `read_delta.py` prints for the tables at `uris` (on the test S3 server at `s3`).
+fn python_read_output(uris: &[String], s3: Option<&str>) -> String {
+    let mut cmd = std::process::Command::new(common::python());
+    cmd.arg(concat!(env!("CARGO_MANIFEST_DIR"), "/../../tests/e2e/read_delta.py")).args(uris);
+    if let Some(endpoint) = s3 {
+        let opts = format!(
+            r#"{{"AWS_ENDPOINT_URL": "{endpoint}", "AWS_REGION": "eu-central-1", "AWS_ACCESS_KEY_ID": "{}", "AWS_SECRET_ACCESS_KEY": "{}", "AWS_ALLOW_HTTP": "true"}}"#,
+            weir_testkit::DEFAULT_ACCESS_KEY,
+            weir_testkit::DEFAULT_SECRET_KEY
+        );
+        cmd.env("WEIR_STORAGE_OPTIONS", opts);
+    }
+    let out = cmd.output().unwrap();
+    assert!(out.status.success(), "{uris:?}: {}", String::from_utf8_lossy(&out.stderr));
+    String::from_utf8_lossy(&out.stdout).to_string()
+}
+
+/// `read_delta.py`'s report per table URI: version, rows, schema, partitions.
+pub(crate) fn python_reads(uris: &[String], s3: Option<&str>) -> serde_json::Value {
+    serde_json::from_str(&python_read_output(uris, s3)).expect("read_delta.py prints JSON")
 }

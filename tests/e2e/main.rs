@@ -6,6 +6,7 @@ mod cdc;
 mod cli;
 mod common;
 mod derive;
+mod dv;
 mod fdw;
 mod flight;
 mod generator;

@@ -6,13 +6,23 @@ import json
 import os
 import sys
 
-from deltalake import DeltaTable
+import pyarrow
+from deltalake import DeltaTable, QueryBuilder
 
 options = json.loads(os.environ.get("WEIR_STORAGE_OPTIONS", "{}"))
 out = {}
 for uri in sys.argv[1:]:
     dt = DeltaTable(uri, storage_options=options or None)
-    table = dt.to_pyarrow_dataset().to_table()
+    if "deletionVectors" in (dt.protocol().reader_features or []):
+        # pyarrow's dataset cannot apply deletion vectors; delta-rs' DataFusion scan does.
+        table = pyarrow.table(QueryBuilder().register("t", dt).execute("SELECT * FROM t").read_all())
+        table = table.cast(
+            pyarrow.schema(
+                [f.with_type(pyarrow.string()) if f.type == pyarrow.string_view() else f for f in table.schema]
+            )
+        )
+    else:
+        table = dt.to_pyarrow_dataset().to_table()
     out[uri] = {
         "version": dt.version(),
         "rows": table.num_rows,

@@ -40,5 +40,9 @@ pub fn parse_scale(s: &str) -> Result<f64> {
 pub async fn open_lake(flag: Option<&str>, cfg: &Config, allow_non_eu: bool) -> Result<weir_lake::Lake> {
     let uri = flag.unwrap_or_else(|| cfg.lake_or_default());
     let location = weir_core::LakeLocation::parse(uri, &std::env::current_dir()?)?;
-    Ok(weir_lake::Lake::open_resolving(location, &cfg.s3, allow_non_eu || cfg.allow_non_eu).await?)
+    let lake = weir_lake::Lake::open_resolving(location, &cfg.s3, allow_non_eu || cfg.allow_non_eu).await?;
+    Ok(match cfg.small_file_rows {
+        Some(rows) => lake.with_small_file_rows(rows),
+        None => lake,
+    })
 }

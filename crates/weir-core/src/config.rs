@@ -28,6 +28,9 @@ pub struct Config {
     pub s3: S3Settings,
     #[serde(default)]
     pub serve: ServeSettings,
+    /// A merge into a Delta table folds its files of fewer live rows than this into the
+    /// files it writes (`WEIR_SMALL_FILE_ROWS`; 8192 by default, 0 marks deleted rows only).
+    pub small_file_rows: Option<u64>,
 }
 
 /// `weir serve`: who may connect, and how much a query may use.
@@ -117,6 +120,13 @@ impl Config {
         if let Some(v) = get("WEIR_ALLOW_NON_EU") {
             self.allow_non_eu = parse_bool("WEIR_ALLOW_NON_EU", &v)?;
         }
+        if let Some(v) = get("WEIR_SMALL_FILE_ROWS") {
+            self.small_file_rows = Some(v.trim().parse().map_err(|_| ConfigError::Invalid {
+                name: "WEIR_SMALL_FILE_ROWS".to_string(),
+                value: v.clone(),
+                reason: "expected a number of rows (0 or more)".to_string(),
+            })?);
+        }
         let s3 = &mut self.s3;
         if let Some(v) = get("AWS_ENDPOINT_URL").or_else(|| get("AWS_ENDPOINT_URL_S3")) {
             s3.endpoint = Some(v);
@@ -181,6 +191,15 @@ mod tests {
         assert_eq!(cfg.lake_or_default(), "s3://b-1/x");
         assert_eq!(cfg.s3.region.as_deref(), Some("eu-central-1"));
         assert!(cfg.allow_non_eu);
+        assert_eq!(cfg.small_file_rows, None);
+        let rows = |v: &str| {
+            let env = HashMap::from([("WEIR_SMALL_FILE_ROWS".to_string(), v.to_string())]);
+            Config::from_toml("small_file_rows = 100", "weir.toml").unwrap().with_env(&env)
+        };
+        assert_eq!(rows("").unwrap().small_file_rows, Some(100), "an empty variable leaves the file's value");
+        assert_eq!(rows("0").unwrap().small_file_rows, Some(0));
+        let err = rows("many").unwrap_err().to_string();
+        assert!(err.contains("WEIR_SMALL_FILE_ROWS") && err.contains("many"), "{err}");
     }
 
     #[test]

@@ -65,6 +65,7 @@ pub(crate) fn opened(df: DataFrame, as_of_micros: i64) -> Result<DataFrame, Deri
 /// Applies one run's result to an existing history table (see the module docs).
 #[allow(clippy::too_many_arguments)]
 pub(crate) async fn apply(
+    lake: &weir_lake::Lake,
     session: &LakeSession,
     job: &Job,
     out: &str,
@@ -113,7 +114,8 @@ pub(crate) async fn apply(
     let props = CommitProperties::default().with_metadata(metadata);
     let mut on = job.key.clone();
     on.push(VALID_FROM.to_string());
-    let (table, _) = weir_lake::merge_by_key(table, &rel, source, &on, crate::run::writer_properties(), props).await?;
+    let (table, _) =
+        weir_lake::merge_by_key(lake, table, &rel, source, &on, crate::run::writer_properties(), props).await?;
     Ok(HistoryReport { version: table.version().map_or(0, |v| v as i64), opened, closed })
 }
 

@@ -539,9 +539,16 @@ async fn store_changes(
     };
     let source = arrow::compute::concat_batches(&schema, &parts).map_err(|e| err(e.to_string()))?;
     let props = CommitProperties::default().with_metadata(metadata);
-    let (table, _) =
-        weir_lake::merge_by_key(table, &rel, source, std::slice::from_ref(key), crate::run::writer_properties(), props)
-            .await?;
+    let (table, _) = weir_lake::merge_by_key(
+        lake,
+        table,
+        &rel,
+        source,
+        std::slice::from_ref(key),
+        crate::run::writer_properties(),
+        props,
+    )
+    .await?;
     Ok(table.version().map_or(0, |v| v as i64))
 }
 

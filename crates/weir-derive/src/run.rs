@@ -293,7 +293,8 @@ pub async fn derive(
                 tracing::trace!(unit = out.as_str(), seconds = t.elapsed().as_secs_f64(), "planned for writing");
                 let df = match (u.job.materialize, table.version()) {
                     (Materialize::History, Some(_)) => {
-                        let r = history::apply(&session, u.job, &out, table, df, &recorded, opts.as_of_micros).await?;
+                        let r = history::apply(lake, &session, u.job, &out, table, df, &recorded, opts.as_of_micros)
+                            .await?;
                         session.register_delta(lake, &out).await?;
                         tokens.insert(out.clone(), format!("v{}", r.version));
                         reports.push(JobReport {

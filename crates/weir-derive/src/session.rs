@@ -134,12 +134,21 @@ impl LakeSession {
         Ok(Some(version))
     }
 
-    /// The data files of the registered table `layer.name` (full URIs, one per line): the same
-    /// files are the same rows, whatever the version. None when it is not registered.
+    /// The data files of the registered table `layer.name` (paths and deletion vectors, one
+    /// per line): the same files are the same rows, whatever the version. None when it is not
+    /// registered.
     pub fn files_of(&self, name: &str) -> Option<String> {
-        let mut uris: Vec<String> = self.tables.get(name)?.get_file_uris().ok()?.collect();
-        uris.sort_unstable();
-        Some(uris.join("\n"))
+        let snapshot = self.tables.get(name)?.snapshot().ok()?;
+        let mut files: Vec<String> = snapshot
+            .log_data()
+            .iter()
+            .map(|f| match f.deletion_vector_descriptor() {
+                Some(dv) => format!("{} {}@{:?}", f.path(), dv.path_or_inline_dv, dv.offset),
+                None => f.path().to_string(),
+            })
+            .collect();
+        files.sort_unstable();
+        Some(files.join("\n"))
     }
 
     /// The table registered as `layer.name` when it is at `version`, else opened now (an
@@ -239,7 +248,8 @@ impl LakeSession {
 }
 
 /// A Delta table's provider for `ctx`, configured from it (text as Utf8, see
-/// [`session_context`]).
+/// [`session_context`]); a table with deletion vectors is read in whole files (see
+/// [`weir_lake::dvscan`]).
 pub async fn provider(
     ctx: &SessionContext,
     table: &DeltaTable,
@@ -248,5 +258,7 @@ pub async fn provider(
     table
         .update_datafusion_session(&ctx.state())
         .map_err(|e| DeriveError::Write { table: name.to_string(), message: e.to_string() })?;
-    table.table_provider().with_session(Arc::new(ctx.state())).await.map_err(df_err(format!("reading {name}")))
+    let provider =
+        table.table_provider().with_session(Arc::new(ctx.state())).await.map_err(df_err(format!("reading {name}")))?;
+    Ok(if weir_lake::dv::has_deletion_vectors(table) { weir_lake::dvscan::whole_files(provider) } else { provider })
 }

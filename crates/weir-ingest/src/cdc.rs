@@ -792,7 +792,7 @@ impl TableState {
             self.applied = end;
             return Ok(());
         }
-        let (table, m) = weir_lake::merge_by_key(table, &rel, batch, &on, writer, props()).await?;
+        let (table, m) = weir_lake::merge_by_key(lake, table, &rel, batch, &on, writer, props()).await?;
         self.changes.rows_inserted += m.inserted;
         self.changes.rows_updated += m.updated;
         self.changes.rows_deleted += m.deleted;

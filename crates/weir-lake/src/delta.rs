@@ -224,11 +224,21 @@ pub(crate) async fn commit(
     metadata: HashMap<String, Value>,
     op: DeltaOperation,
 ) -> Result<(i64, DeltaTable), DeltaError> {
+    commit_with(table, rel, actions, CommitProperties::default().with_metadata(metadata), op).await
+}
+
+/// [`commit`] with the commit's properties (its metadata and application transactions).
+pub(crate) async fn commit_with(
+    table: &DeltaTable,
+    rel: &str,
+    actions: Vec<Action>,
+    props: CommitProperties,
+    op: DeltaOperation,
+) -> Result<(i64, DeltaTable), DeltaError> {
     let clock = std::time::Instant::now();
     let snapshot = table.snapshot().map_err(delta_err(rel))?;
-    let done = CommitBuilder::from(without_maintenance(CommitProperties::default()))
+    let done = CommitBuilder::from(without_maintenance(props))
         .with_actions(actions)
-        .with_app_metadata(metadata)
         .build(Some(snapshot), table.log_store(), op)
         .await
         .map_err(|source| classify(rel, source))?;
@@ -334,7 +344,11 @@ pub struct MergeStats {
 /// Applies `source` to the table by the key columns `on` in one commit: rows whose
 /// [`OP_COLUMN`] is `U` replace (or insert) the row with their key, `D` rows delete it;
 /// [`KEEP_PREFIX`] columns keep the table's value where true. Keys must be unique in `source`.
+///
+/// On a table that exists this is a merge-on-read with deletion vectors (see [`crate::dv`]);
+/// a table that does not exist yet is created by a Delta MERGE.
 pub async fn merge_by_key(
+    lake: &Lake,
     table: DeltaTable,
     rel: &str,
     source: deltalake::arrow::record_batch::RecordBatch,
@@ -346,6 +360,9 @@ pub async fn merge_by_key(
     use deltalake::datafusion::logical_expr::{Expr, lit, when};
     use deltalake::datafusion::prelude::SessionContext;
 
+    if table.version().is_some() {
+        return crate::dv::merge_on_read(lake, table, rel, source, on, writer, commit).await;
+    }
     let schema = source.schema();
     let has_deletes = source
         .column_by_name(OP_COLUMN)

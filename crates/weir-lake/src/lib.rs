@@ -3,6 +3,8 @@
 
 pub mod delta;
 pub mod doctor;
+pub mod dv;
+pub mod dvscan;
 pub mod rewrite;
 pub mod store;
 pub mod vacuum;

@@ -32,6 +32,7 @@ pub struct Lake {
     store: Arc<dyn ObjectStore>,
     prefix: StorePath,
     storage_options: HashMap<String, String>,
+    small_file_rows: u64,
 }
 
 impl std::fmt::Debug for Lake {
@@ -121,6 +122,7 @@ impl Lake {
                     store: Arc::new(store),
                     prefix: StorePath::default(),
                     storage_options: HashMap::new(),
+                    small_file_rows: crate::dv::SMALL_FILE_ROWS,
                 })
             }
             LakeLocation::S3 { bucket, prefix } => {
@@ -152,9 +154,21 @@ impl Lake {
                     store: Arc::new(store),
                     prefix: StorePath::from(prefix.as_str()),
                     storage_options: options,
+                    small_file_rows: crate::dv::SMALL_FILE_ROWS,
                 })
             }
         }
+    }
+
+    /// A merge folds the table's files of fewer live rows than this into its new files
+    /// (see [`crate::dv`]); 0 keeps every file and marks deleted rows only.
+    pub fn with_small_file_rows(mut self, rows: u64) -> Self {
+        self.small_file_rows = rows;
+        self
+    }
+
+    pub fn small_file_rows(&self) -> u64 {
+        self.small_file_rows
     }
 
     pub fn store(&self) -> Arc<dyn ObjectStore> {

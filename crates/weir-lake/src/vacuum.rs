@@ -33,6 +33,8 @@ pub struct VacuumReport {
     pub removed_files: u64,
     /// Change-data files written before the cutoff.
     pub change_files: u64,
+    /// Deletion-vector files no version since the cutoff reads.
+    pub deletion_vectors: u64,
     pub bytes: u64,
 }
 
@@ -97,6 +99,7 @@ pub async fn vacuum(
     let retain_ms = i64::try_from(retain.as_millis()).unwrap_or(i64::MAX);
     let cutoff_ms = Utc::now().timestamp_millis().saturating_sub(retain_ms);
     let change_cutoff_ms = cutoff_ms.saturating_sub(retain_ms.min(CHANGE_DATA_SLACK_MS));
+    let needed = needed_deletion_vectors(lake, rel, &table, cutoff_ms).await?;
     // delta-rs plans which tombstones expired; its dry run commits nothing.
     let (_, planned) = table
         .vacuum()
@@ -118,8 +121,15 @@ pub async fn vacuum(
         let inner: StorePath = meta.location.parts().skip(skip).collect();
         let inner = inner.to_string();
         let change = inner.starts_with("_change_data/") && meta.last_modified.timestamp_millis() < change_cutoff_ms;
+        let file_name = inner.rsplit('/').next().unwrap_or_default();
+        let deletion_vector = file_name.starts_with("deletion_vector_")
+            && file_name.ends_with(".bin")
+            && !needed.contains(&inner)
+            && meta.last_modified.timestamp_millis() < cutoff_ms;
         if change {
             report.change_files += 1;
+        } else if deletion_vector {
+            report.deletion_vectors += 1;
         } else if expired.contains(&inner) {
             report.removed_files += 1;
         } else {
@@ -140,6 +150,56 @@ pub async fn vacuum(
     }
     delete_all(lake, doomed, rel).await?;
     Ok(report)
+}
+
+/// The deletion-vector files a reader may still open: those of the table's files now, and
+/// those a commit since the cutoff retired (a reader of a version before that commit reads
+/// them). A commit's removes name the deletion vector of the file they retire. Commits older
+/// than the log's own retention are gone, and so are the versions they ended.
+async fn needed_deletion_vectors(
+    lake: &Lake,
+    rel: &str,
+    table: &deltalake::DeltaTable,
+    cutoff_ms: i64,
+) -> Result<HashSet<String>, DeltaError> {
+    #[allow(deprecated)]
+    let mut needed: HashSet<String> = table
+        .get_active_add_actions_by_partitions(&[])
+        .map_ok(|f| f.add_action().deletion_vector)
+        .try_collect::<Vec<_>>()
+        .await
+        .map_err(|source| DeltaError::Delta { table: rel.to_string(), source })?
+        .iter()
+        .flatten()
+        .filter_map(crate::dv::file_name)
+        .collect();
+    let store = lake.store();
+    let log = lake.path(&format!("{rel}/_delta_log"));
+    let mut listing = store.list(Some(&log));
+    while let Some(meta) = listing.next().await {
+        let meta = meta.map_err(lake.io_err(format!("listing {rel}/_delta_log")))?;
+        let json = meta.location.filename().is_some_and(|n| n.ends_with(".json") && !n.starts_with('_'));
+        if !json || meta.last_modified.timestamp_millis() < cutoff_ms {
+            continue;
+        }
+        let bytes = store
+            .get(&meta.location)
+            .await
+            .map_err(lake.io_err(format!("reading {}", meta.location)))?
+            .bytes()
+            .await
+            .map_err(lake.io_err(format!("reading {}", meta.location)))?;
+        for line in bytes.split(|b| *b == b'\n').filter(|l| l.windows(9).any(|w| w == b"\"remove\":")) {
+            let Ok(action) = serde_json::from_slice::<Value>(line) else { continue };
+            let Some(dv) = action.get("remove").and_then(|r| r.get("deletionVector")) else { continue };
+            if let Ok(dv) = serde_json::from_value::<deltalake::kernel::DeletionVectorDescriptor>(dv.clone())
+                && let Some(name) = crate::dv::file_name(&dv)
+            {
+                needed.insert(name);
+            }
+        }
+    }
+    Ok(needed)
 }
 
 async fn delete_all(lake: &Lake, paths: Vec<StorePath>, rel: &str) -> Result<(), DeltaError> {

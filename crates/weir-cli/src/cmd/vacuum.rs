@@ -12,7 +12,8 @@ pub(super) struct Vacuumed {
 
 impl Vacuumed {
     pub fn files(&self) -> u64 {
-        self.reports.iter().map(|r| r.removed_files + r.change_files).sum::<u64>() + self.vectors.map_or(0, |c| c.files)
+        self.reports.iter().map(|r| r.removed_files + r.change_files + r.deletion_vectors).sum::<u64>()
+            + self.vectors.map_or(0, |c| c.files)
     }
 
     pub fn bytes(&self) -> u64 {
@@ -44,14 +45,15 @@ pub async fn run(a: VacuumArgs, cfg: &Config) -> Result<()> {
     }
     let done = vacuum_lake(&lake, &a.tables, a.retain, a.dry_run).await?;
     let verb = if a.dry_run { "would delete" } else { "deleted" };
-    for r in done.reports.iter().filter(|r| r.removed_files + r.change_files > 0) {
+    for r in done.reports.iter().filter(|r| r.removed_files + r.change_files + r.deletion_vectors > 0) {
         println!(
-            "  {:<28} {verb} {:>6} file(s), {:>9.1} MB ({} removed from the table, {} change data)",
+            "  {:<28} {verb} {:>6} file(s), {:>9.1} MB ({} removed from the table, {} change data, {} deletion vectors)",
             r.table,
-            r.removed_files + r.change_files,
+            r.removed_files + r.change_files + r.deletion_vectors,
             r.bytes as f64 / 1e6,
             r.removed_files,
-            r.change_files
+            r.change_files,
+            r.deletion_vectors
         );
     }
     if let Some(c) = done.vectors.filter(|c| c.versions > 0) {

@@ -1,0 +1,760 @@
+//! Merge-on-read by key: a [`crate::merge_by_key`] on a table that exists marks the rows it
+//! replaces or deletes in Delta deletion vectors instead of copying every other row of their
+//! files, writes the new rows as new files and the change data feed as `_change_data/` files,
+//! all in one commit.
+//!
+//! A day of CDC updates a tenth of the listings, spread over every file: copy-on-write
+//! rewrote the whole table for it. Here a batch costs reading the key columns of the files
+//! whose key range holds a changed key, the changed rows themselves (their old values feed
+//! the change data feed and the columns a source row keeps), and writing what changed.
+//!
+//! Files do not pile up: in the same commit a file is rewritten without its deleted rows
+//! once they are half of it (so a row is copied at most about twice over its file's life),
+//! and files of fewer than [`Lake::small_file_rows`] live rows in a partition the batch writes
+//! to are folded into its new files (so each batch leaves at most one small file per partition
+//! it writes to, and does not touch the others).
+//!
+//! The first such merge on a table created without deletion vectors upgrades its protocol
+//! (reader 3, writer 7, the `deletionVectors` feature) in the same commit. Readers: delta-rs
+//! (DataFusion) ≥ 0.27, Spark ≥ 3.4 with Delta 2.4, DuckDB's delta extension.
+
+use std::collections::{HashMap, HashSet};
+use std::sync::Arc;
+
+use arrow::array::{Array, ArrayRef, BooleanArray, RecordBatch, StringArray, new_null_array};
+use arrow::compute::{cast, concat_batches, interleave};
+use arrow::datatypes::{DataType, Field, Schema, SchemaRef};
+use arrow::row::{RowConverter, SortField};
+use deltalake::DeltaTable;
+use deltalake::kernel::transaction::CommitProperties;
+use deltalake::kernel::{Action, Add, AddCDCFile, DeletionVectorDescriptor, MetadataExt as _, StorageType};
+use deltalake::parquet::arrow::ProjectionMask;
+use deltalake::parquet::arrow::arrow_reader::{RowSelection, RowSelector};
+use deltalake::parquet::arrow::async_reader::{ParquetObjectReader, ParquetRecordBatchStreamBuilder};
+use deltalake::parquet::file::properties::WriterProperties;
+use deltalake::protocol::DeltaOperation;
+use deltalake::writer::{DeltaWriter, RecordBatchWriter};
+use futures::{StreamExt, TryStreamExt};
+use object_store::{ObjectStoreExt as _, PutPayload};
+use roaring::RoaringTreemap;
+use serde_json::Value;
+
+use crate::delta::{DeltaError, KEEP_PREFIX, MergeStats, OP_COLUMN};
+use crate::store::Lake;
+
+/// Files with fewer live rows than this are rewritten into a merge's new files, by default
+/// (see [`Lake::with_small_file_rows`]).
+pub const SMALL_FILE_ROWS: u64 = 8192;
+/// The change data feed's column saying what a row is.
+const CHANGE_TYPE: &str = "_change_type";
+/// The Delta spec's magic number of a serialized `RoaringBitmapArray`.
+const DV_MAGIC: u32 = 1681511377;
+/// Files read at the same time.
+const CONCURRENT_FILES: usize = 4;
+
+fn generic(rel: &str, m: impl ToString) -> DeltaError {
+    DeltaError::Delta { table: rel.to_string(), source: deltalake::DeltaTableError::Generic(m.to_string()) }
+}
+
+/// Whether the table's protocol lists deletion vectors (its files may carry them).
+pub fn has_deletion_vectors(table: &DeltaTable) -> bool {
+    let Ok(s) = table.snapshot() else { return false };
+    let p = s.protocol();
+    p.min_reader_version() >= 3
+        && p.reader_features().is_some_and(|f| f.iter().any(|f| f.as_ref() == "deletionVectors"))
+        && p.writer_features().is_some_and(|f| f.iter().any(|f| f.as_ref() == "deletionVectors"))
+}
+
+/// The protocol and metadata actions that enable deletion vectors on the table: reader 3 and
+/// writer 7, listing the features the legacy versions implied (as Delta's own upgrade does)
+/// plus `deletionVectors`; `delta.enableDeletionVectors = true`.
+fn upgrade_actions(table: &DeltaTable, rel: &str) -> Result<Vec<Action>, DeltaError> {
+    let snapshot = table.snapshot().map_err(|source| DeltaError::Delta { table: rel.to_string(), source })?;
+    let protocol = snapshot.protocol();
+    let mut reader: Vec<String> =
+        protocol.reader_features().map(|f| f.iter().map(|f| f.as_ref().to_string()).collect()).unwrap_or_default();
+    if protocol.min_reader_version() == 2 {
+        reader.push("columnMapping".into());
+    }
+    let mut writer: Vec<String> =
+        protocol.writer_features().map(|f| f.iter().map(|f| f.as_ref().to_string()).collect()).unwrap_or_default();
+    let legacy = [
+        (2, "appendOnly"),
+        (2, "invariants"),
+        (3, "checkConstraints"),
+        (4, "changeDataFeed"),
+        (4, "generatedColumns"),
+        (5, "columnMapping"),
+        (6, "identityColumns"),
+    ];
+    if protocol.min_writer_version() < 7 {
+        writer.extend(legacy.iter().filter(|(v, _)| protocol.min_writer_version() >= *v).map(|(_, f)| f.to_string()));
+    }
+    for list in [&mut reader, &mut writer] {
+        list.push("deletionVectors".into());
+        list.sort();
+        list.dedup();
+    }
+    let json = serde_json::json!({
+        "minReaderVersion": 3, "minWriterVersion": 7, "readerFeatures": reader, "writerFeatures": writer,
+    });
+    let protocol = serde_json::from_value(json).map_err(|e| generic(rel, format!("upgrading the protocol: {e}")))?;
+    let metadata = snapshot
+        .metadata()
+        .clone()
+        .add_config_key("delta.enableDeletionVectors".into(), "true".into())
+        .map_err(|e| generic(rel, format!("enabling deletion vectors: {e}")))?;
+    Ok(vec![Action::Protocol(protocol), Action::Metadata(metadata)])
+}
+
+/// A file of the table as the merge sees it.
+struct FileState {
+    add: Add,
+    rows: u64,
+    /// Rows deleted before this merge.
+    deleted: RoaringTreemap,
+}
+
+/// The rows of a file this merge touches: positions in the file and the source rows they
+/// match, in position order, and their current values.
+struct Matched {
+    file: FileState,
+    positions: Vec<u64>,
+    sources: Vec<u32>,
+    old: RecordBatch,
+    /// The file's live rows no source row matched, when it is rewritten.
+    kept: Option<RecordBatch>,
+}
+
+/// The value of a partition column for every row of a file, in the table's type.
+fn partition_array(value: Option<&Option<String>>, field: &Field, n: usize, rel: &str) -> Result<ArrayRef, DeltaError> {
+    match value.and_then(|v| v.as_deref()) {
+        None => Ok(new_null_array(field.data_type(), n)),
+        Some(v) => {
+            let s: ArrayRef = Arc::new(StringArray::from(vec![v; n]));
+            cast(&s, field.data_type())
+                .map_err(|e| generic(rel, format!("partition value {v} of {}: {e}", field.name())))
+        }
+    }
+}
+
+/// `batch` (a file's columns) as the rows of `schema`: partition columns from the file's
+/// values, columns the file predates as NULL, types cast to the table's.
+fn table_rows(batch: &RecordBatch, schema: &SchemaRef, add: &Add, rel: &str) -> Result<RecordBatch, DeltaError> {
+    let n = batch.num_rows();
+    let cols = schema
+        .fields()
+        .iter()
+        .map(|f| match batch.column_by_name(f.name()) {
+            Some(c) if c.data_type() == f.data_type() => Ok(c.clone()),
+            Some(c) => cast(c, f.data_type()).map_err(|e| generic(rel, e)),
+            None if add.partition_values.contains_key(f.name()) => {
+                partition_array(add.partition_values.get(f.name()), f, n, rel)
+            }
+            None => Ok(new_null_array(f.data_type(), n)),
+        })
+        .collect::<Result<Vec<_>, _>>()?;
+    RecordBatch::try_new_with_options(
+        schema.clone(),
+        cols,
+        &arrow::array::RecordBatchOptions::new().with_row_count(Some(n)),
+    )
+    .map_err(|e| generic(rel, e))
+}
+
+/// Reads a deletion vector this table's log references (stored beside the table, as Weir
+/// and Spark write them, or inline).
+async fn read_deletion_vector(
+    lake: &Lake,
+    rel: &str,
+    dv: &DeletionVectorDescriptor,
+) -> Result<RoaringTreemap, DeltaError> {
+    let bad = |m: String| generic(rel, format!("deletion vector {}: {m}", dv.path_or_inline_dv));
+    let bitmap = |bytes: &[u8]| -> Result<RoaringTreemap, DeltaError> {
+        let magic = bytes.get(..4).map(|m| u32::from_le_bytes([m[0], m[1], m[2], m[3]]));
+        if magic != Some(DV_MAGIC) {
+            return Err(bad(format!("not a RoaringBitmapArray (magic {magic:?})")));
+        }
+        RoaringTreemap::deserialize_from(&bytes[4..]).map_err(|e| bad(e.to_string()))
+    };
+    match dv.storage_type {
+        StorageType::Inline => bitmap(&z85::decode(&dv.path_or_inline_dv).map_err(|e| bad(e.to_string()))?),
+        StorageType::AbsolutePath => Err(bad("deletion vectors at absolute paths are not supported".into())),
+        StorageType::UuidRelativePath => {
+            let file = file_name(dv).ok_or_else(|| bad("not a prefix and a Z85-encoded UUID".into()))?;
+            let offset = dv.offset.unwrap_or(1) as u64;
+            let size = u64::try_from(dv.size_in_bytes).map_err(|e| bad(e.to_string()))?;
+            let path = lake.path(&format!("{rel}/{file}"));
+            let bytes = lake
+                .store()
+                .get_range(&path, offset..offset + 4 + size)
+                .await
+                .map_err(|e| bad(format!("reading {file}: {e}")))?;
+            let stored = u32::from_be_bytes([bytes[0], bytes[1], bytes[2], bytes[3]]) as u64;
+            if stored != size {
+                return Err(bad(format!("{file} holds {stored} bytes where the log says {size}")));
+            }
+            bitmap(&bytes[4..])
+        }
+    }
+}
+
+/// The file, relative to the table, that holds a deletion vector stored beside the table
+/// (`[prefix/]deletion_vector_<uuid>.bin`); None for one inline or at an absolute path.
+pub fn file_name(dv: &DeletionVectorDescriptor) -> Option<String> {
+    if dv.storage_type != StorageType::UuidRelativePath {
+        return None;
+    }
+    let encoded = &dv.path_or_inline_dv;
+    let (prefix, id) = encoded.split_at(encoded.len().checked_sub(20)?);
+    let id = uuid::Uuid::from_slice(&z85::decode(id).ok()?).ok()?;
+    let name = format!("deletion_vector_{id}.bin");
+    Some(if prefix.is_empty() { name } else { format!("{prefix}/{name}") })
+}
+
+/// Row selection of `positions` (sorted) in a file of `rows` rows.
+fn selection(positions: impl Iterator<Item = u64>, rows: u64) -> RowSelection {
+    let ranges = positions.map(|p| p as usize..p as usize + 1);
+    RowSelection::from_consecutive_ranges(ranges, rows as usize)
+}
+
+/// Everything but `deleted` in a file of `rows` rows.
+fn live_selection(deleted: &RoaringTreemap, rows: u64) -> RowSelection {
+    let mut selectors = Vec::new();
+    let mut at = 0u64;
+    for d in deleted.iter().filter(|d| *d < rows) {
+        if d > at {
+            selectors.push(RowSelector::select((d - at) as usize));
+        }
+        selectors.push(RowSelector::skip(1));
+        at = d + 1;
+    }
+    if rows > at {
+        selectors.push(RowSelector::select((rows - at) as usize));
+    }
+    RowSelection::from(selectors)
+}
+
+/// What the merge reads of one file: its rows `on` matches in the source, and, when the file
+/// is rewritten (deleted rows half of it, or a small file to `absorb` into the new files of
+/// its partition), its other live rows.
+#[allow(clippy::too_many_arguments)]
+async fn scan_file(
+    lake: &Lake,
+    rel: &str,
+    schema: &SchemaRef,
+    on: &[String],
+    converter: &RowConverter,
+    source_keys: &HashMap<&[u8], u32>,
+    first_keys: Option<&HashSet<i64>>,
+    file: FileState,
+    absorb: bool,
+) -> Result<Option<Matched>, DeltaError> {
+    let path = lake.path(&format!("{rel}/{}", file.add.path));
+    let open = || async {
+        let reader = ParquetObjectReader::new(lake.store(), path.clone()).with_file_size(file.add.size as u64);
+        ParquetRecordBatchStreamBuilder::new(reader).await.map_err(|e| generic(rel, format!("{}: {e}", file.add.path)))
+    };
+    let builder = open().await?;
+    // First pass: the positions whose key may be the source's. With an integer first key
+    // column in the file, that column alone (price_log's key adds a timestamp, read only for
+    // the rows the first column leaves); else every key column the file holds.
+    let first = on[0].as_str();
+    let by_first = first_keys.is_some() && builder.schema().column_with_name(first).is_some();
+    let in_file: Vec<&str> = on
+        .iter()
+        .map(String::as_str)
+        .filter(|k| builder.schema().column_with_name(k).is_some() && (!by_first || *k == first))
+        .collect();
+    let mask = ProjectionMask::columns(builder.parquet_schema(), in_file.iter().copied());
+    let mut stream = builder
+        .with_projection(mask)
+        .with_batch_size(64 * 1024)
+        .build()
+        .map_err(|e| generic(rel, format!("{}: {e}", file.add.path)))?;
+    let key_schema = Arc::new(Schema::new(
+        on.iter()
+            .map(|k| schema.field_with_name(k).cloned().map_err(|e| generic(rel, e)))
+            .collect::<Result<Vec<_>, _>>()?,
+    ));
+    let mut candidates = Vec::new();
+    let mut at = 0u64;
+    while let Some(batch) = stream.next().await {
+        let batch = batch.map_err(|e| generic(rel, format!("{}: {e}", file.add.path)))?;
+        match first_keys.filter(|_| by_first) {
+            Some(set) => {
+                let col = cast(batch.column(0), &DataType::Int64).map_err(|e| generic(rel, e))?;
+                let col = col.as_any().downcast_ref::<arrow::array::Int64Array>().expect("cast to Int64");
+                for (i, k) in col.iter().enumerate() {
+                    let p = at + i as u64;
+                    if k.is_some_and(|k| set.contains(&k)) && !file.deleted.contains(p) {
+                        candidates.push(p);
+                    }
+                }
+            }
+            None => {
+                let keys = table_rows(&batch, &key_schema, &file.add, rel)?;
+                let rows = converter.convert_columns(keys.columns()).map_err(|e| generic(rel, e))?;
+                for (i, row) in rows.iter().enumerate() {
+                    let p = at + i as u64;
+                    if source_keys.contains_key(row.as_ref()) && !file.deleted.contains(p) {
+                        candidates.push(p);
+                    }
+                }
+            }
+        }
+        at += batch.num_rows() as u64;
+    }
+    let read = |sel: RowSelection| async {
+        let batches: Vec<RecordBatch> = open()
+            .await?
+            .with_row_selection(sel)
+            .with_batch_size(64 * 1024)
+            .build()
+            .map_err(|e| generic(rel, format!("{}: {e}", file.add.path)))?
+            .try_collect()
+            .await
+            .map_err(|e| generic(rel, format!("{}: {e}", file.add.path)))?;
+        let rows = batches.iter().map(|b| table_rows(b, schema, &file.add, rel)).collect::<Result<Vec<_>, _>>()?;
+        concat_batches(schema, &rows).map_err(|e| generic(rel, e))
+    };
+    // Second pass: the candidates' rows, whole; those whose whole key is the source's match.
+    let (mut positions, mut sources, mut taken) = (Vec::new(), Vec::new(), Vec::new());
+    let mut old = RecordBatch::new_empty(schema.clone());
+    if !candidates.is_empty() {
+        let rows = read(selection(candidates.iter().copied(), file.rows)).await?;
+        if rows.num_rows() != candidates.len() {
+            return Err(generic(
+                rel,
+                format!("{}: read {} of {} rows", file.add.path, rows.num_rows(), candidates.len()),
+            ));
+        }
+        let keys: Vec<ArrayRef> = on.iter().map(|k| rows.column_by_name(k).expect("a table column").clone()).collect();
+        let converted = converter.convert_columns(&keys).map_err(|e| generic(rel, e))?;
+        for (j, row) in converted.iter().enumerate() {
+            if let Some(s) = source_keys.get(row.as_ref()) {
+                positions.push(candidates[j]);
+                sources.push(*s);
+                taken.push(j as u32);
+            }
+        }
+        old = arrow::compute::take_record_batch(&rows, &arrow::array::UInt32Array::from(taken))
+            .map_err(|e| generic(rel, e))?;
+    }
+    let rewrite = (file.deleted.len() + positions.len() as u64) * 2 > file.rows || absorb;
+    if positions.is_empty() && !rewrite {
+        return Ok(None);
+    }
+    let kept = if rewrite {
+        let mut gone = file.deleted.clone();
+        gone.extend(positions.iter().copied());
+        Some(read(live_selection(&gone, file.rows)).await?)
+    } else {
+        None
+    };
+    Ok(Some(Matched { file, positions, sources, old, kept }))
+}
+
+/// The source's values of the partition columns as Delta writes them in the log (text), when
+/// every one is text, an integer or a date (whose text is the same either way).
+fn partition_strings(rows: &RecordBatch, columns: &[String]) -> Option<Vec<StringArray>> {
+    columns
+        .iter()
+        .map(|p| {
+            let c = rows.column_by_name(p)?;
+            let t = c.data_type();
+            if !(matches!(t, DataType::Utf8 | DataType::LargeUtf8 | DataType::Date32) || t.is_integer()) {
+                return None;
+            }
+            let s = cast(c, &DataType::Utf8).ok()?;
+            Some(s.as_any().downcast_ref::<StringArray>()?.clone())
+        })
+        .collect()
+}
+
+fn row_values(cols: &[StringArray], i: usize) -> Vec<Option<String>> {
+    cols.iter().map(|c| c.is_valid(i).then(|| c.value(i).to_string())).collect()
+}
+
+/// The integer range of `key` in a file's statistics.
+fn key_range(add: &Add, key: &str) -> Option<(i64, i64)> {
+    let stats: Value = serde_json::from_str(add.stats.as_deref()?).ok()?;
+    Some((stats["minValues"][key].as_i64()?, stats["maxValues"][key].as_i64()?))
+}
+
+/// See the module documentation. `source` as for [`crate::merge_by_key`]; the table exists.
+pub(crate) async fn merge_on_read(
+    lake: &Lake,
+    table: DeltaTable,
+    rel: &str,
+    source: RecordBatch,
+    on: &[String],
+    writer: WriterProperties,
+    props: CommitProperties,
+) -> Result<(DeltaTable, MergeStats), DeltaError> {
+    let clock = std::time::Instant::now();
+    let snapshot = table.snapshot().map_err(|source| DeltaError::Delta { table: rel.to_string(), source })?;
+    let schema: SchemaRef = snapshot.snapshot().arrow_schema();
+    let partition_columns = snapshot.metadata().partition_columns().to_vec();
+    let n = source.num_rows();
+
+    // The source: its operations, its rows in the table's columns, and which of their
+    // values keep the table's (flagged, or a column the source does not carry).
+    let ops = source
+        .column_by_name(OP_COLUMN)
+        .and_then(|c| c.as_any().downcast_ref::<StringArray>())
+        .ok_or_else(|| generic(rel, format!("a merge source needs a string column {OP_COLUMN}")))?
+        .clone();
+    if let Some(bad) = ops.iter().find(|o| !matches!(o, Some("U" | "D"))) {
+        return Err(generic(rel, format!("{OP_COLUMN} {bad:?} is neither U nor D")));
+    }
+    if on.is_empty() {
+        return Err(generic(rel, "a merge needs key columns"));
+    }
+    let mut new_cols = Vec::with_capacity(schema.fields().len());
+    let mut keep: Vec<Option<BooleanArray>> = Vec::with_capacity(schema.fields().len());
+    for f in schema.fields() {
+        match source.column_by_name(f.name()) {
+            Some(c) => {
+                new_cols.push(if c.data_type() == f.data_type() {
+                    c.clone()
+                } else {
+                    cast(c, f.data_type()).map_err(|e| generic(rel, format!("column {}: {e}", f.name())))?
+                });
+                keep.push(
+                    source
+                        .column_by_name(&format!("{KEEP_PREFIX}{}", f.name()))
+                        .and_then(|k| k.as_any().downcast_ref::<BooleanArray>())
+                        .cloned(),
+                );
+            }
+            None => {
+                new_cols.push(new_null_array(f.data_type(), n));
+                keep.push(Some(BooleanArray::from(vec![true; n])));
+            }
+        }
+    }
+    // Nullable throughout: a delete carries its key alone.
+    let loose = Arc::new(Schema::new(
+        schema.fields().iter().map(|f| f.as_ref().clone().with_nullable(true)).collect::<Vec<_>>(),
+    ));
+    let new_rows = RecordBatch::try_new_with_options(
+        loose,
+        new_cols,
+        &arrow::array::RecordBatchOptions::new().with_row_count(Some(n)),
+    )
+    .map_err(|e| generic(rel, e))?;
+    let key_fields: Vec<SortField> = on
+        .iter()
+        .map(|k| schema.field_with_name(k).map(|f| SortField::new(f.data_type().clone())).map_err(|e| generic(rel, e)))
+        .collect::<Result<_, _>>()?;
+    let converter = RowConverter::new(key_fields).map_err(|e| generic(rel, e))?;
+    let key_cols: Vec<ArrayRef> =
+        on.iter().map(|k| new_rows.column_by_name(k).expect("a table column").clone()).collect();
+    let source_rows = converter.convert_columns(&key_cols).map_err(|e| generic(rel, e))?;
+    let mut source_keys: HashMap<&[u8], u32> = HashMap::with_capacity(n);
+    for (i, r) in source_rows.iter().enumerate() {
+        if source_keys.insert(r.data(), i as u32).is_some() {
+            return Err(generic(rel, format!("a merge source holds a key twice (row {i})")));
+        }
+    }
+    // Files whose integer key range holds no source key are not read.
+    let first_key: Option<Vec<i64>> = cast(&key_cols[0], &DataType::Int64).ok().and_then(|c| {
+        let c = c.as_any().downcast_ref::<arrow::array::Int64Array>()?.clone();
+        let mut v: Vec<i64> = c.iter().flatten().collect();
+        v.sort_unstable();
+        (v.len() == n && key_cols[0].data_type().is_integer()).then_some(v)
+    });
+
+    #[allow(deprecated)]
+    let adds: Vec<Add> = table
+        .get_active_add_actions_by_partitions(&[])
+        .map_ok(|f| f.add_action())
+        .try_collect()
+        .await
+        .map_err(|source| DeltaError::Delta { table: rel.to_string(), source })?;
+    let files_total = adds.len();
+    let first_set: Option<HashSet<i64>> = first_key.as_ref().map(|k| k.iter().copied().collect());
+    // The partitions the source's rows are in, when its key holds every partition column (a
+    // month partition derived from a key column): files of other partitions cannot match.
+    let in_key = !partition_columns.is_empty() && partition_columns.iter().all(|p| on.contains(p));
+    let part_values = partition_strings(&new_rows, &partition_columns);
+    let partitions: Option<HashSet<Vec<Option<String>>>> =
+        part_values.as_ref().filter(|_| in_key).map(|cols| (0..n).map(|i| row_values(cols, i)).collect());
+    // The partitions the merge writes new rows to: a small file there is folded into them.
+    let written: Option<HashSet<Vec<Option<String>>>> = part_values
+        .as_ref()
+        .map(|cols| (0..n).filter(|&i| ops.is_valid(i) && ops.value(i) == "U").map(|i| row_values(cols, i)).collect());
+    let mut candidates = Vec::new();
+    for add in adds {
+        let rows = add
+            .get_stats()
+            .ok()
+            .flatten()
+            .map(|s| s.num_records as u64)
+            .ok_or_else(|| generic(rel, format!("{} has no row count in its statistics", add.path)))?;
+        let deleted_rows = add.deletion_vector.as_ref().map_or(0, |d| d.cardinality as u64);
+        let values: Vec<Option<String>> =
+            partition_columns.iter().map(|p| add.partition_values.get(p).cloned().flatten()).collect();
+        let absorb = rows.saturating_sub(deleted_rows) < lake.small_file_rows()
+            && written.as_ref().is_some_and(|w| w.contains(&values));
+        let may_hold = match (&first_key, key_range(&add, &on[0])) {
+            (Some(keys), Some((lo, hi))) => {
+                let i = keys.partition_point(|k| *k < lo);
+                keys.get(i).is_some_and(|k| *k <= hi)
+            }
+            _ => true,
+        };
+        let in_partition = partitions.as_ref().is_none_or(|set| set.contains(&values));
+        if (may_hold && in_partition) || absorb {
+            candidates.push((add, rows, absorb));
+        }
+    }
+    let files_read = candidates.len();
+    let matched: Vec<Matched> = futures::stream::iter(candidates)
+        .map(|(add, rows, absorb)| {
+            let (schema, converter, source_keys, first_set) = (&schema, &converter, &source_keys, first_set.as_ref());
+            async move {
+                let deleted = match &add.deletion_vector {
+                    Some(dv) => read_deletion_vector(lake, rel, dv).await?,
+                    None => RoaringTreemap::new(),
+                };
+                let file = FileState { add, rows, deleted };
+                scan_file(lake, rel, schema, on, converter, source_keys, first_set, file, absorb).await
+            }
+        })
+        .buffer_unordered(CONCURRENT_FILES)
+        .try_filter_map(|m| async move { Ok(m) })
+        .try_collect()
+        .await?;
+    let scanned = clock.elapsed();
+
+    // Old values by source row: (batch of `matched`, row in it).
+    let mut old_of: Vec<Option<(usize, usize)>> = vec![None; n];
+    for (b, m) in matched.iter().enumerate() {
+        for (r, s) in m.sources.iter().enumerate() {
+            old_of[*s as usize] = Some((b, r));
+        }
+    }
+    // interleave() sources: 0 = the new rows, 1 + b = matched[b].old.
+    let olds: Vec<&RecordBatch> = matched.iter().map(|m| &m.old).collect();
+    let mut stats = MergeStats::default();
+    let (mut pre_idx, mut insert_idx, mut delete_idx) = (Vec::new(), Vec::new(), Vec::new());
+    let mut post_rows: Vec<usize> = Vec::new();
+    for (i, old) in old_of.iter().enumerate() {
+        let upsert = ops.value(i) == "U";
+        match (upsert, *old) {
+            (true, Some((b, r))) => {
+                stats.updated += 1;
+                pre_idx.push((1 + b, r));
+                post_rows.push(i);
+            }
+            (true, None) => {
+                stats.inserted += 1;
+                insert_idx.push((0, i));
+            }
+            (false, Some((b, r))) => {
+                stats.deleted += 1;
+                delete_idx.push((1 + b, r));
+            }
+            (false, None) => {}
+        }
+    }
+    // An updated row: the source's values, but the table's where it keeps them.
+    let mut post_cols = Vec::with_capacity(schema.fields().len());
+    for (c, k) in keep.iter().enumerate() {
+        let arrays: Vec<&dyn Array> =
+            std::iter::once(new_rows.column(c).as_ref()).chain(olds.iter().map(|o| o.column(c).as_ref())).collect();
+        let idx: Vec<(usize, usize)> = post_rows
+            .iter()
+            .map(|&i| match (k, old_of[i]) {
+                (Some(k), Some((b, r))) if k.is_valid(i) && k.value(i) => (1 + b, r),
+                _ => (0, i),
+            })
+            .collect();
+        post_cols.push(interleave(&arrays, &idx).map_err(|e| generic(rel, e))?);
+    }
+    let post = RecordBatch::try_new_with_options(
+        schema.clone(),
+        post_cols,
+        &arrow::array::RecordBatchOptions::new().with_row_count(Some(post_rows.len())),
+    )
+    .map_err(|e| generic(rel, e))?;
+    let pick = |idx: &[(usize, usize)]| -> Result<RecordBatch, DeltaError> {
+        let cols = (0..schema.fields().len())
+            .map(|c| {
+                let arrays: Vec<&dyn Array> = std::iter::once(new_rows.column(c).as_ref())
+                    .chain(olds.iter().map(|o| o.column(c).as_ref()))
+                    .collect();
+                interleave(&arrays, idx).map_err(|e| generic(rel, e))
+            })
+            .collect::<Result<Vec<_>, _>>()?;
+        RecordBatch::try_new_with_options(
+            schema.clone(),
+            cols,
+            &arrow::array::RecordBatchOptions::new().with_row_count(Some(idx.len())),
+        )
+        .map_err(|e| generic(rel, e))
+    };
+    let inserts = pick(&insert_idx)?;
+    let pre = pick(&pre_idx)?;
+    let deletes = pick(&delete_idx)?;
+
+    // Nothing matched and nothing new (deletes of keys the table does not hold): a commit
+    // with the transaction alone. Rewriting small files then would read as changed rows to
+    // a change-feed reader (a commit without change files is read from its adds and removes).
+    let changed = inserts.num_rows() + post.num_rows() + deletes.num_rows() > 0;
+    let matched: Vec<Matched> = if changed { matched } else { Vec::new() };
+
+    // The new files: inserted and updated rows, and the live rows of rewritten files.
+    let mut to_write = vec![inserts.clone(), post.clone()];
+    to_write.extend(matched.iter().filter_map(|m| m.kept.clone()));
+    let data = concat_batches(&schema, &to_write).map_err(|e| generic(rel, e))?;
+    let mut actions: Vec<Action> = Vec::new();
+    if !has_deletion_vectors(&table) {
+        actions.extend(upgrade_actions(&table, rel)?);
+    }
+    if data.num_rows() > 0 {
+        let mut w = RecordBatchWriter::for_table(&table)
+            .map_err(|source| DeltaError::Delta { table: rel.to_string(), source })?
+            .with_writer_properties(writer.clone());
+        w.write(data).await.map_err(|source| DeltaError::Delta { table: rel.to_string(), source })?;
+        let written = w.flush().await.map_err(|source| DeltaError::Delta { table: rel.to_string(), source })?;
+        actions.extend(written.into_iter().map(Action::Add));
+    }
+
+    // The change data feed.
+    let change_schema = Arc::new(Schema::new(
+        schema
+            .fields()
+            .iter()
+            .cloned()
+            .chain([Arc::new(Field::new(CHANGE_TYPE, DataType::Utf8, true))])
+            .collect::<Vec<_>>(),
+    ));
+    let mut changes = Vec::new();
+    for (kind, b) in
+        [("insert", &inserts), ("update_preimage", &pre), ("update_postimage", &post), ("delete", &deletes)]
+    {
+        if b.num_rows() == 0 {
+            continue;
+        }
+        let mut cols = b.columns().to_vec();
+        cols.push(Arc::new(StringArray::from(vec![kind; b.num_rows()])));
+        changes.push(RecordBatch::try_new(change_schema.clone(), cols).map_err(|e| generic(rel, e))?);
+    }
+    if !changes.is_empty() {
+        let all = concat_batches(&change_schema, &changes).map_err(|e| generic(rel, e))?;
+        let url = format!("{}/_change_data", lake.table_url(rel).as_str().trim_end_matches('/'));
+        let mut w = RecordBatchWriter::try_new(
+            url,
+            change_schema.clone(),
+            Some(partition_columns.clone()),
+            Some(lake.storage_options().clone()),
+        )
+        .map_err(|source| DeltaError::Delta { table: rel.to_string(), source })?
+        .with_writer_properties(writer);
+        w.write(all).await.map_err(|source| DeltaError::Delta { table: rel.to_string(), source })?;
+        for a in w.flush().await.map_err(|source| DeltaError::Delta { table: rel.to_string(), source })? {
+            actions.push(Action::Cdc(AddCDCFile {
+                path: format!("_change_data/{}", a.path),
+                size: a.size,
+                partition_values: a.partition_values,
+                data_change: false,
+                tags: None,
+            }));
+        }
+    }
+
+    // Retire what changed: rewritten files go, the others get a deletion vector with the
+    // rows this merge replaced or deleted added, all in one file beside the table.
+    let mut dv_bytes: Vec<u8> = Vec::new();
+    let dv_id = uuid::Uuid::new_v4();
+    let mut dv_files = 0usize;
+    {
+        use delta_kernel::actions::deletion_vector_writer::{KernelDeletionVector, StreamingDeletionVectorWriter};
+        let mut dvw = StreamingDeletionVectorWriter::new(&mut dv_bytes);
+        for m in &matched {
+            let old_remove = remove_of(&m.file.add);
+            actions.push(Action::Remove(old_remove));
+            let mut gone = m.file.deleted.clone();
+            gone.extend(m.positions.iter().copied());
+            if m.kept.is_some() || gone.len() >= m.file.rows {
+                continue;
+            }
+            let mut dv = KernelDeletionVector::new();
+            dv.add_deleted_row_indexes(gone.iter());
+            let written = dvw.write_deletion_vector(dv).map_err(|e| generic(rel, e))?;
+            dv_files += 1;
+            let mut add = m.file.add.clone();
+            add.deletion_vector = Some(DeletionVectorDescriptor {
+                storage_type: StorageType::UuidRelativePath,
+                path_or_inline_dv: z85::encode(dv_id.as_bytes()),
+                offset: Some(written.offset),
+                size_in_bytes: written.size_in_bytes,
+                cardinality: written.cardinality,
+            });
+            add.data_change = true;
+            add.modification_time = chrono::Utc::now().timestamp_millis();
+            add.stats = add.stats.as_deref().and_then(loose_bounds);
+            actions.push(Action::Add(add));
+        }
+        dvw.finalize().map_err(|e| generic(rel, e))?;
+    }
+    if dv_files > 0 {
+        let path = lake.path(&format!("{rel}/deletion_vector_{dv_id}.bin"));
+        lake.store()
+            .put(&path, PutPayload::from(dv_bytes))
+            .await
+            .map_err(|e| generic(rel, format!("writing {path}: {e}")))?;
+    }
+    let written = clock.elapsed();
+    let op = DeltaOperation::Merge {
+        predicate: None,
+        merge_predicate: Some(format!("key ({}) match, deletion vectors", on.join(", "))),
+        matched_predicates: vec![],
+        not_matched_predicates: vec![],
+        not_matched_by_source_predicates: vec![],
+    };
+    let (_, after) = crate::delta::commit_with(&table, rel, actions, props, op).await?;
+    tracing::trace!(
+        table = rel,
+        files = files_total,
+        files_read,
+        files_rewritten = matched.iter().filter(|m| m.kept.is_some()).count(),
+        deletion_vectors = dv_files,
+        inserted = stats.inserted,
+        updated = stats.updated,
+        deleted = stats.deleted,
+        scan_ms = scanned.as_millis() as u64,
+        write_ms = (written - scanned).as_millis() as u64,
+        total_ms = clock.elapsed().as_millis() as u64,
+        "merged on read"
+    );
+    Ok((after, stats))
+}
+
+/// The remove action of an active file, its deletion vector included (a remove matches the
+/// add with the same path and deletion vector).
+fn remove_of(add: &Add) -> deltalake::kernel::Remove {
+    deltalake::kernel::Remove {
+        path: add.path.clone(),
+        data_change: true,
+        deletion_timestamp: Some(chrono::Utc::now().timestamp_millis()),
+        extended_file_metadata: Some(true),
+        size: Some(add.size),
+        partition_values: Some(add.partition_values.clone()),
+        deletion_vector: add.deletion_vector.clone(),
+        tags: None,
+        base_row_id: None,
+        default_row_commit_version: None,
+    }
+}
+
+/// A file's statistics once rows of it are deleted: its min and max may no longer be
+/// reached (`tightBounds: false`); `numRecords` still counts every row of the file.
+fn loose_bounds(stats: &str) -> Option<String> {
+    let mut v: Value = serde_json::from_str(stats).ok()?;
+    v.as_object_mut()?.insert("tightBounds".into(), Value::Bool(false));
+    serde_json::to_string(&v).ok()
+}

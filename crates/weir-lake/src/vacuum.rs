@@ -99,7 +99,7 @@ pub async fn vacuum(
     let retain_ms = i64::try_from(retain.as_millis()).unwrap_or(i64::MAX);
     let cutoff_ms = Utc::now().timestamp_millis().saturating_sub(retain_ms);
     let change_cutoff_ms = cutoff_ms.saturating_sub(retain_ms.min(CHANGE_DATA_SLACK_MS));
-    let needed = needed_deletion_vectors(lake, rel, &table, cutoff_ms).await?;
+    let active = active_deletion_vectors(&table, rel).await?;
     // delta-rs plans which tombstones expired; its dry run commits nothing.
     let (_, planned) = table
         .vacuum()
@@ -115,6 +115,7 @@ pub async fn vacuum(
     let root = lake.path(rel);
     let skip = root.parts().count();
     let mut doomed = Vec::new();
+    let mut unread = Vec::new();
     let mut listing = store.list(Some(&root));
     while let Some(meta) = listing.next().await {
         let meta = meta.map_err(lake.io_err(format!("listing {rel}")))?;
@@ -124,12 +125,13 @@ pub async fn vacuum(
         let file_name = inner.rsplit('/').next().unwrap_or_default();
         let deletion_vector = file_name.starts_with("deletion_vector_")
             && file_name.ends_with(".bin")
-            && !needed.contains(&inner)
+            && !active.contains(&inner)
             && meta.last_modified.timestamp_millis() < cutoff_ms;
         if change {
             report.change_files += 1;
         } else if deletion_vector {
-            report.deletion_vectors += 1;
+            unread.push((inner, meta));
+            continue;
         } else if expired.contains(&inner) {
             report.removed_files += 1;
         } else {
@@ -137,6 +139,16 @@ pub async fn vacuum(
         }
         report.bytes += meta.size;
         doomed.push(meta.location);
+    }
+    // Deletion vectors no file uses now: gone unless a commit since the cutoff retired them.
+    if !unread.is_empty() {
+        let names: HashSet<String> = unread.iter().map(|(n, _)| n.clone()).collect();
+        let retired = retired_since(lake, rel, cutoff_ms, &names).await?;
+        for (_, meta) in unread.into_iter().filter(|(n, _)| !retired.contains(n)) {
+            report.deletion_vectors += 1;
+            report.bytes += meta.size;
+            doomed.push(meta.location);
+        }
     }
     if dry_run || doomed.is_empty() {
         return Ok(report);
@@ -152,31 +164,36 @@ pub async fn vacuum(
     Ok(report)
 }
 
-/// The deletion-vector files a reader may still open: those of the table's files now, and
-/// those a commit since the cutoff retired (a reader of a version before that commit reads
-/// them). A commit's removes name the deletion vector of the file they retire. Commits older
-/// than the log's own retention are gone, and so are the versions they ended.
-async fn needed_deletion_vectors(
-    lake: &Lake,
-    rel: &str,
-    table: &deltalake::DeltaTable,
-    cutoff_ms: i64,
-) -> Result<HashSet<String>, DeltaError> {
+/// The deletion-vector files of the table's files now (relative to the table).
+async fn active_deletion_vectors(table: &deltalake::DeltaTable, rel: &str) -> Result<HashSet<String>, DeltaError> {
     #[allow(deprecated)]
-    let mut needed: HashSet<String> = table
+    let dvs: Vec<_> = table
         .get_active_add_actions_by_partitions(&[])
         .map_ok(|f| f.add_action().deletion_vector)
-        .try_collect::<Vec<_>>()
+        .try_collect()
         .await
-        .map_err(|source| DeltaError::Delta { table: rel.to_string(), source })?
-        .iter()
-        .flatten()
-        .filter_map(crate::dv::file_name)
-        .collect();
+        .map_err(|source| DeltaError::Delta { table: rel.to_string(), source })?;
+    Ok(dvs.iter().flatten().filter_map(crate::dv::file_name).collect())
+}
+
+/// Which of `candidates` (deletion-vector files no file uses now) a commit since the cutoff
+/// retired: a reader of a version before that commit still reads them. A remove names the
+/// deletion vector of the file it retires. Reads the commits since the cutoff only while some
+/// candidate is not found yet.
+async fn retired_since(
+    lake: &Lake,
+    rel: &str,
+    cutoff_ms: i64,
+    candidates: &HashSet<String>,
+) -> Result<HashSet<String>, DeltaError> {
+    let mut found = HashSet::new();
     let store = lake.store();
     let log = lake.path(&format!("{rel}/_delta_log"));
     let mut listing = store.list(Some(&log));
     while let Some(meta) = listing.next().await {
+        if found.len() == candidates.len() {
+            break;
+        }
         let meta = meta.map_err(lake.io_err(format!("listing {rel}/_delta_log")))?;
         let json = meta.location.filename().is_some_and(|n| n.ends_with(".json") && !n.starts_with('_'));
         if !json || meta.last_modified.timestamp_millis() < cutoff_ms {
@@ -193,13 +210,13 @@ async fn needed_deletion_vectors(
             let Ok(action) = serde_json::from_slice::<Value>(line) else { continue };
             let Some(dv) = action.get("remove").and_then(|r| r.get("deletionVector")) else { continue };
             if let Ok(dv) = serde_json::from_value::<deltalake::kernel::DeletionVectorDescriptor>(dv.clone())
-                && let Some(name) = crate::dv::file_name(&dv)
+                && let Some(name) = crate::dv::file_name(&dv).filter(|n| candidates.contains(n))
             {
-                needed.insert(name);
+                found.insert(name);
             }
         }
     }
-    Ok(needed)
+    Ok(found)
 }
 
 async fn delete_all(lake: &Lake, paths: Vec<StorePath>, rel: &str) -> Result<(), DeltaError> {

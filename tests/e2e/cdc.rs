@@ -17,8 +17,14 @@ use crate::derive::{assert_parity, derive, legacy_all};
 use crate::lakecheck::{assert_table_matches, lake_rows, pg_rows};
 
 pub(crate) fn weir(args: &[&str]) -> (bool, String, String) {
+    weir_with(args, &[])
+}
+
+/// `weir` with `env` set.
+fn weir_with(args: &[&str], env: &[(&str, &str)]) -> (bool, String, String) {
     let out = Command::new(weir_bin())
         .current_dir(env!("CARGO_MANIFEST_DIR").to_string() + "/../..")
+        .envs(env.iter().copied())
         .args(args)
         .output()
         .unwrap();
@@ -31,14 +37,7 @@ pub(crate) fn weir(args: &[&str]) -> (bool, String, String) {
 pub(crate) fn sync(url: &str, lake: &str, extra: &[&str]) -> String {
     let mut args = vec!["sync", "--pg", url, "--lake", lake];
     args.extend_from_slice(extra);
-    let out = Command::new(weir_bin())
-        .current_dir(env!("CARGO_MANIFEST_DIR").to_string() + "/../..")
-        .env("WEIR_SMALL_FILE_ROWS", "0")
-        .args(&args)
-        .output()
-        .unwrap();
-    let (ok, out, err) =
-        (out.status.success(), String::from_utf8_lossy(&out.stdout).to_string(), String::from_utf8_lossy(&out.stderr));
+    let (ok, out, err) = weir_with(&args, &[("WEIR_SMALL_FILE_ROWS", "0")]);
     assert!(ok, "weir sync failed:\n{out}\n{err}");
     out
 }

@@ -344,9 +344,8 @@ pub struct MergeStats {
 /// Applies `source` to the table by the key columns `on` in one commit: rows whose
 /// [`OP_COLUMN`] is `U` replace (or insert) the row with their key, `D` rows delete it;
 /// [`KEEP_PREFIX`] columns keep the table's value where true. Keys must be unique in `source`.
-///
-/// On a table that exists this is a merge-on-read with deletion vectors (see [`crate::dv`]);
-/// a table that does not exist yet is created by a Delta MERGE.
+/// A merge-on-read with deletion vectors (see [`crate::dv`]); the table must exist (a backfill
+/// or a full build creates it).
 pub async fn merge_by_key(
     lake: &Lake,
     table: DeltaTable,
@@ -356,113 +355,11 @@ pub async fn merge_by_key(
     writer: deltalake::parquet::file::properties::WriterProperties,
     commit: CommitProperties,
 ) -> Result<(DeltaTable, MergeStats), DeltaError> {
-    use deltalake::datafusion::common::Column;
-    use deltalake::datafusion::logical_expr::{Expr, lit, when};
-    use deltalake::datafusion::prelude::SessionContext;
-
-    if table.version().is_some() {
-        return crate::dv::merge_on_read(lake, table, rel, source, on, writer, commit).await;
+    if table.version().is_none() {
+        return Err(DeltaError::Delta {
+            table: rel.to_string(),
+            source: deltalake::DeltaTableError::Generic("a merge needs the table to exist; nothing was written".into()),
+        });
     }
-    let schema = source.schema();
-    let has_deletes = source
-        .column_by_name(OP_COLUMN)
-        .and_then(|c| c.as_any().downcast_ref::<deltalake::arrow::array::StringArray>())
-        .is_some_and(|ops| ops.iter().any(|o| o == Some("D")));
-    let ctx = SessionContext::new();
-    let dferr = |e: deltalake::datafusion::error::DataFusionError| delta_err(rel)(e.into());
-    let df = ctx.read_batch(source).map_err(dferr)?;
-    // Delete rows whose key is not in the table are dropped first: a source row no clause
-    // applies to breaks delta-rs' change-data-feed writer (it checks the table's NOT NULL
-    // columns on an all-NULL placeholder row).
-    let df = if has_deletes && table.version().is_some() {
-        use deltalake::datafusion::common::JoinType;
-        use deltalake::datafusion::logical_expr::col;
-        table.update_datafusion_session(&ctx.state()).map_err(delta_err(rel))?;
-        let provider = table.table_provider().await.map_err(dferr)?;
-        let renamed: Vec<String> = on.iter().map(|k| format!("__weir_t_{k}")).collect();
-        let keys = ctx
-            .read_table(provider)
-            .and_then(|t| {
-                t.select(on.iter().zip(&renamed).map(|(k, r)| col(Column::from_name(k)).alias(r)).collect::<Vec<_>>())
-            })
-            .map_err(dferr)?;
-        let on_ref: Vec<&str> = on.iter().map(String::as_str).collect();
-        let renamed_ref: Vec<&str> = renamed.iter().map(String::as_str).collect();
-        let deletes = df
-            .clone()
-            .filter(col(OP_COLUMN).eq(lit("D")))
-            .and_then(|d| d.join(keys, JoinType::LeftSemi, &on_ref, &renamed_ref, None))
-            .map_err(dferr)?;
-        df.filter(col(OP_COLUMN).eq(lit("U"))).and_then(|u| u.union(deletes)).map_err(dferr)?
-    } else {
-        df
-    };
-    let s = |c: &str| Expr::Column(Column::new(Some("s"), c));
-    let t = |c: &str| Expr::Column(Column::new(Some("t"), c));
-    let predicate = on
-        .iter()
-        .map(|k| t(k).eq(s(k)))
-        .reduce(Expr::and)
-        .ok_or_else(|| delta_err(rel)(deltalake::DeltaTableError::Generic("a merge needs key columns".into())))?;
-    let data: Vec<String> = schema
-        .fields()
-        .iter()
-        .map(|f| f.name().clone())
-        .filter(|n| n != OP_COLUMN && !n.starts_with(KEEP_PREFIX))
-        .collect();
-    let upsert = s(OP_COLUMN).eq(lit("U"));
-    let (store, base) = (table.log_store(), table.version());
-    let (table, m) = table
-        .merge(df, predicate)
-        .with_source_alias("s")
-        .with_target_alias("t")
-        .with_session_state(std::sync::Arc::new(ctx.state()))
-        .with_writer_properties(writer)
-        .with_commit_properties(without_maintenance(commit))
-        .when_matched_delete(|d| d.predicate(s(OP_COLUMN).eq(lit("D"))))
-        .and_then(|m| {
-            m.when_matched_update(|mut u| {
-                u = u.predicate(upsert.clone());
-                for c in &data {
-                    let keep = format!("{KEEP_PREFIX}{c}");
-                    let e = if schema.index_of(&keep).is_ok() {
-                        when(s(&keep), t(c)).otherwise(s(c)).expect("a CASE with a default")
-                    } else {
-                        s(c)
-                    };
-                    u = u.update(Column::new_unqualified(c), e);
-                }
-                u
-            })
-        })
-        .and_then(|m| {
-            m.when_not_matched_insert(|mut i| {
-                i = i.predicate(upsert.clone());
-                for c in &data {
-                    i = i.set(Column::new_unqualified(c), s(c));
-                }
-                i
-            })
-        })
-        .map_err(delta_err(rel))?
-        .await
-        .map_err(|source| classify(rel, source))?;
-    tracing::trace!(
-        table = rel,
-        copied = m.num_target_rows_copied,
-        files_scanned = m.num_target_files_scanned,
-        files_added = m.num_target_files_added,
-        execution_ms = m.execution_time_ms,
-        scan_ms = m.scan_time_ms,
-        rewrite_ms = m.rewrite_time_ms,
-        "merged"
-    );
-    let stats = MergeStats {
-        inserted: m.num_target_rows_inserted as u64,
-        updated: m.num_target_rows_updated as u64,
-        deleted: m.num_target_rows_deleted as u64,
-    };
-    remember_commit(&store, base, &table);
-    maintain(&table, rel);
-    Ok((table, stats))
+    crate::dv::merge_on_read(lake, table, rel, source, on, writer, commit).await
 }

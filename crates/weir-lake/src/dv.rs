@@ -538,6 +538,10 @@ pub(crate) async fn merge_on_read(
     }
     // interleave() sources: 0 = the new rows, 1 + b = matched[b].old.
     let olds: Vec<&RecordBatch> = matched.iter().map(|m| &m.old).collect();
+    // Column `c` of every interleave() source.
+    let sources = |c: usize| -> Vec<&dyn Array> {
+        std::iter::once(new_rows.column(c).as_ref()).chain(olds.iter().map(|o| o.column(c).as_ref())).collect()
+    };
     let mut stats = MergeStats::default();
     let (mut pre_idx, mut insert_idx, mut delete_idx) = (Vec::new(), Vec::new(), Vec::new());
     let mut post_rows: Vec<usize> = Vec::new();
@@ -563,8 +567,6 @@ pub(crate) async fn merge_on_read(
     // An updated row: the source's values, but the table's where it keeps them.
     let mut post_cols = Vec::with_capacity(schema.fields().len());
     for (c, k) in keep.iter().enumerate() {
-        let arrays: Vec<&dyn Array> =
-            std::iter::once(new_rows.column(c).as_ref()).chain(olds.iter().map(|o| o.column(c).as_ref())).collect();
         let idx: Vec<(usize, usize)> = post_rows
             .iter()
             .map(|&i| match (k, old_of[i]) {
@@ -572,7 +574,7 @@ pub(crate) async fn merge_on_read(
                 _ => (0, i),
             })
             .collect();
-        post_cols.push(interleave(&arrays, &idx).map_err(|e| generic(rel, e))?);
+        post_cols.push(interleave(&sources(c), &idx).map_err(|e| generic(rel, e))?);
     }
     let post = RecordBatch::try_new_with_options(
         schema.clone(),
@@ -582,12 +584,7 @@ pub(crate) async fn merge_on_read(
     .map_err(|e| generic(rel, e))?;
     let pick = |idx: &[(usize, usize)]| -> Result<RecordBatch, DeltaError> {
         let cols = (0..schema.fields().len())
-            .map(|c| {
-                let arrays: Vec<&dyn Array> = std::iter::once(new_rows.column(c).as_ref())
-                    .chain(olds.iter().map(|o| o.column(c).as_ref()))
-                    .collect();
-                interleave(&arrays, idx).map_err(|e| generic(rel, e))
-            })
+            .map(|c| interleave(&sources(c), idx).map_err(|e| generic(rel, e)))
             .collect::<Result<Vec<_>, _>>()?;
         RecordBatch::try_new_with_options(
             schema.clone(),

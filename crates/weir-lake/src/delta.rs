@@ -24,8 +24,13 @@ pub enum DeltaError {
     Conflict { table: String, source: deltalake::DeltaTableError },
 }
 
-fn delta_err(table: &str) -> impl FnOnce(deltalake::DeltaTableError) -> DeltaError + '_ {
+pub(crate) fn delta_err(table: &str) -> impl FnOnce(deltalake::DeltaTableError) -> DeltaError + '_ {
     move |source| DeltaError::Delta { table: table.to_string(), source }
+}
+
+/// A [`DeltaError`] for the table at `rel` with a message of Weir's own.
+pub(crate) fn generic(rel: &str, m: impl ToString) -> DeltaError {
+    DeltaError::Delta { table: rel.to_string(), source: deltalake::DeltaTableError::Generic(m.to_string()) }
 }
 
 /// Commits between checkpoints of the tables Weir creates.

@@ -39,7 +39,7 @@ use object_store::{ObjectStoreExt as _, PutPayload};
 use roaring::RoaringTreemap;
 use serde_json::Value;
 
-use crate::delta::{DeltaError, KEEP_PREFIX, MergeStats, OP_COLUMN};
+use crate::delta::{DeltaError, KEEP_PREFIX, MergeStats, OP_COLUMN, delta_err, generic};
 use crate::store::Lake;
 
 /// Files with fewer live rows than this are rewritten into a merge's new files, by default
@@ -51,10 +51,6 @@ const CHANGE_TYPE: &str = "_change_type";
 const DV_MAGIC: u32 = 1681511377;
 /// Files read at the same time.
 const CONCURRENT_FILES: usize = 4;
-
-fn generic(rel: &str, m: impl ToString) -> DeltaError {
-    DeltaError::Delta { table: rel.to_string(), source: deltalake::DeltaTableError::Generic(m.to_string()) }
-}
 
 /// Whether the table's protocol lists deletion vectors (its files may carry them).
 pub fn has_deletion_vectors(table: &DeltaTable) -> bool {
@@ -69,7 +65,7 @@ pub fn has_deletion_vectors(table: &DeltaTable) -> bool {
 /// writer 7, listing the features the legacy versions implied (as Delta's own upgrade does)
 /// plus `deletionVectors`; `delta.enableDeletionVectors = true`.
 fn upgrade_actions(table: &DeltaTable, rel: &str) -> Result<Vec<Action>, DeltaError> {
-    let snapshot = table.snapshot().map_err(|source| DeltaError::Delta { table: rel.to_string(), source })?;
+    let snapshot = table.snapshot().map_err(delta_err(rel))?;
     let protocol = snapshot.protocol();
     let mut reader: Vec<String> =
         protocol.reader_features().map(|f| f.iter().map(|f| f.as_ref().to_string()).collect()).unwrap_or_default();
@@ -393,7 +389,7 @@ pub(crate) async fn merge_on_read(
     props: CommitProperties,
 ) -> Result<(DeltaTable, MergeStats), DeltaError> {
     let clock = std::time::Instant::now();
-    let snapshot = table.snapshot().map_err(|source| DeltaError::Delta { table: rel.to_string(), source })?;
+    let snapshot = table.snapshot().map_err(delta_err(rel))?;
     let schema: SchemaRef = snapshot.snapshot().arrow_schema();
     let partition_columns = snapshot.metadata().partition_columns().to_vec();
     let n = source.num_rows();
@@ -459,11 +455,11 @@ pub(crate) async fn merge_on_read(
         }
     }
     // Files whose integer key range holds no source key are not read.
-    let first_key: Option<Vec<i64>> = cast(&key_cols[0], &DataType::Int64).ok().and_then(|c| {
-        let c = c.as_any().downcast_ref::<arrow::array::Int64Array>()?.clone();
-        let mut v: Vec<i64> = c.iter().flatten().collect();
+    let first_key: Option<Vec<i64>> = key_cols[0].data_type().is_integer().then_some(()).and_then(|_| {
+        let c = cast(&key_cols[0], &DataType::Int64).ok()?;
+        let mut v: Vec<i64> = c.as_any().downcast_ref::<arrow::array::Int64Array>()?.iter().flatten().collect();
         v.sort_unstable();
-        (v.len() == n && key_cols[0].data_type().is_integer()).then_some(v)
+        (v.len() == n).then_some(v)
     });
 
     #[allow(deprecated)]
@@ -472,7 +468,7 @@ pub(crate) async fn merge_on_read(
         .map_ok(|f| f.add_action())
         .try_collect()
         .await
-        .map_err(|source| DeltaError::Delta { table: rel.to_string(), source })?;
+        .map_err(delta_err(rel))?;
     let files_total = adds.len();
     let first_set: Option<HashSet<i64>> = first_key.as_ref().map(|k| k.iter().copied().collect());
     // The partitions the source's rows are in, when its key holds every partition column (a
@@ -482,9 +478,8 @@ pub(crate) async fn merge_on_read(
     let partitions: Option<HashSet<Vec<Option<String>>>> =
         part_values.as_ref().filter(|_| in_key).map(|cols| (0..n).map(|i| row_values(cols, i)).collect());
     // The partitions the merge writes new rows to: a small file there is folded into them.
-    let written: Option<HashSet<Vec<Option<String>>>> = part_values
-        .as_ref()
-        .map(|cols| (0..n).filter(|&i| ops.is_valid(i) && ops.value(i) == "U").map(|i| row_values(cols, i)).collect());
+    let written: Option<HashSet<Vec<Option<String>>>> =
+        part_values.as_ref().map(|cols| (0..n).filter(|&i| ops.value(i) == "U").map(|i| row_values(cols, i)).collect());
     let mut candidates = Vec::new();
     for add in adds {
         let rows = add
@@ -612,11 +607,10 @@ pub(crate) async fn merge_on_read(
         actions.extend(upgrade_actions(&table, rel)?);
     }
     if data.num_rows() > 0 {
-        let mut w = RecordBatchWriter::for_table(&table)
-            .map_err(|source| DeltaError::Delta { table: rel.to_string(), source })?
-            .with_writer_properties(writer.clone());
-        w.write(data).await.map_err(|source| DeltaError::Delta { table: rel.to_string(), source })?;
-        let written = w.flush().await.map_err(|source| DeltaError::Delta { table: rel.to_string(), source })?;
+        let mut w =
+            RecordBatchWriter::for_table(&table).map_err(delta_err(rel))?.with_writer_properties(writer.clone());
+        w.write(data).await.map_err(delta_err(rel))?;
+        let written = w.flush().await.map_err(delta_err(rel))?;
         actions.extend(written.into_iter().map(Action::Add));
     }
 
@@ -649,10 +643,10 @@ pub(crate) async fn merge_on_read(
             Some(partition_columns.clone()),
             Some(lake.storage_options().clone()),
         )
-        .map_err(|source| DeltaError::Delta { table: rel.to_string(), source })?
+        .map_err(delta_err(rel))?
         .with_writer_properties(writer);
-        w.write(all).await.map_err(|source| DeltaError::Delta { table: rel.to_string(), source })?;
-        for a in w.flush().await.map_err(|source| DeltaError::Delta { table: rel.to_string(), source })? {
+        w.write(all).await.map_err(delta_err(rel))?;
+        for a in w.flush().await.map_err(delta_err(rel))? {
             actions.push(Action::Cdc(AddCDCFile {
                 path: format!("_change_data/{}", a.path),
                 size: a.size,

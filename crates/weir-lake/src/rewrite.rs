@@ -16,7 +16,7 @@ use object_store::ObjectStoreExt;
 use serde_json::Value;
 use std::collections::{HashMap, HashSet};
 
-use crate::delta::DeltaError;
+use crate::delta::{DeltaError, generic};
 use crate::store::Lake;
 
 /// What a [`rewrite_by_key`] did.
@@ -27,10 +27,6 @@ pub struct RewriteStats {
     pub rows_written: u64,
     pub upserted: u64,
     pub deleted: u64,
-}
-
-fn generic(rel: &str, m: impl ToString) -> DeltaError {
-    DeltaError::Delta { table: rel.to_string(), source: deltalake::DeltaTableError::Generic(m.to_string()) }
 }
 
 /// The integer keys of `a` (any integer type).

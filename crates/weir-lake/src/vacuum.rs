@@ -21,7 +21,7 @@ use object_store::path::Path as StorePath;
 use object_store::{ObjectStoreExt, PutPayload};
 use serde_json::{Value, json};
 
-use crate::delta::{DeltaError, open_table};
+use crate::delta::{DeltaError, delta_err, open_table};
 use crate::store::{LAYERS, Lake, LakeStoreError};
 
 /// What a vacuum of one table deleted (or, in a dry run, would delete).
@@ -107,7 +107,7 @@ pub async fn vacuum(
         .with_enforce_retention_duration(false)
         .with_dry_run(true)
         .await
-        .map_err(|source| DeltaError::Delta { table: rel.to_string(), source })?;
+        .map_err(delta_err(rel))?;
     let expired: HashSet<String> = planned.files_deleted.into_iter().collect();
 
     // What is really there (a tombstone stays in the log after its file is gone).
@@ -172,7 +172,7 @@ async fn active_deletion_vectors(table: &deltalake::DeltaTable, rel: &str) -> Re
         .map_ok(|f| f.add_action().deletion_vector)
         .try_collect()
         .await
-        .map_err(|source| DeltaError::Delta { table: rel.to_string(), source })?;
+        .map_err(delta_err(rel))?;
     Ok(dvs.iter().flatten().filter_map(crate::dv::file_name).collect())
 }
 

@@ -13,6 +13,8 @@ use clap::{Parser, Subcommand};
 use weir_synth::{GenerateOptions, NoProgress};
 use weir_testkit::PgCluster;
 
+mod floor;
+
 #[derive(Debug, Parser)]
 #[command(name = "weir-bench", about = "Weir benchmarks, each against its peer in the same run")]
 struct Cli {
@@ -558,7 +560,7 @@ fn fold_seconds(reports: &[weir_derive::JobReport], incremental: bool) -> Option
 }
 
 async fn cdc(scale: f64, runs: u32) -> Result<()> {
-    let Landed { pg: _pg, db, lake, lake_dir: _, sources, bronze, jobs, as_of } = landed(scale, None, true).await?;
+    let Landed { pg: _pg, db, lake, lake_dir, sources, bronze, jobs, as_of } = landed(scale, None, true).await?;
     let mut client = weir_postgres::connect(&db).await?;
     let slugs = weir_synth::list_make_slugs(&client).await?;
     let t = Instant::now();
@@ -568,6 +570,7 @@ async fn cdc(scale: f64, runs: u32) -> Result<()> {
     let stop = std::sync::atomic::AtomicBool::new(false);
     let (mut inc, mut legacy, mut full) = (f64::MAX, f64::MAX, f64::MAX);
     let (mut fold_inc, mut fold_full) = (f64::MAX, f64::MAX);
+    let (mut floor_decode, mut floor_encode) = (f64::MAX, f64::MAX);
     for run in 0..runs {
         let date = (as_of + chrono::Duration::days(i64::from(run) + 1)).date_naive();
         let day = weir_synth::apply_day(
@@ -575,6 +578,18 @@ async fn cdc(scale: f64, runs: u32) -> Result<()> {
             &weir_synth::DayOptions { date, seed: 900 + u64::from(run), taxonomy_rate: 0.0 },
         )
         .await?;
+        // The floor, part 1: PostgreSQL decoding the day through the slot, the client only counting.
+        let t = Instant::now();
+        let messages: i64 = client
+            .query_one(
+                "SELECT count(*) FROM pg_logical_slot_peek_binary_changes($1, NULL, NULL,
+                     'proto_version', '1', 'publication_names', $1, 'binary', 'true')",
+                &[&sync_opts.slot],
+            )
+            .await?
+            .get(0);
+        let decode_s = t.elapsed().as_secs_f64();
+        let before = floor::versions(&lake_dir)?;
         let t = Instant::now();
         let report = weir_ingest::sync(&db, &lake, &sources.tables, &sync_opts, &stop, |_| {}).await?;
         let sync_s = t.elapsed().as_secs_f64();
@@ -596,6 +611,27 @@ async fn cdc(scale: f64, runs: u32) -> Result<()> {
         );
         inc = inc.min(sync_s + derive_s);
         fold_inc = fold_inc.min(fold);
+        // The floor, part 2: encoding the rows the day changed, once, alone.
+        let tables = floor::encode_floor(&lake_dir, &before)?;
+        let encode_s: f64 = tables.iter().map(|t| t.encode.as_secs_f64()).sum();
+        let changed: u64 = tables.iter().map(|t| t.rows_changed).sum();
+        let written: u64 = tables.iter().map(|t| t.rows_written).sum();
+        println!(
+            "run {run}: floor: PostgreSQL's decode of the day's {messages} messages {decode_s:.3} s; Parquet encoding of the {changed} rows it changed in {} tables {encode_s:.3} s (the day's commits wrote {written} rows); together {:.3} s",
+            tables.len(),
+            decode_s + encode_s
+        );
+        for t in tables.iter().take(6) {
+            println!(
+                "run {run}:   {}: {} rows changed of {} written, encoded in {:.3} s",
+                t.table,
+                t.rows_changed,
+                t.rows_written,
+                t.encode.as_secs_f64()
+            );
+        }
+        floor_decode = floor_decode.min(decode_s);
+        floor_encode = floor_encode.min(encode_s);
 
         let t = Instant::now();
         for s in &slugs {
@@ -625,6 +661,11 @@ async fn cdc(scale: f64, runs: u32) -> Result<()> {
     println!("  (a) weir sync + incremental weir derive:  {inc:.3} s (the price-log fold alone: {fold_inc:.3} s)");
     println!("  (b) full weir re-derive:                  {full:.3} s (the price-log fold alone: {fold_full:.3} s)");
     println!("  (c) legacy PostgreSQL build:              {legacy:.3} s");
+    println!(
+        "  floor: PostgreSQL's decode {floor_decode:.3} s + encoding the changed rows {floor_encode:.3} s = {:.3} s = {:.1} % of (c)",
+        floor_decode + floor_encode,
+        100.0 * (floor_decode + floor_encode) / legacy
+    );
     println!(
         "  (a)/(c) = {:.1} % (target ≤ 2 %); (a)/(b) = {:.1} %; fold incremental/full = {:.1} %",
         100.0 * inc / legacy,

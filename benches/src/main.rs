@@ -578,13 +578,23 @@ async fn cdc(scale: f64, runs: u32) -> Result<()> {
             &weir_synth::DayOptions { date, seed: 900 + u64::from(run), taxonomy_rate: 0.0 },
         )
         .await?;
-        // The floor, part 1: PostgreSQL decoding the day through the slot, the client only counting.
+        // The floor, part 1: PostgreSQL decoding the day through the slot, the client only
+        // counting. Decoding reads flushed WAL only, and the cluster commits asynchronously
+        // (synchronous_commit = off): wait for the day's commit record to be flushed first.
+        let end: String = client.query_one("SELECT pg_current_wal_insert_lsn()::text", &[]).await?.get(0);
+        while !client
+            .query_one("SELECT pg_current_wal_flush_lsn() >= $1::text::pg_lsn", &[&end])
+            .await?
+            .get::<_, bool>(0)
+        {
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
         let t = Instant::now();
         let messages: i64 = client
             .query_one(
                 "SELECT count(*) FROM pg_logical_slot_peek_binary_changes($1, NULL, NULL,
-                     'proto_version', '1', 'publication_names', $1, 'binary', 'true')",
-                &[&sync_opts.slot],
+                     'proto_version', '1', 'publication_names', $2, 'binary', 'true')",
+                &[&sync_opts.slot, &sync_opts.slot],
             )
             .await?
             .get(0);

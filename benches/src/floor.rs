@@ -22,22 +22,13 @@ use parquet::arrow::arrow_reader::ParquetRecordBatchReaderBuilder;
 use parquet::basic::Compression;
 use parquet::file::properties::{EnabledStatistics, WriterProperties};
 
-/// Every Delta table under `root` (a folder with a `_delta_log`) and its latest version.
-pub fn versions(root: &Path) -> Result<HashMap<PathBuf, i64>> {
+/// Every Delta table of the lake (`weir_lake::delta_tables`, local at `root`) and its latest version.
+pub async fn versions(lake: &weir_lake::Lake, root: &Path) -> Result<HashMap<PathBuf, i64>> {
     let mut out = HashMap::new();
-    let mut stack = vec![root.to_path_buf()];
-    while let Some(dir) = stack.pop() {
-        let log = dir.join("_delta_log");
-        if log.is_dir() {
-            out.insert(dir, latest_version(&log)?);
-            continue;
-        }
-        for e in std::fs::read_dir(&dir).with_context(|| format!("listing {}", dir.display()))? {
-            let e = e?;
-            if e.file_type()?.is_dir() {
-                stack.push(e.path());
-            }
-        }
+    for rel in weir_lake::delta_tables(lake).await? {
+        let dir = root.join(&rel);
+        let version = latest_version(&dir.join("_delta_log"))?;
+        out.insert(dir, version);
     }
     Ok(out)
 }
@@ -114,20 +105,6 @@ fn properties_of(table: &Path, files: &HashSet<String>) -> Result<WriterProperti
         .build())
 }
 
-/// `b` with `schema`'s columns, by name, cast to its types (files of one table may differ in
-/// field metadata or in types an older writer used).
-fn conform(schema: &SchemaRef, b: &RecordBatch) -> Result<RecordBatch> {
-    let cols = schema
-        .fields()
-        .iter()
-        .map(|f| {
-            let c = b.column_by_name(f.name()).with_context(|| format!("a file has no column {}", f.name()))?;
-            Ok(arrow::compute::cast(c, f.data_type())?)
-        })
-        .collect::<Result<Vec<_>>>()?;
-    Ok(RecordBatch::try_new(schema.clone(), cols)?)
-}
-
 /// What the day changed in one table, and the time to encode those rows alone.
 pub struct TableFloor {
     pub table: String,
@@ -137,9 +114,13 @@ pub struct TableFloor {
 }
 
 /// [`TableFloor`] for every table whose version moved since `before`.
-pub fn encode_floor(root: &Path, before: &HashMap<PathBuf, i64>) -> Result<Vec<TableFloor>> {
+pub async fn encode_floor(
+    lake: &weir_lake::Lake,
+    root: &Path,
+    before: &HashMap<PathBuf, i64>,
+) -> Result<Vec<TableFloor>> {
     let mut out = Vec::new();
-    for (table, to) in versions(root)? {
+    for (table, to) in versions(lake, root).await? {
         let from = before.get(&table).copied().unwrap_or(-1);
         if to <= from {
             continue;
@@ -152,14 +133,14 @@ pub fn encode_floor(root: &Path, before: &HashMap<PathBuf, i64>) -> Result<Vec<T
         let Some(first) = new.first() else { continue };
         let fields: Vec<_> = first.schema().fields().iter().map(|f| f.as_ref().clone().with_nullable(true)).collect();
         let schema: SchemaRef = std::sync::Arc::new(arrow::datatypes::Schema::new(fields));
-        let new = new.iter().map(|b| conform(&schema, b)).collect::<Result<Vec<_>>>()?;
+        let new = new.into_iter().map(|b| Ok(weir_lake::conform(&schema, b, "floor")?)).collect::<Result<Vec<_>>>()?;
         let new = concat_batches(&schema, &new)?;
         // Rows of the retired files, as a multiset of row encodings.
         let converter =
             RowConverter::new(schema.fields().iter().map(|f| SortField::new(f.data_type().clone())).collect())?;
         let mut old: HashMap<Vec<u8>, u32> = HashMap::new();
         for b in read_rows(&table, &retired)? {
-            let rows = converter.convert_columns(conform(&schema, &b)?.columns())?;
+            let rows = converter.convert_columns(weir_lake::conform(&schema, b, "floor")?.columns())?;
             for r in rows.iter() {
                 *old.entry(r.as_ref().to_vec()).or_default() += 1;
             }

@@ -599,7 +599,7 @@ async fn cdc(scale: f64, runs: u32) -> Result<()> {
             .await?
             .get(0);
         let decode_s = t.elapsed().as_secs_f64();
-        let before = floor::versions(&lake_dir)?;
+        let before = floor::versions(&lake, &lake_dir).await?;
         let t = Instant::now();
         let report = weir_ingest::sync(&db, &lake, &sources.tables, &sync_opts, &stop, |_| {}).await?;
         let sync_s = t.elapsed().as_secs_f64();
@@ -622,7 +622,7 @@ async fn cdc(scale: f64, runs: u32) -> Result<()> {
         inc = inc.min(sync_s + derive_s);
         fold_inc = fold_inc.min(fold);
         // The floor, part 2: encoding the rows the day changed, once, alone.
-        let tables = floor::encode_floor(&lake_dir, &before)?;
+        let tables = floor::encode_floor(&lake, &lake_dir, &before).await?;
         let encode_s: f64 = tables.iter().map(|t| t.encode.as_secs_f64()).sum();
         let changed: u64 = tables.iter().map(|t| t.rows_changed).sum();
         let written: u64 = tables.iter().map(|t| t.rows_written).sum();

@@ -14,6 +14,6 @@ pub use delta::{
     maintain, merge_by_key, open_table, settle, without_maintenance,
 };
 pub use doctor::{Check, run_checks};
-pub use rewrite::{RewriteStats, rewrite_by_key};
+pub use rewrite::{RewriteStats, conform, rewrite_by_key};
 pub use store::{LAYERS, Lake, LakeStoreError};
 pub use vacuum::{VacuumReport, delta_tables, vacuum, vacuum_horizon, vacuum_tables};

@@ -198,7 +198,7 @@ pub async fn rewrite_by_key(
 
 /// `b` with `schema`'s columns and field types, by name (a file read back may carry other
 /// metadata; a batch built elsewhere other nullability).
-pub(crate) fn conform(schema: &SchemaRef, b: RecordBatch, rel: &str) -> Result<RecordBatch, DeltaError> {
+pub fn conform(schema: &SchemaRef, b: RecordBatch, rel: &str) -> Result<RecordBatch, DeltaError> {
     let cols: Vec<ArrayRef> = schema
         .fields()
         .iter()

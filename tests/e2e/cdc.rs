@@ -79,17 +79,21 @@ pub(crate) async fn backfilled(
     (pg, url, dir, lake_url, lake)
 }
 
-/// A mart after incremental updates is still stored in key order: every file sorted by
-/// listing_id, the files' key ranges disjoint, no key twice.
-async fn assert_key_ranged(lake: &Lake, root: &std::path::Path, rel: &str) {
+/// A mart after `merges` incremental updates is still stored for lookups by key: every file
+/// sorted by listing_id and of at most one lookup page, and at most one file per update plus
+/// one from the build holding any key in its range (what a lookup's file skipping reads).
+/// Returns how many of its files carry a deletion vector.
+async fn assert_key_ordered(lake: &Lake, root: &std::path::Path, rel: &str, merges: usize) -> usize {
     use deltalake::parquet::arrow::arrow_reader::ParquetRecordBatchReaderBuilder;
     use futures::TryStreamExt;
     let table = weir_lake::open_table(lake, rel).await.unwrap();
-    let files: Vec<String> =
-        table.get_active_add_actions_by_partitions(&[]).map_ok(|f| f.path().to_string()).try_collect().await.unwrap();
+    #[allow(deprecated)]
+    let files: Vec<deltalake::kernel::Add> =
+        table.get_active_add_actions_by_partitions(&[]).map_ok(|f| f.add_action()).try_collect().await.unwrap();
     let mut ranges = Vec::new();
+    let mut every_key = Vec::new();
     for f in &files {
-        let file = std::fs::File::open(root.join(rel).join(f)).unwrap();
+        let file = std::fs::File::open(root.join(rel).join(&f.path)).unwrap();
         let mut keys: Vec<i64> = Vec::new();
         for b in ParquetRecordBatchReaderBuilder::try_new(file).unwrap().build().unwrap() {
             let b = b.unwrap();
@@ -97,13 +101,17 @@ async fn assert_key_ranged(lake: &Lake, root: &std::path::Path, rel: &str) {
                 .unwrap();
             keys.extend(arrow::array::AsArray::as_primitive::<arrow::datatypes::Int64Type>(&ids).iter().flatten());
         }
-        assert!(keys.windows(2).all(|w| w[0] < w[1]), "{rel}/{f} is not in key order");
+        assert!(keys.windows(2).all(|w| w[0] < w[1]), "{rel}/{} is not in key order", f.path);
+        assert!(keys.len() <= weir_derive::incremental::KEY_RANGE_FILE_ROWS, "{rel}/{}: {} rows", f.path, keys.len());
         if let (Some(a), Some(b)) = (keys.first(), keys.last()) {
             ranges.push((*a, *b));
         }
+        every_key.extend(keys);
     }
-    ranges.sort();
-    assert!(ranges.windows(2).all(|w| w[0].1 < w[1].0), "{rel}: files overlap: {ranges:?}");
+    let deepest =
+        every_key.iter().map(|k| ranges.iter().filter(|(lo, hi)| (lo..=hi).contains(&k)).count()).max().unwrap_or(0);
+    assert!(deepest <= merges + 1, "{rel}: a lookup's file skipping leaves {deepest} files after {merges} updates");
+    files.iter().filter(|f| f.deletion_vector.is_some()).count()
 }
 
 /// The files under each Delta table of a local lake (not its log), relative to the table.
@@ -276,9 +284,11 @@ async fn sync_applies_days_ddl_and_truncates_exactly() {
     assert!(!marts.is_empty() && marts.iter().all(|l| l.contains(" incremental ")), "marts merged by key: {out}");
     let slugs = legacy_all(&url).await;
     assert_parity(&url, &lake, &slugs, "after two days through CDC and incremental derives").await;
+    let mut marked = 0;
     for s in &slugs {
-        assert_key_ranged(&lake, dir.path(), &format!("silver/ads_base_{s}")).await;
+        marked += assert_key_ordered(&lake, dir.path(), &format!("silver/ads_base_{s}"), 2).await;
     }
+    assert!(marked > 0, "the marts' updates marked replaced rows in deletion vectors, not copied their files");
     let columns: Vec<(String, String)> = [
         "make_id",
         "listing_id",

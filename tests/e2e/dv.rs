@@ -76,9 +76,13 @@ fn apply(model: &mut BTreeMap<i64, (i64, String)>, upserts: &[(i64, i64, bool)],
 }
 
 async fn query(lake: &Lake, sql: &str) -> Vec<Vec<Option<i64>>> {
+    query_table(lake, REL, sql).await
+}
+
+async fn query_table(lake: &Lake, rel: &str, sql: &str) -> Vec<Vec<Option<i64>>> {
     let ctx = weir_derive::session::session_context().unwrap();
-    let table = weir_lake::open_table(lake, REL).await.unwrap();
-    ctx.register_table("t", weir_derive::session::provider(&ctx, &table, "bronze.dv_probe").await.unwrap()).unwrap();
+    let table = weir_lake::open_table(lake, rel).await.unwrap();
+    ctx.register_table("t", weir_derive::session::provider(&ctx, &table, rel).await.unwrap()).unwrap();
     let keys: Vec<i64> = (0..300).map(|i| i * 661 + 7).collect();
     let keys = RecordBatch::try_new(
         Arc::new(Schema::new(vec![Field::new("k", DataType::Int64, false)])),
@@ -148,6 +152,7 @@ async fn merges_mark_rows_and_every_read_sees_the_model() {
             &["k".to_string()],
             props(),
             CommitProperties::default(),
+            weir_lake::MergeLayout::default(),
         )
         .await
         .unwrap();
@@ -199,4 +204,170 @@ async fn merges_mark_rows_and_every_read_sees_the_model() {
     let uri = lake.table_url(REL).as_str().trim_end_matches('/').to_string();
     let read = crate::interop::python_reads(std::slice::from_ref(&uri), None);
     assert_eq!(read[&uri]["rows"].as_i64(), Some(model.len() as i64), "Python's deltalake");
+}
+
+/// A merge source carrying every column and no keep flag: upserts (`k`, `v`, and whether the
+/// key is new to the table: an `I` row, not looked up), deletes.
+fn whole_rows(upserts: &[(i64, i64, bool)], deletes: &[i64]) -> RecordBatch {
+    let ks: Vec<i64> = upserts.iter().map(|u| u.0).chain(deletes.iter().copied()).collect();
+    let vs: Vec<Option<i64>> = upserts.iter().map(|u| Some(u.1)).chain(deletes.iter().map(|_| None)).collect();
+    let ss: Vec<Option<String>> =
+        upserts.iter().map(|u| Some(format!("new{}", u.0))).chain(deletes.iter().map(|_| None)).collect();
+    let ops: Vec<&str> =
+        upserts.iter().map(|u| if u.2 { "I" } else { "U" }).chain(deletes.iter().map(|_| "D")).collect();
+    let mut fields = schema().fields().to_vec();
+    fields.push(Arc::new(Field::new(OP_COLUMN, DataType::Utf8, false)));
+    RecordBatch::try_new(
+        Arc::new(Schema::new(fields)),
+        vec![
+            Arc::new(Int64Array::from(ks)),
+            Arc::new(Int64Array::from(vs)),
+            Arc::new(StringArray::from(ss)),
+            Arc::new(StringArray::from(ops)),
+        ],
+    )
+    .unwrap()
+}
+
+/// The key-ordered layout of the marts (`MergeLayout::key_files`, no change data): rounds of
+/// updates, inserts between existing keys (as upserts, and as `I` rows that are not looked
+/// up) and deletes leave exactly the model's rows, every
+/// file sorted by key and at most a file's size, one file per merge generation holding any
+/// key in its range (what a lookup's file skipping reads), no change data; and the first
+/// merge marks the rows it replaces instead of copying the files around them.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn key_ordered_merges_stay_sorted_small_and_exact() {
+    use deltalake::parquet::arrow::arrow_reader::ParquetRecordBatchReaderBuilder;
+    const KEYED: &str = "silver/dv_keyed";
+    const FILE_ROWS: usize = 1_000;
+    const N: i64 = 20_000;
+    let dir = tempfile::tempdir().unwrap();
+    // The default small-file threshold: the layout lowers it to half a file.
+    let lake =
+        Lake::open(LakeLocation::Local { root: dir.path().to_path_buf() }, &S3Settings::default(), false).unwrap();
+    // As a full build writes it: even keys in key order, files of FILE_ROWS rows.
+    let mut model: BTreeMap<i64, (i64, String)> = (0..N).map(|i| (2 * i, (i, format!("r{i}")))).collect();
+    let table = weir_lake::open_table(&lake, KEYED).await.unwrap();
+    let mut w = RecordBatchWriter::try_new(lake.table_url(KEYED).as_str(), schema(), None, None)
+        .unwrap()
+        .with_writer_properties(props());
+    let mut adds = Vec::new();
+    let rows: Vec<(i64, (i64, String))> = model.iter().map(|(k, v)| (*k, v.clone())).collect();
+    for chunk in rows.chunks(FILE_ROWS) {
+        let b = RecordBatch::try_new(
+            schema(),
+            vec![
+                Arc::new(Int64Array::from_iter_values(chunk.iter().map(|r| r.0))),
+                Arc::new(Int64Array::from_iter_values(chunk.iter().map(|r| r.1.0))),
+                Arc::new(StringArray::from_iter_values(chunk.iter().map(|r| r.1.1.clone()))),
+            ],
+        )
+        .unwrap();
+        w.write(b).await.unwrap();
+        adds.extend(w.flush().await.unwrap());
+    }
+    let originals: std::collections::BTreeSet<String> = adds.iter().map(|a| a.path.clone()).collect();
+    assert_eq!(originals.len(), N as usize / FILE_ROWS);
+    weir_lake::commit_files(table, KEYED, &schema(), &[], adds, Default::default(), None, None).await.unwrap();
+    let layout = weir_lake::MergeLayout { key_files: Some(FILE_ROWS), no_change_data: true };
+
+    for round in 0..4i64 {
+        let upserts: Vec<(i64, i64, bool)> = model
+            .keys()
+            .filter(|k| (*k / 2) % 7 == round)
+            .map(|k| (*k, -k, false))
+            .chain((0..N).filter(|i| i % 11 == round).map(|i| (2 * i + 1, round, i % 2 == 0)))
+            .collect();
+        let upserted: std::collections::HashSet<i64> = upserts.iter().map(|u| u.0).collect();
+        let mut deletes: Vec<i64> =
+            model.keys().filter(|k| (*k / 2) % 13 == round + 1 && !upserted.contains(k)).copied().collect();
+        deletes.push(10_000_000 + round); // a key the table does not hold: nothing to delete
+        let new = upserts.iter().filter(|u| !model.contains_key(&u.0)).count() as u64;
+        let held = deletes.iter().filter(|k| model.contains_key(k)).count() as u64;
+        let table = weir_lake::open_table(&lake, KEYED).await.unwrap();
+        let (_, stats) = weir_lake::merge_by_key(
+            &lake,
+            table,
+            KEYED,
+            whole_rows(&upserts, &deletes),
+            &["k".to_string()],
+            props(),
+            CommitProperties::default(),
+            layout,
+        )
+        .await
+        .unwrap();
+        assert_eq!(
+            (stats.inserted, stats.updated, stats.deleted),
+            (new, upserts.len() as u64 - new, held),
+            "round {round}"
+        );
+        for (k, v, _) in &upserts {
+            model.insert(*k, (*v, format!("new{k}")));
+        }
+        for k in &deletes {
+            model.remove(k);
+        }
+
+        let sum: i64 = model.values().map(|(v, _)| *v).sum();
+        let strings = model.values().filter(|(_, s)| s.starts_with("new")).count() as i64;
+        assert_eq!(
+            query_table(&lake, KEYED, "SELECT count(*), sum(v), count(DISTINCT k) FROM t").await,
+            vec![vec![Some(model.len() as i64), Some(sum), Some(model.len() as i64)]],
+            "round {round}: every row once, with its newest values"
+        );
+        assert_eq!(
+            query_table(&lake, KEYED, "SELECT count(*) FROM t WHERE s LIKE 'new%'").await,
+            vec![vec![Some(strings)]],
+            "round {round}"
+        );
+        let probe = *model.keys().nth(model.len() / 3).unwrap();
+        assert_eq!(
+            query_table(&lake, KEYED, &format!("SELECT v FROM t WHERE k = {probe}")).await,
+            vec![vec![Some(model[&probe].0)]],
+            "round {round}: a lookup"
+        );
+
+        let table = weir_lake::open_table(&lake, KEYED).await.unwrap();
+        #[allow(deprecated)]
+        let active: Vec<deltalake::kernel::Add> =
+            table.get_active_add_actions_by_partitions(&[]).map_ok(|f| f.add_action()).try_collect().await.unwrap();
+        let mut ranges = Vec::new();
+        for a in &active {
+            let file = std::fs::File::open(dir.path().join(KEYED).join(&a.path)).unwrap();
+            let mut keys: Vec<i64> = Vec::new();
+            for b in ParquetRecordBatchReaderBuilder::try_new(file).unwrap().build().unwrap() {
+                let b = b.unwrap();
+                let c = b.column_by_name("k").unwrap().as_any().downcast_ref::<Int64Array>().unwrap().clone();
+                keys.extend(c.iter().flatten());
+            }
+            assert!(keys.windows(2).all(|w| w[0] < w[1]), "round {round}: {} is not in key order", a.path);
+            assert!(keys.len() <= FILE_ROWS, "round {round}: {} holds {} rows", a.path, keys.len());
+            ranges.push((keys[0], keys[keys.len() - 1]));
+        }
+        let deepest = model
+            .keys()
+            .step_by(97)
+            .map(|k| ranges.iter().filter(|(lo, hi)| (lo..=hi).contains(&k)).count())
+            .max()
+            .unwrap();
+        assert!(
+            deepest as i64 <= round + 2,
+            "round {round}: a lookup's file skipping leaves {deepest} files (one per merge generation at most)"
+        );
+        assert!(!dir.path().join(KEYED).join("_change_data").exists(), "no change data written");
+        if round == 0 {
+            // Marked, not copied: every file of the build stays (a deletion vector on each), and
+            // the merge wrote the changed rows alone.
+            let kept = active.iter().filter(|a| originals.contains(&a.path)).count();
+            assert_eq!(kept, originals.len(), "round 0 rewrote files of the build");
+            assert!(active.iter().filter(|a| originals.contains(&a.path)).all(|a| a.deletion_vector.is_some()));
+            let written: i64 = active
+                .iter()
+                .filter(|a| !originals.contains(&a.path))
+                .map(|a| a.get_stats().unwrap().unwrap().num_records)
+                .sum();
+            assert_eq!(written as u64, stats.inserted + stats.updated, "round 0 wrote rows it did not change");
+        }
+    }
 }

@@ -114,8 +114,17 @@ pub(crate) async fn apply(
     let props = CommitProperties::default().with_metadata(metadata);
     let mut on = job.key.clone();
     on.push(VALID_FROM.to_string());
-    let (table, _) =
-        weir_lake::merge_by_key(lake, table, &rel, source, &on, crate::run::writer_properties(), props).await?;
+    let (table, _) = weir_lake::merge_by_key(
+        lake,
+        table,
+        &rel,
+        source,
+        &on,
+        crate::run::writer_properties(),
+        props,
+        Default::default(),
+    )
+    .await?;
     Ok(HistoryReport { version: table.version().map_or(0, |v| v as i64), opened, closed })
 }
 

@@ -156,11 +156,68 @@ fn changed_tables(
     Ok(())
 }
 
-/// The keys to recompute, and with them those removed outright, as one-column tables.
+/// The keys to recompute as a one-column table, and as sets with and without those
+/// removed outright (every mart of a run looks its rows up in the same sets).
 #[derive(Clone)]
 struct AffectedKeys {
     keys: RecordBatch,
-    all: RecordBatch,
+    key_set: Arc<KeySet>,
+    all_set: Arc<KeySet>,
+}
+
+/// A set of key values: integers as `i64` (every mart of a run looks its rows up in the same
+/// sets, a hundred thousand keys and more), other types as scalars.
+enum KeySet {
+    Int(HashSet<i64>),
+    Any(HashSet<ScalarValue>),
+}
+
+impl KeySet {
+    fn of_values(values: &[ScalarValue]) -> Self {
+        let ints: Option<HashSet<i64>> = values
+            .iter()
+            .map(|v| match v.cast_to(&DataType::Int64) {
+                Ok(ScalarValue::Int64(Some(k))) if v.data_type().is_integer() => Some(k),
+                _ => None,
+            })
+            .collect();
+        match ints {
+            Some(set) => KeySet::Int(set),
+            None => KeySet::Any(values.iter().cloned().collect()),
+        }
+    }
+
+    fn of_arrays(arrays: &[&ArrayRef]) -> Result<Self, DeriveError> {
+        let mut values = Vec::new();
+        for a in arrays {
+            for i in 0..a.len() {
+                values.push(ScalarValue::try_from_array(a, i).map_err(df_err("reading keys"))?);
+            }
+        }
+        Ok(KeySet::of_values(&values))
+    }
+
+    fn is_empty(&self) -> bool {
+        match self {
+            KeySet::Int(s) => s.is_empty(),
+            KeySet::Any(s) => s.is_empty(),
+        }
+    }
+
+    /// Whether each row of `a` holds a key of the set (a NULL does not).
+    fn members(&self, a: &ArrayRef) -> Result<Vec<bool>, DeriveError> {
+        match self {
+            KeySet::Int(set) if a.data_type().is_integer() => {
+                let c = arrow::compute::cast(a, &DataType::Int64).map_err(|e| df_err("reading keys")(e.into()))?;
+                let c = arrow::array::AsArray::as_primitive::<arrow::datatypes::Int64Type>(&c);
+                Ok(c.iter().map(|k| k.is_some_and(|k| set.contains(&k))).collect())
+            }
+            KeySet::Int(_) => Ok(vec![false; a.len()]),
+            KeySet::Any(set) => (0..a.len())
+                .map(|i| Ok(set.contains(&ScalarValue::try_from_array(a, i).map_err(df_err("reading keys"))?)))
+                .collect(),
+        }
+    }
 }
 
 /// Results shared by the units of one `weir derive` run (the per-make marts read the same
@@ -237,9 +294,57 @@ async fn rules_changes(
     Ok(t)
 }
 
-/// Rows per file of the tables rewritten by key (the marts): a change rewrites the few files
-/// whose key range it falls in. One lookup page: under `weir run` the rewrites are most of
-/// the work (8,192 rows cost about twice as much per changed key).
+/// Runs the job's rules over the change feed of each changed input but `skip`, read as
+/// `changes` (they may read the stored table as `current`), adding the keys they find to
+/// `recompute` and `removed`.
+#[allow(clippy::too_many_arguments)]
+async fn run_rules(
+    ctx: &datafusion::prelude::SessionContext,
+    shared: &Shared,
+    inc: &Incremental,
+    out: &str,
+    feeds: &[(&Changed, Arc<DeltaCdfTableProvider>)],
+    skip: Option<&str>,
+    recompute: &mut HashSet<ScalarValue>,
+    removed: &mut HashSet<ScalarValue>,
+) -> Result<(), DeriveError> {
+    for (c, cdf) in feeds.iter().filter(|(c, _)| Some(c.name.as_str()) != skip) {
+        let clock = std::time::Instant::now();
+        let changes = rules_changes(shared, ctx, c, cdf).await?;
+        let read = clock.elapsed();
+        ctx.register_table("changes", changes).map_err(df_err("registering the change feed"))?;
+        let mut result = Ok(());
+        for (rules, into) in [(&inc.affects, &mut *recompute), (&inc.removes, &mut *removed)] {
+            let Some(rule) = rules.get(&c.name) else { continue };
+            let what = || format!("{out}: the rule for {}", c.name);
+            let batches = match ctx.sql(rule).await {
+                Ok(df) => df.collect().await.map_err(df_err(what())),
+                Err(e) => Err(df_err(what())(e)),
+            };
+            match batches {
+                Ok(batches) => {
+                    for b in batches {
+                        add_keys(into, b.column(0))?;
+                    }
+                }
+                Err(e) => result = Err(e),
+            }
+        }
+        ctx.deregister_table("changes").map_err(df_err("deregistering"))?;
+        result?;
+        tracing::debug!(
+            table = out,
+            input = c.name.as_str(),
+            feed_seconds = read.as_secs_f64(),
+            seconds = clock.elapsed().as_secs_f64(),
+            "derive: rules run"
+        );
+    }
+    Ok(())
+}
+
+/// Rows per file of the tables stored by key (the marts): one lookup page, so a lookup that
+/// file skipping leaves one file for decodes one page per column, deletion vectors or not.
 pub const KEY_RANGE_FILE_ROWS: usize = crate::run::LOOKUP_PAGE_ROWS;
 
 #[allow(clippy::too_many_arguments)]
@@ -375,24 +480,7 @@ pub async fn attempt(
     let current = ctx.table_provider(out).await.map_err(df_err(format!("reading {out}")))?;
     ctx.register_table("current", current).map_err(df_err("registering current"))?;
     let mut removed: HashSet<ScalarValue> = HashSet::new();
-    for (c, cdf) in feeds.iter().filter(|(c, _)| c.name != fold) {
-        let changes = rules_changes(shared, ctx, c, cdf).await?;
-        ctx.register_table("changes", changes).map_err(df_err("registering the change feed"))?;
-        let mut result = Ok(());
-        for (rules, into) in [(&inc.affects, &mut recompute), (&inc.removes, &mut removed)] {
-            let Some(rule) = rules.get(&c.name) else { continue };
-            match collect(rule.clone()).await {
-                Ok(batches) => {
-                    for b in batches {
-                        add_keys(into, b.column(0))?;
-                    }
-                }
-                Err(e) => result = Err(e),
-            }
-        }
-        ctx.deregister_table("changes").map_err(df_err("deregistering"))?;
-        result?;
-    }
+    run_rules(ctx, shared, inc, out, &feeds, Some(fold), &mut recompute, &mut removed).await?;
     let keys: Vec<ScalarValue> = recompute.into_iter().filter(|k| !k.is_null() && !removed.contains(k)).collect();
     let removed: Vec<ScalarValue> = removed.into_iter().filter(|k| !k.is_null()).collect();
     lap!("rules");
@@ -451,14 +539,14 @@ pub async fn attempt(
             "phases_ms": phases_json(phases),
         })
     };
-    let version = store_changes(lake, job, out, table, &upserts, &gone, recorded, summary(&phases)).await?;
+    let (version, stats) = store_changes(lake, job, out, table, &upserts, &gone, recorded, summary(&phases)).await?;
     phases.push(("Delta commit", clock.elapsed()));
     Ok(Attempt::Done(IncrementalReport {
         version,
         new_rows,
         merged: merged_keys,
         recomputed: keys.len() as u64,
-        deleted: gone.len() as u64,
+        deleted: stats.deleted,
         inputs,
         phases,
     }))
@@ -477,10 +565,12 @@ fn state_metadata(job: &Job, recorded: &Value, summary: Value) -> std::collectio
     ])
 }
 
-/// Writes the new rows of `upserts` and deletes `gone` in one commit: a key-ranged table (a
-/// mart's stored rows, see [`Job::key_ranged`]) is rewritten by key range, keeping its order
-/// and page layout; other tables take a Delta MERGE by key, which writes their change data
-/// feed for the jobs that read them.
+/// Writes the new rows of `upserts` and deletes `gone` in one commit, a Delta merge by key
+/// on read (deletion vectors). A key-ranged table (a mart's stored rows, see
+/// [`Job::key_ranged`]) keeps its layout for lookups: new rows sorted by key in files of at
+/// most [`KEY_RANGE_FILE_ROWS`] rows with the lookup page layout, and no change data feed
+/// (nothing reads a mart's changes; its replaced rows are then not even read). Other tables
+/// get their change data feed, for the jobs that read them.
 #[allow(clippy::too_many_arguments)]
 async fn store_changes(
     lake: &Lake,
@@ -491,41 +581,18 @@ async fn store_changes(
     gone: &[ScalarValue],
     recorded: &Value,
     summary: Value,
-) -> Result<i64, DeriveError> {
+) -> Result<(i64, weir_lake::MergeStats), DeriveError> {
     let key = &job.key[0];
     let rel = out.replace('.', "/");
     let err = |m: String| DeriveError::Write { table: out.to_string(), message: m };
     let target: SchemaRef = table.snapshot().map_err(|e| err(e.to_string()))?.snapshot().arrow_schema();
-    let metadata = state_metadata(job, recorded, summary);
     let integer_key = target.field_with_name(key).is_ok_and(|f| f.data_type().is_integer());
-    let unpartitioned = job.partition.is_empty();
-    if job.key_ranged() && integer_key && unpartitioned {
-        let mut parts = Vec::new();
-        for b in upserts {
-            parts.push(conform(&target, b, out)?);
-        }
-        let source = arrow::compute::concat_batches(&target, &parts).map_err(|e| err(e.to_string()))?;
-        let deletes: Vec<i64> = gone
-            .iter()
-            .filter_map(|k| match k.cast_to(&DataType::Int64) {
-                Ok(ScalarValue::Int64(Some(v))) => Some(v),
-                _ => None,
-            })
-            .collect();
-        let (version, _) = weir_lake::rewrite_by_key(
-            lake,
-            table,
-            &rel,
-            key,
-            source,
-            &deletes,
-            KEY_RANGE_FILE_ROWS,
-            crate::run::lookup_writer_properties(),
-            metadata,
-        )
-        .await?;
-        return Ok(version);
-    }
+    let (layout, writer) = if job.key_ranged() && integer_key && job.key.len() == 1 {
+        let layout = weir_lake::MergeLayout { key_files: Some(KEY_RANGE_FILE_ROWS), no_change_data: true };
+        (layout, crate::run::lookup_writer_properties())
+    } else {
+        (weir_lake::MergeLayout::default(), crate::run::writer_properties())
+    };
     let mut parts = Vec::new();
     for b in upserts {
         parts.push(with_op(&target, b, "U", out)?);
@@ -538,26 +605,10 @@ async fn store_changes(
         None => with_op(&target, &RecordBatch::new_empty(target.clone()), "U", out)?.schema(),
     };
     let source = arrow::compute::concat_batches(&schema, &parts).map_err(|e| err(e.to_string()))?;
-    let props = CommitProperties::default().with_metadata(metadata);
-    let (table, _) = weir_lake::merge_by_key(
-        lake,
-        table,
-        &rel,
-        source,
-        std::slice::from_ref(key),
-        crate::run::writer_properties(),
-        props,
-    )
-    .await?;
-    Ok(table.version().map_or(0, |v| v as i64))
-}
-
-/// `b` with the table's columns, in its order and types.
-fn conform(target: &SchemaRef, b: &RecordBatch, out: &str) -> Result<RecordBatch, DeriveError> {
-    let with = with_op(target, b, "U", out)?;
-    let n = target.fields().len();
-    RecordBatch::try_new(target.clone(), with.columns()[..n].to_vec())
-        .map_err(|e| DeriveError::Write { table: out.to_string(), message: e.to_string() })
+    let props = CommitProperties::default().with_metadata(state_metadata(job, recorded, summary));
+    let (table, stats) =
+        weir_lake::merge_by_key(lake, table, &rel, source, std::slice::from_ref(key), writer, props, layout).await?;
+    Ok((table.version().map_or(0, |v| v as i64), stats))
 }
 
 /// A job without a fold: the keys its rules find are recomputed by the job's SQL, with its
@@ -601,27 +652,7 @@ async fn recompute(
             ctx.register_table("current", current.clone()).map_err(df_err("registering current"))?;
             let mut recompute: HashSet<ScalarValue> = HashSet::new();
             let mut removed: HashSet<ScalarValue> = HashSet::new();
-            let mut result = Ok(());
-            for (c, cdf) in feeds {
-                let changes = rules_changes(shared, ctx, c, cdf).await?;
-                ctx.register_table("changes", changes).map_err(df_err("registering the change feed"))?;
-                for (rules, into) in [(&inc.affects, &mut recompute), (&inc.removes, &mut removed)] {
-                    let Some(rule) = rules.get(&c.name) else { continue };
-                    let batches = match ctx.sql(rule).await {
-                        Ok(df) => collect(df, format!("the rule for {}", c.name)).await,
-                        Err(e) => Err(df_err(format!("{out}: the rule for {}", c.name))(e)),
-                    };
-                    match batches {
-                        Ok(batches) => {
-                            for b in batches {
-                                add_keys(into, b.column(0))?;
-                            }
-                        }
-                        Err(e) => result = Err(e),
-                    }
-                }
-                ctx.deregister_table("changes").map_err(df_err("deregistering"))?;
-            }
+            let result = run_rules(ctx, shared, inc, out, feeds, None, &mut recompute, &mut removed).await;
             ctx.deregister_table("current").map_err(df_err("deregistering"))?;
             result?;
             let keys: Vec<ScalarValue> =
@@ -637,8 +668,10 @@ async fn recompute(
                 let schema = Arc::new(Schema::new(vec![Field::new("__weir_key", key_type.clone(), true)]));
                 RecordBatch::try_new(schema, vec![array]).map_err(|e| df_err("building keys")(e.into()))
             };
+            let key_set = KeySet::of_values(&keys);
             let all: Vec<ScalarValue> = keys.iter().chain(&removed).cloned().collect();
-            let k = AffectedKeys { keys: as_batch(&keys)?, all: as_batch(&all)? };
+            let all_set = KeySet::of_values(&all);
+            let k = AffectedKeys { keys: as_batch(&keys)?, key_set: Arc::new(key_set), all_set: Arc::new(all_set) };
             if !reads_current {
                 shared.keys.lock().unwrap_or_else(|p| p.into_inner()).insert(signature.clone(), k.clone());
             }
@@ -646,16 +679,15 @@ async fn recompute(
         }
     };
     drop(rules_guard);
-    let AffectedKeys { keys, all } = affected;
+    let AffectedKeys { keys, key_set, all_set } = affected;
     phases.push(("rules", clock.elapsed()));
     clock = std::time::Instant::now();
 
-    // Joins by key with one of those tables: only rows with one of its keys (semi), or none (anti).
-    let by_keys = |df: datafusion::dataframe::DataFrame, keys: &RecordBatch, how| {
+    // A join by key with the keys' table: only rows with one of them.
+    let by_keys = |df: datafusion::dataframe::DataFrame, keys: &RecordBatch| {
         let right = ctx.read_batch(keys.clone())?;
-        df.join(right, how, &[key.as_str()], &["__weir_key"], None)
+        df.join(right, datafusion::common::JoinType::LeftSemi, &[key.as_str()], &["__weir_key"], None)
     };
-    use datafusion::common::JoinType::{LeftAnti, LeftSemi};
     let mut rows = Vec::new();
     if keys.num_rows() > 0 {
         // The job's SQL in a context where its keyed sources hold the affected keys' rows
@@ -667,7 +699,7 @@ async fn recompute(
                 for src in &inc.keyed {
                     let df = ctx.table(src.as_str()).await.map_err(df_err(format!("reading {src}")))?;
                     let schema: SchemaRef = Arc::new(df.schema().as_arrow().clone());
-                    let df = by_keys(df, &keys, LeftSemi).map_err(df_err(format!("restricting {src}")))?;
+                    let df = by_keys(df, &keys).map_err(df_err(format!("restricting {src}")))?;
                     let batches = collect(df, format!("restricting {src}")).await?;
                     let p: Arc<dyn datafusion::catalog::TableProvider> = Arc::new(
                         MemTable::try_new(schema, vec![batches]).map_err(df_err(format!("restricting {src}")))?,
@@ -681,39 +713,40 @@ async fn recompute(
         };
         let sql = job.expand(make, as_of_micros);
         let df = fork.sql(&sql).await.map_err(df_err(format!("{out}: {sql}")))?;
-        let df = by_keys(df, &keys, LeftSemi).map_err(df_err(format!("{out}: restricting the result")))?;
-        rows = collect(df, "recomputing the affected keys".into()).await?;
+        // Only the affected keys' rows (a key from a source that is not restricted may bring
+        // others), filtered here: one hash set for every mart, not a join's table each.
+        for b in collect(df, "recomputing the affected keys".into()).await? {
+            let mask = key_set.members(b.column_by_name(key).ok_or_else(|| missing(out, key))?)?;
+            let b = arrow::compute::filter_record_batch(&b, &mask.into())
+                .map_err(|e| df_err("restricting the result")(e.into()))?;
+            if b.num_rows() > 0 {
+                rows.push(b);
+            }
+        }
     }
     phases.push(("recompute", clock.elapsed()));
     clock = std::time::Instant::now();
 
-    // Keys without a row now go, if the table has them.
-    let found: Vec<ArrayRef> = rows
-        .iter()
-        .map(|b| b.column_by_name(key).cloned().ok_or_else(|| missing(out, key)))
-        .collect::<Result<_, _>>()?;
-    let found = if found.is_empty() {
-        new_null_array(&key_type, 0)
-    } else {
-        let refs: Vec<&dyn arrow::array::Array> = found.iter().map(|a| a.as_ref()).collect();
-        let a = arrow::compute::concat(&refs).map_err(|e| df_err("reading keys")(e.into()))?;
-        arrow::compute::cast(&a, &key_type).map_err(|e| df_err("reading keys")(e.into()))?
-    };
-    let found = RecordBatch::try_new(all.schema(), vec![found]).map_err(|e| df_err("reading keys")(e.into()))?;
+    // Keys without a row now go, if the table has them: its keys read (one column), the
+    // affected ones without a recomputed row.
+    let found_keys: Vec<&ArrayRef> =
+        rows.iter().map(|b| b.column_by_name(key).ok_or_else(|| missing(out, key))).collect::<Result<_, _>>()?;
+    let found = KeySet::of_arrays(&found_keys)?;
     let mut gone = Vec::new();
-    if all.num_rows() > 0 {
+    if !all_set.is_empty() {
         let df = ctx
             .read_table(current)
             .and_then(|d| d.select(vec![col(key.as_str())]))
-            .and_then(|d| by_keys(d, &all, LeftSemi))
-            .and_then(|d| by_keys(d, &found, LeftAnti))
             .map_err(df_err(format!("{out}: finding the rows to delete")))?;
         for b in collect(df, "finding the rows to delete".into()).await? {
-            for i in 0..b.num_rows() {
+            let (affected, recomputed) = (all_set.members(b.column(0))?, found.members(b.column(0))?);
+            for i in (0..b.num_rows()).filter(|&i| affected[i] && !recomputed[i]) {
                 gone.push(ScalarValue::try_from_array(b.column(0), i).map_err(df_err("reading keys"))?);
             }
         }
     }
+    phases.push(("deletes", clock.elapsed()));
+    clock = std::time::Instant::now();
     let recomputed: u64 = rows.iter().map(|b| b.num_rows() as u64).sum();
     let summary = json!({
         "recomputed": recomputed, "deleted": gone.len(), "affected_keys": keys.num_rows(), "inputs": inputs,
@@ -724,7 +757,7 @@ async fn recompute(
         let rel = out.replace('.', "/");
         weir_lake::commit_metadata(&table, &rel, state_metadata(job, recorded, summary)).await?
     } else {
-        store_changes(lake, job, out, table, &rows, &gone, recorded, summary).await?
+        store_changes(lake, job, out, table, &rows, &gone, recorded, summary).await?.0
     };
     phases.push(("Delta commit", clock.elapsed()));
     Ok(IncrementalReport { version, new_rows: 0, merged: 0, recomputed, deleted: gone.len() as u64, inputs, phases })

@@ -515,8 +515,11 @@ fn delta_err(rel: &str, e: deltalake::DeltaTableError) -> IngestError {
     IngestError::Delta(Box::new(weir_lake::DeltaError::Delta { table: rel.to_string(), source: e }))
 }
 
-/// One change folded per key: the row after it, or its removal.
+/// One change folded per key: the row after it, or its removal. A key whose first change
+/// in the batch is an insert was not in PostgreSQL when the batch began, so it is not in the
+/// lake (in step with it at the applied LSN): its row is inserted without looking it up.
 enum Pending {
+    Insert(Vec<Value>),
     Upsert(Vec<Value>),
     Delete(Vec<Value>),
 }
@@ -637,7 +640,12 @@ impl TableState {
 
     fn insert(&mut self, new: Vec<Value>) -> Result<(), IngestError> {
         let k = self.key(&new)?;
-        self.pending.insert(k, Pending::Upsert(new));
+        // After a delete in this batch the key was there when it began: a replacement.
+        let p = match self.pending.get(&k) {
+            Some(Pending::Delete(_) | Pending::Upsert(_)) => Pending::Upsert(new),
+            Some(Pending::Insert(_)) | None => Pending::Insert(new),
+        };
+        self.pending.insert(k, p);
         self.changes.inserts += 1;
         Ok(())
     }
@@ -657,10 +665,10 @@ impl TableState {
                         ),
                     });
                 }
-                self.pending.insert(ok, Pending::Delete(old));
+                self.remove(ok, old);
             }
         }
-        if unchanged && let Some(Pending::Upsert(prev)) = self.pending.get(&k) {
+        if unchanged && let Some(Pending::Upsert(prev) | Pending::Insert(prev)) = self.pending.get(&k) {
             for (i, v) in new.iter_mut().enumerate() {
                 if *v == Value::Unchanged
                     && let Some(p) = prev.get(i)
@@ -669,7 +677,11 @@ impl TableState {
                 }
             }
         }
-        self.pending.insert(k, Pending::Upsert(new));
+        let p = match self.pending.get(&k) {
+            Some(Pending::Insert(_)) => Pending::Insert(new),
+            _ => Pending::Upsert(new),
+        };
+        self.pending.insert(k, p);
         self.changes.updates += 1;
         Ok(())
     }
@@ -677,9 +689,18 @@ impl TableState {
     fn delete(&mut self, old: Vec<Value>) -> Result<(), IngestError> {
         self.only_inserts = false;
         let k = self.key(&old)?;
-        self.pending.insert(k, Pending::Delete(old));
+        self.remove(k, old);
         self.changes.deletes += 1;
         Ok(())
+    }
+
+    /// The row of `k` goes: a delete, or nothing at all for a key this batch inserted.
+    fn remove(&mut self, k: Vec<u8>, old: Vec<Value>) {
+        if let Some(Pending::Insert(_)) = self.pending.get(&k) {
+            self.pending.remove(&k);
+        } else {
+            self.pending.insert(k, Pending::Delete(old));
+        }
     }
 
     fn truncate(&mut self) {
@@ -792,7 +813,8 @@ impl TableState {
             self.applied = end;
             return Ok(());
         }
-        let (table, m) = weir_lake::merge_by_key(lake, table, &rel, batch, &on, writer, props()).await?;
+        let (table, m) =
+            weir_lake::merge_by_key(lake, table, &rel, batch, &on, writer, props(), Default::default()).await?;
         self.changes.rows_inserted += m.inserted;
         self.changes.rows_updated += m.updated;
         self.changes.rows_deleted += m.deleted;
@@ -811,6 +833,7 @@ impl TableState {
         let mut keep: Vec<Option<BooleanBuilder>> = (0..n).map(|_| None).collect();
         for (r, (_, p)) in self.pending.drain().enumerate() {
             let (values, op) = match p {
+                Pending::Insert(v) => (v, "I"),
                 Pending::Upsert(v) => (v, "U"),
                 Pending::Delete(v) => (v, "D"),
             };
@@ -980,22 +1003,29 @@ mod tests {
     }
 
     #[test]
-    fn the_last_change_of_a_key_wins() {
+    fn the_last_change_of_a_key_wins_and_keys_the_batch_inserted_are_new() {
         let mut st = table();
         st.insert(row(1, Some("a"))).unwrap();
         st.update(None, row(1, Some("b"))).unwrap();
         st.insert(row(2, Some("x"))).unwrap();
         st.delete(row(2, Some("x"))).unwrap();
         st.update(None, row(3, Some("c"))).unwrap();
+        st.delete(row(4, Some("d"))).unwrap();
+        st.insert(row(4, Some("e"))).unwrap();
+        st.delete(row(6, Some("f"))).unwrap();
         assert_eq!(
             folded(&mut st),
             vec![
-                (1, "U".into(), Some("b".into()), false),
-                (2, "D".into(), Some("x".into()), false),
-                (3, "U".into(), Some("c".into()), false)
+                // inserted, then updated: still new to the lake
+                (1, "I".into(), Some("b".into()), false),
+                // key 2 came and went within the batch: nothing
+                (3, "U".into(), Some("c".into()), false),
+                // deleted, then inserted again: it was there, so a replacement
+                (4, "U".into(), Some("e".into()), false),
+                (6, "D".into(), Some("f".into()), false)
             ]
         );
-        assert_eq!((st.changes.inserts, st.changes.updates, st.changes.deletes), (2, 2, 1));
+        assert_eq!((st.changes.inserts, st.changes.updates, st.changes.deletes), (3, 2, 3));
     }
 
     #[test]
@@ -1010,7 +1040,7 @@ mod tests {
             vec![
                 (1, "D".into(), Some("a".into()), false),
                 (5, "U".into(), Some("a".into()), false),
-                (7, "U".into(), Some("seven".into()), false),
+                (7, "I".into(), Some("seven".into()), false),
                 (8, "U".into(), None, true)
             ]
         );
@@ -1032,7 +1062,7 @@ mod tests {
         st.truncate();
         st.insert(row(2, Some("b"))).unwrap();
         assert!(st.truncated);
-        assert_eq!(folded(&mut st), vec![(2, "U".into(), Some("b".into()), false)]);
+        assert_eq!(folded(&mut st), vec![(2, "I".into(), Some("b".into()), false)], "new to the emptied table");
     }
 
     #[test]

@@ -205,7 +205,7 @@ pub async fn append_batch(
     use deltalake::writer::{DeltaWriter, RecordBatchWriter};
     let snapshot = table.snapshot().map_err(delta_err(rel))?;
     // The table's own schema (NOT NULL key columns), by column name.
-    let batch = crate::rewrite::conform(&snapshot.snapshot().arrow_schema(), batch, rel)?;
+    let batch = conform(&snapshot.snapshot().arrow_schema(), batch, rel)?;
     let clock = std::time::Instant::now();
     let mut w = RecordBatchWriter::for_table(&table).map_err(delta_err(rel))?.with_writer_properties(writer);
     w.write(batch).await.map_err(delta_err(rel))?;
@@ -333,7 +333,9 @@ pub(crate) fn classify(rel: &str, source: deltalake::DeltaTableError) -> DeltaEr
     }
 }
 
-/// The column of a [`merge_by_key`] source saying what to do with its row: `U` upsert, `D` delete.
+/// The column of a [`merge_by_key`] source saying what to do with its row: `U` upsert, `D`
+/// delete, `I` insert of a key the table does not hold (not looked up: a change data capture
+/// knows which keys are new to its source, and so to a table in step with it).
 pub const OP_COLUMN: &str = "__weir_op";
 /// `__weir_keep_<column>` (boolean) in a [`merge_by_key`] source: keep the table's current value.
 pub const KEEP_PREFIX: &str = "__weir_keep_";
@@ -347,10 +349,14 @@ pub struct MergeStats {
 }
 
 /// Applies `source` to the table by the key columns `on` in one commit: rows whose
-/// [`OP_COLUMN`] is `U` replace (or insert) the row with their key, `D` rows delete it;
+/// [`OP_COLUMN`] is `U` replace (or insert) the row with their key, `I` insert a key the
+/// table does not hold, `D` rows delete it;
 /// [`KEEP_PREFIX`] columns keep the table's value where true. Keys must be unique in `source`.
-/// A merge-on-read with deletion vectors (see [`crate::dv`]); the table must exist (a backfill
+/// A merge-on-read with deletion vectors (see [`crate::dv`]), its files laid out as `layout`
+/// says (the default: as they come, with the change data feed; for tables read by key, new
+/// rows sorted into small files and no change data feed); the table must exist (a backfill
 /// or a full build creates it).
+#[allow(clippy::too_many_arguments)]
 pub async fn merge_by_key(
     lake: &Lake,
     table: DeltaTable,
@@ -359,6 +365,7 @@ pub async fn merge_by_key(
     on: &[String],
     writer: deltalake::parquet::file::properties::WriterProperties,
     commit: CommitProperties,
+    layout: crate::dv::MergeLayout,
 ) -> Result<(DeltaTable, MergeStats), DeltaError> {
     if table.version().is_none() {
         return Err(DeltaError::Delta {
@@ -366,5 +373,28 @@ pub async fn merge_by_key(
             source: deltalake::DeltaTableError::Generic("a merge needs the table to exist; nothing was written".into()),
         });
     }
-    crate::dv::merge_on_read(lake, table, rel, source, on, writer, commit).await
+    crate::dv::merge_on_read(lake, table, rel, source, on, writer, commit, layout).await
+}
+
+/// `b` with `schema`'s columns and field types, by name (a file read back may carry other
+/// metadata; a batch built elsewhere other nullability).
+pub fn conform(
+    schema: &arrow_schema::SchemaRef,
+    b: deltalake::arrow::record_batch::RecordBatch,
+    rel: &str,
+) -> Result<deltalake::arrow::record_batch::RecordBatch, DeltaError> {
+    let cols: Vec<deltalake::arrow::array::ArrayRef> = schema
+        .fields()
+        .iter()
+        .map(|f| {
+            let c =
+                b.column_by_name(f.name()).ok_or_else(|| generic(rel, format!("a file has no column {}", f.name())))?;
+            if c.data_type() == f.data_type() {
+                Ok(c.clone())
+            } else {
+                deltalake::arrow::compute::cast(c, f.data_type()).map_err(|e| generic(rel, e))
+            }
+        })
+        .collect::<Result<_, _>>()?;
+    deltalake::arrow::record_batch::RecordBatch::try_new(schema.clone(), cols).map_err(|e| generic(rel, e))
 }

@@ -52,6 +52,20 @@ const DV_MAGIC: u32 = 1681511377;
 /// Files read at the same time.
 const CONCURRENT_FILES: usize = 4;
 
+/// How a [`crate::merge_by_key`] lays out what it writes. The default: the change data feed,
+/// new rows in files as they come.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct MergeLayout {
+    /// New files sorted by the key (one integer column) and cut evenly into files of at most
+    /// this many rows, and files of fewer than half that many live rows folded into them: a
+    /// table read by key keeps every file in key order with a narrow key range, so a lookup's
+    /// file skipping leaves one file of each merge generation the key was written in.
+    pub key_files: Option<usize>,
+    /// No `_change_data/` files, and the replaced rows are not read (the source must carry
+    /// every column and no keep flag): for a table whose changes no job reads as a feed.
+    pub no_change_data: bool,
+}
+
 /// Whether the table's protocol lists deletion vectors (its files may carry them).
 pub fn has_deletion_vectors(table: &DeltaTable) -> bool {
     let Ok(s) = table.snapshot() else { return false };
@@ -120,6 +134,18 @@ struct Matched {
     old: RecordBatch,
     /// The file's live rows no source row matched, when it is rewritten.
     kept: Option<RecordBatch>,
+}
+
+/// How [`scan_file`] finds the source's keys in a file.
+#[derive(Clone, Copy)]
+struct Keys<'a> {
+    on: &'a [String],
+    converter: &'a RowConverter,
+    source_keys: &'a HashMap<&'a [u8], u32>,
+    /// With an integer first key column: the source row of each of its values.
+    first_index: Option<&'a HashMap<i64, u32>>,
+    /// Read the matched rows' old values (else positions only, when the key allows).
+    read_old: bool,
 }
 
 /// The value of a partition column for every row of a file, in the table's type.
@@ -234,18 +260,15 @@ fn live_selection(deleted: &RoaringTreemap, rows: u64) -> RowSelection {
 /// What the merge reads of one file: its rows `on` matches in the source, and, when the file
 /// is rewritten (deleted rows half of it, or a small file to `absorb` into the new files of
 /// its partition), its other live rows.
-#[allow(clippy::too_many_arguments)]
 async fn scan_file(
     lake: &Lake,
     rel: &str,
     schema: &SchemaRef,
-    on: &[String],
-    converter: &RowConverter,
-    source_keys: &HashMap<&[u8], u32>,
-    first_keys: Option<&HashSet<i64>>,
+    keys: &Keys<'_>,
     file: FileState,
     absorb: bool,
 ) -> Result<Option<Matched>, DeltaError> {
+    let Keys { on, converter, source_keys, first_index: first_keys, read_old } = *keys;
     let path = lake.path(&format!("{rel}/{}", file.add.path));
     let open = || async {
         let reader = ParquetObjectReader::new(lake.store(), path.clone()).with_file_size(file.add.size as u64);
@@ -274,6 +297,8 @@ async fn scan_file(
             .collect::<Result<Vec<_>, _>>()?,
     ));
     let mut candidates = Vec::new();
+    // The candidates' source rows, when the first key column is the whole key.
+    let mut candidate_sources = Vec::new();
     let mut at = 0u64;
     while let Some(batch) = stream.next().await {
         let batch = batch.map_err(|e| generic(rel, format!("{}: {e}", file.add.path)))?;
@@ -283,8 +308,11 @@ async fn scan_file(
                 let col = col.as_any().downcast_ref::<arrow::array::Int64Array>().expect("cast to Int64");
                 for (i, k) in col.iter().enumerate() {
                     let p = at + i as u64;
-                    if k.is_some_and(|k| set.contains(&k)) && !file.deleted.contains(p) {
+                    if let Some(s) = k.and_then(|k| set.get(&k))
+                        && !file.deleted.contains(p)
+                    {
                         candidates.push(p);
+                        candidate_sources.push(*s);
                     }
                 }
             }
@@ -317,7 +345,11 @@ async fn scan_file(
     // Second pass: the candidates' rows, whole; those whose whole key is the source's match.
     let (mut positions, mut sources, mut taken) = (Vec::new(), Vec::new(), Vec::new());
     let mut old = RecordBatch::new_empty(schema.clone());
-    if !candidates.is_empty() {
+    if !read_old && on.len() == 1 && by_first {
+        // One integer key: a candidate is a match, and its old values are not needed.
+        positions = candidates;
+        sources = candidate_sources;
+    } else if !candidates.is_empty() {
         let rows = read(selection(candidates.iter().copied(), file.rows)).await?;
         if rows.num_rows() != candidates.len() {
             return Err(generic(
@@ -379,6 +411,7 @@ fn key_range(add: &Add, key: &str) -> Option<(i64, i64)> {
 }
 
 /// See the module documentation. `source` as for [`crate::merge_by_key`]; the table exists.
+#[allow(clippy::too_many_arguments)]
 pub(crate) async fn merge_on_read(
     lake: &Lake,
     table: DeltaTable,
@@ -387,6 +420,7 @@ pub(crate) async fn merge_on_read(
     on: &[String],
     writer: WriterProperties,
     props: CommitProperties,
+    layout: MergeLayout,
 ) -> Result<(DeltaTable, MergeStats), DeltaError> {
     let clock = std::time::Instant::now();
     let snapshot = table.snapshot().map_err(delta_err(rel))?;
@@ -401,9 +435,11 @@ pub(crate) async fn merge_on_read(
         .and_then(|c| c.as_any().downcast_ref::<StringArray>())
         .ok_or_else(|| generic(rel, format!("a merge source needs a string column {OP_COLUMN}")))?
         .clone();
-    if let Some(bad) = ops.iter().find(|o| !matches!(o, Some("U" | "D"))) {
-        return Err(generic(rel, format!("{OP_COLUMN} {bad:?} is neither U nor D")));
+    if let Some(bad) = ops.iter().find(|o| !matches!(o, Some("U" | "D" | "I"))) {
+        return Err(generic(rel, format!("{OP_COLUMN} {bad:?} is neither U, I nor D")));
     }
+    // Rows whose key is looked up in the table: all but inserts of keys it does not hold.
+    let looked_up = |i: usize| ops.value(i) != "I";
     if on.is_empty() {
         return Err(generic(rel, "a merge needs key columns"));
     }
@@ -430,6 +466,12 @@ pub(crate) async fn merge_on_read(
             }
         }
     }
+    if layout.key_files.is_some() && on.len() != 1 {
+        return Err(generic(rel, "a key-ordered merge layout needs one key column"));
+    }
+    // The replaced rows are read for the change data feed and for the values a source row
+    // keeps (a flag, or a column it does not carry); else their positions are enough.
+    let read_old = !layout.no_change_data || keep.iter().any(Option::is_some) || on.len() != 1;
     // Nullable throughout: a delete carries its key alone.
     let loose = Arc::new(Schema::new(
         schema.fields().iter().map(|f| f.as_ref().clone().with_nullable(true)).collect::<Vec<_>>(),
@@ -454,12 +496,14 @@ pub(crate) async fn merge_on_read(
             return Err(generic(rel, format!("a merge source holds a key twice (row {i})")));
         }
     }
-    // Files whose integer key range holds no source key are not read.
+    // Files whose integer key range holds no key looked up are not read.
+    let lookups = (0..n).filter(|&i| looked_up(i)).count();
     let first_key: Option<Vec<i64>> = key_cols[0].data_type().is_integer().then_some(()).and_then(|_| {
         let c = cast(&key_cols[0], &DataType::Int64).ok()?;
-        let mut v: Vec<i64> = c.as_any().downcast_ref::<arrow::array::Int64Array>()?.iter().flatten().collect();
+        let c = c.as_any().downcast_ref::<arrow::array::Int64Array>()?;
+        let mut v: Vec<i64> = (0..n).filter(|&i| looked_up(i) && c.is_valid(i)).map(|i| c.value(i)).collect();
         v.sort_unstable();
-        (v.len() == n).then_some(v)
+        (v.len() == lookups).then_some(v)
     });
 
     #[allow(deprecated)]
@@ -470,7 +514,16 @@ pub(crate) async fn merge_on_read(
         .await
         .map_err(delta_err(rel))?;
     let files_total = adds.len();
-    let first_set: Option<HashSet<i64>> = first_key.as_ref().map(|k| k.iter().copied().collect());
+    // The source row of each first-key value (with one integer key column, the row itself).
+    let first_index: Option<HashMap<i64, u32>> = first_key.as_ref().and_then(|_| {
+        let c = cast(&key_cols[0], &DataType::Int64).ok()?;
+        let c = c.as_any().downcast_ref::<arrow::array::Int64Array>()?;
+        Some(c.iter().enumerate().filter(|(i, _)| looked_up(*i)).filter_map(|(i, k)| Some((k?, i as u32))).collect())
+    });
+    let small_file_rows = match layout.key_files {
+        Some(rows) => lake.small_file_rows().min(rows as u64 / 2),
+        None => lake.small_file_rows(),
+    };
     // The partitions the source's rows are in, when its key holds every partition column (a
     // month partition derived from a key column): files of other partitions cannot match.
     let in_key = !partition_columns.is_empty() && partition_columns.iter().all(|p| on.contains(p));
@@ -479,7 +532,7 @@ pub(crate) async fn merge_on_read(
         part_values.as_ref().filter(|_| in_key).map(|cols| (0..n).map(|i| row_values(cols, i)).collect());
     // The partitions the merge writes new rows to: a small file there is folded into them.
     let written: Option<HashSet<Vec<Option<String>>>> =
-        part_values.as_ref().map(|cols| (0..n).filter(|&i| ops.value(i) == "U").map(|i| row_values(cols, i)).collect());
+        part_values.as_ref().map(|cols| (0..n).filter(|&i| ops.value(i) != "D").map(|i| row_values(cols, i)).collect());
     let mut candidates = Vec::new();
     for add in adds {
         let rows = add
@@ -491,7 +544,7 @@ pub(crate) async fn merge_on_read(
         let deleted_rows = add.deletion_vector.as_ref().map_or(0, |d| d.cardinality as u64);
         let values: Vec<Option<String>> =
             partition_columns.iter().map(|p| add.partition_values.get(p).cloned().flatten()).collect();
-        let absorb = rows.saturating_sub(deleted_rows) < lake.small_file_rows()
+        let absorb = rows.saturating_sub(deleted_rows) < small_file_rows
             && written.as_ref().is_some_and(|w| w.contains(&values));
         let may_hold = match (&first_key, key_range(&add, &on[0])) {
             (Some(keys), Some((lo, hi))) => {
@@ -508,14 +561,16 @@ pub(crate) async fn merge_on_read(
     let files_read = candidates.len();
     let matched: Vec<Matched> = futures::stream::iter(candidates)
         .map(|(add, rows, absorb)| {
-            let (schema, converter, source_keys, first_set) = (&schema, &converter, &source_keys, first_set.as_ref());
+            let (schema, converter, source_keys, first_index) =
+                (&schema, &converter, &source_keys, first_index.as_ref());
             async move {
                 let deleted = match &add.deletion_vector {
                     Some(dv) => read_deletion_vector(lake, rel, dv).await?,
                     None => RoaringTreemap::new(),
                 };
                 let file = FileState { add, rows, deleted };
-                scan_file(lake, rel, schema, on, converter, source_keys, first_set, file, absorb).await
+                let keys = Keys { on, converter, source_keys, first_index, read_old };
+                scan_file(lake, rel, schema, &keys, file, absorb).await
             }
         })
         .buffer_unordered(CONCURRENT_FILES)
@@ -541,7 +596,7 @@ pub(crate) async fn merge_on_read(
     let (mut pre_idx, mut insert_idx, mut delete_idx) = (Vec::new(), Vec::new(), Vec::new());
     let mut post_rows: Vec<usize> = Vec::new();
     for (i, old) in old_of.iter().enumerate() {
-        let upsert = ops.value(i) == "U";
+        let upsert = ops.value(i) != "D";
         match (upsert, *old) {
             (true, Some((b, r))) => {
                 stats.updated += 1;
@@ -589,13 +644,16 @@ pub(crate) async fn merge_on_read(
         .map_err(|e| generic(rel, e))
     };
     let inserts = pick(&insert_idx)?;
-    let pre = pick(&pre_idx)?;
-    let deletes = pick(&delete_idx)?;
+    let (pre, deletes) = if layout.no_change_data {
+        (RecordBatch::new_empty(schema.clone()), RecordBatch::new_empty(schema.clone()))
+    } else {
+        (pick(&pre_idx)?, pick(&delete_idx)?)
+    };
 
     // Nothing matched and nothing new (deletes of keys the table does not hold): a commit
     // with the transaction alone. Rewriting small files then would read as changed rows to
     // a change-feed reader (a commit without change files is read from its adds and removes).
-    let changed = inserts.num_rows() + post.num_rows() + deletes.num_rows() > 0;
+    let changed = stats.inserted + stats.updated + stats.deleted > 0;
     let matched: Vec<Matched> = if changed { matched } else { Vec::new() };
 
     // The new files: inserted and updated rows, and the live rows of rewritten files.
@@ -609,9 +667,28 @@ pub(crate) async fn merge_on_read(
     if data.num_rows() > 0 {
         let mut w =
             RecordBatchWriter::for_table(&table).map_err(delta_err(rel))?.with_writer_properties(writer.clone());
-        w.write(data).await.map_err(delta_err(rel))?;
-        let written = w.flush().await.map_err(delta_err(rel))?;
-        actions.extend(written.into_iter().map(Action::Add));
+        match layout.key_files {
+            Some(file_rows) => {
+                let order =
+                    arrow::compute::sort_to_indices(data.column_by_name(&on[0]).expect("a table column"), None, None)
+                        .map_err(|e| generic(rel, e))?;
+                let sorted = arrow::compute::take_record_batch(&data, &order).map_err(|e| generic(rel, e))?;
+                // Cut evenly: no file far below the others.
+                let pieces = sorted.num_rows().div_ceil(file_rows.max(1));
+                let per = sorted.num_rows().div_ceil(pieces);
+                let mut offset = 0;
+                while offset < sorted.num_rows() {
+                    let len = per.min(sorted.num_rows() - offset);
+                    w.write(sorted.slice(offset, len)).await.map_err(delta_err(rel))?;
+                    actions.extend(w.flush().await.map_err(delta_err(rel))?.into_iter().map(Action::Add));
+                    offset += len;
+                }
+            }
+            None => {
+                w.write(data).await.map_err(delta_err(rel))?;
+                actions.extend(w.flush().await.map_err(delta_err(rel))?.into_iter().map(Action::Add));
+            }
+        }
     }
 
     // The change data feed.
@@ -627,7 +704,7 @@ pub(crate) async fn merge_on_read(
     for (kind, b) in
         [("insert", &inserts), ("update_preimage", &pre), ("update_postimage", &post), ("delete", &deletes)]
     {
-        if b.num_rows() == 0 {
+        if b.num_rows() == 0 || layout.no_change_data {
             continue;
         }
         let mut cols = b.columns().to_vec();

@@ -5,15 +5,14 @@ pub mod delta;
 pub mod doctor;
 pub mod dv;
 pub mod dvscan;
-pub mod rewrite;
 pub mod store;
 pub mod vacuum;
 
 pub use delta::{
-    DeltaError, KEEP_PREFIX, MergeStats, OP_COLUMN, append_batch, commit_files, commit_metadata, last_commit_info,
-    maintain, merge_by_key, open_table, settle, without_maintenance,
+    DeltaError, KEEP_PREFIX, MergeStats, OP_COLUMN, append_batch, commit_files, commit_metadata, conform,
+    last_commit_info, maintain, merge_by_key, open_table, settle, without_maintenance,
 };
 pub use doctor::{Check, run_checks};
-pub use rewrite::{RewriteStats, conform, rewrite_by_key};
+pub use dv::MergeLayout;
 pub use store::{LAYERS, Lake, LakeStoreError};
 pub use vacuum::{VacuumReport, delta_tables, vacuum, vacuum_horizon, vacuum_tables};

@@ -188,6 +188,14 @@ impl KeySet {
     }
 
     fn of_arrays(arrays: &[&ArrayRef]) -> Result<Self, DeriveError> {
+        if arrays.iter().all(|a| a.data_type().is_integer()) {
+            let mut set = HashSet::new();
+            for a in arrays {
+                let c = arrow::compute::cast(a, &DataType::Int64).map_err(|e| df_err("reading keys")(e.into()))?;
+                set.extend(arrow::array::AsArray::as_primitive::<arrow::datatypes::Int64Type>(&c).iter().flatten());
+            }
+            return Ok(KeySet::Int(set));
+        }
         let mut values = Vec::new();
         for a in arrays {
             for i in 0..a.len() {

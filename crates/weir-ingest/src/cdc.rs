@@ -713,6 +713,8 @@ impl TableState {
     /// Commits this batch's changes (if any) with `end` as the table's applied LSN.
     async fn apply(&mut self, lake: &Lake, slot: &str, end: u64) -> Result<(), IngestError> {
         if self.pending.is_empty() && !self.truncated {
+            // Nothing to write (keys this batch inserted and deleted again leave nothing).
+            self.only_inserts = true;
             return Ok(());
         }
         let rel = self.rel.clone();
@@ -1045,6 +1047,20 @@ mod tests {
             ]
         );
         assert!(st.update(Some(row(8, Some("x"))), row(9, None)).is_err(), "key change with an unsent TOAST value");
+    }
+
+    #[tokio::test]
+    async fn a_batch_whose_inserts_were_deleted_again_writes_nothing_and_the_next_appends() {
+        let mut st = table();
+        st.insert(row(1, Some("a"))).unwrap();
+        st.delete(row(1, Some("a"))).unwrap();
+        assert!(st.pending.is_empty() && !st.only_inserts);
+        let root = std::env::temp_dir().join(format!("weir-cdc-nothing-{}", std::process::id()));
+        let location = weir_core::LakeLocation::Local { root: root.clone() };
+        let lake = Lake::open(location, &weir_core::S3Settings::default(), false).unwrap();
+        st.apply(&lake, "slot", 42).await.unwrap();
+        assert!(st.only_inserts, "the next batch of inserts is appended, not merged");
+        assert!(!root.join("bronze").exists(), "nothing was written");
     }
 
     #[test]

@@ -9,34 +9,10 @@ import json
 import sys
 import time
 
-import pyarrow.flight as flight
+from flightsql import connect
 
 port, user, password, runs, ids = sys.argv[1:6]
-client = flight.FlightClient(f"grpc://127.0.0.1:{port}")
-opts = flight.FlightCallOptions(headers=[client.authenticate_basic_token(user.encode(), password.encode())])
-
-
-def varint(n):
-    out = bytearray()
-    while True:
-        b, n = n & 0x7F, n >> 7
-        out.append(b | 0x80 if n else b)
-        if not n:
-            return bytes(out)
-
-
-def field(num, payload):
-    return varint((num << 3) | 2) + varint(len(payload)) + payload
-
-
-def statement(sql):
-    type_url = b"type.googleapis.com/arrow.flight.protocol.sql.CommandStatementQuery"
-    return field(1, type_url) + field(2, field(1, sql.encode()))
-
-
-def read(sql):
-    info = client.get_flight_info(flight.FlightDescriptor.for_command(statement(sql)), opts)
-    return client.do_get(info.endpoints[0].ticket, opts).read_all()
+read = connect(port, user, password)
 
 
 for _ in range(int(runs)):

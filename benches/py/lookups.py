@@ -8,34 +8,12 @@ For lakes that no bench command builds (e.g. after `weir sync` + `weir derive` o
 import sys
 import time
 
-import pyarrow.flight as flight
+from flightsql import connect
 
 port, user, password = sys.argv[1:4]
 mart = sys.argv[4] if len(sys.argv) > 4 else "ads_vw"
 n = int(sys.argv[5]) if len(sys.argv) > 5 else 300
-client = flight.FlightClient(f"grpc://127.0.0.1:{port}")
-opts = flight.FlightCallOptions(headers=[client.authenticate_basic_token(user.encode(), password.encode())])
-
-
-def varint(v):
-    out = bytearray()
-    while True:
-        b, v = v & 0x7F, v >> 7
-        out.append(b | 0x80 if v else b)
-        if not v:
-            return bytes(out)
-
-
-def field(num, payload):
-    return varint((num << 3) | 2) + varint(len(payload)) + payload
-
-
-def read(sql):
-    type_url = b"type.googleapis.com/arrow.flight.protocol.sql.CommandStatementQuery"
-    command = field(1, type_url) + field(2, field(1, sql.encode()))
-    info = client.get_flight_info(flight.FlightDescriptor.for_command(command), opts)
-    return client.do_get(info.endpoints[0].ticket, opts).read_all()
-
+read = connect(port, user, password)
 
 ids = read(f"SELECT listing_id FROM {mart} ORDER BY listing_id").column(0).to_pylist()
 ids = ids[:: max(1, len(ids) // n)][:n]

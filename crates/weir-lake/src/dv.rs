@@ -496,14 +496,22 @@ pub(crate) async fn merge_on_read(
             return Err(generic(rel, format!("a merge source holds a key twice (row {i})")));
         }
     }
-    // Files whose integer key range holds no key looked up are not read.
-    let lookups = (0..n).filter(|&i| looked_up(i)).count();
-    let first_key: Option<Vec<i64>> = key_cols[0].data_type().is_integer().then_some(()).and_then(|_| {
+    // The source row of each first-key value looked up (with one integer key column, the row
+    // itself), when that column is an integer without NULLs.
+    let first_index: Option<HashMap<i64, u32>> = key_cols[0].data_type().is_integer().then_some(()).and_then(|_| {
         let c = cast(&key_cols[0], &DataType::Int64).ok()?;
         let c = c.as_any().downcast_ref::<arrow::array::Int64Array>()?;
-        let mut v: Vec<i64> = (0..n).filter(|&i| looked_up(i) && c.is_valid(i)).map(|i| c.value(i)).collect();
+        let mut index = HashMap::with_capacity(n);
+        for i in (0..n).filter(|&i| looked_up(i)) {
+            index.insert(c.is_valid(i).then(|| c.value(i))?, i as u32);
+        }
+        Some(index)
+    });
+    // Files whose integer key range holds no key looked up are not read.
+    let first_key: Option<Vec<i64>> = first_index.as_ref().map(|index| {
+        let mut v: Vec<i64> = index.keys().copied().collect();
         v.sort_unstable();
-        (v.len() == lookups).then_some(v)
+        v
     });
 
     #[allow(deprecated)]
@@ -514,12 +522,6 @@ pub(crate) async fn merge_on_read(
         .await
         .map_err(delta_err(rel))?;
     let files_total = adds.len();
-    // The source row of each first-key value (with one integer key column, the row itself).
-    let first_index: Option<HashMap<i64, u32>> = first_key.as_ref().and_then(|_| {
-        let c = cast(&key_cols[0], &DataType::Int64).ok()?;
-        let c = c.as_any().downcast_ref::<arrow::array::Int64Array>()?;
-        Some(c.iter().enumerate().filter(|(i, _)| looked_up(*i)).filter_map(|(i, k)| Some((k?, i as u32))).collect())
-    });
     let small_file_rows = match layout.key_files {
         Some(rows) => lake.small_file_rows().min(rows as u64 / 2),
         None => lake.small_file_rows(),

@@ -205,11 +205,17 @@ impl KeySet {
         Ok(KeySet::of_values(&values))
     }
 
-    fn is_empty(&self) -> bool {
-        match self {
-            KeySet::Int(s) => s.is_empty(),
-            KeySet::Any(s) => s.is_empty(),
-        }
+    /// The keys of the set that `other` lacks, as an array of `data_type`.
+    fn without(&self, other: &KeySet, data_type: &DataType) -> Result<ArrayRef, DeriveError> {
+        let err = |e: arrow::error::ArrowError| df_err("building keys")(e.into());
+        let all: ArrayRef = match self {
+            KeySet::Int(s) => Arc::new(arrow::array::Int64Array::from_iter_values(s.iter().copied())),
+            KeySet::Any(s) if s.is_empty() => new_null_array(data_type, 0),
+            KeySet::Any(s) => ScalarValue::iter_to_array(s.iter().cloned()).map_err(df_err("building keys"))?,
+        };
+        let all = arrow::compute::cast(&all, data_type).map_err(err)?;
+        let keep: arrow::array::BooleanArray = other.members(&all)?.into_iter().map(|m| Some(!m)).collect();
+        arrow::compute::filter(&all, &keep).map_err(err)
     }
 
     /// Whether each row of `a` holds a key of the set (a NULL does not).
@@ -547,7 +553,12 @@ pub async fn attempt(
             "phases_ms": phases_json(phases),
         })
     };
-    let (version, stats) = store_changes(lake, job, out, table, &upserts, &gone, recorded, summary(&phases)).await?;
+    let gone_keys = match gone.is_empty() {
+        true => None,
+        false => Some(ScalarValue::iter_to_array(gone.iter().cloned()).map_err(df_err("building delete keys"))?),
+    };
+    let (version, stats) =
+        store_changes(lake, job, out, table, &upserts, gone_keys, recorded, summary(&phases)).await?;
     phases.push(("Delta commit", clock.elapsed()));
     Ok(Attempt::Done(IncrementalReport {
         version,
@@ -586,7 +597,7 @@ async fn store_changes(
     out: &str,
     table: DeltaTable,
     upserts: &[RecordBatch],
-    gone: &[ScalarValue],
+    gone: Option<ArrayRef>,
     recorded: &Value,
     summary: Value,
 ) -> Result<(i64, weir_lake::MergeStats), DeriveError> {
@@ -605,8 +616,8 @@ async fn store_changes(
     for b in upserts {
         parts.push(with_op(&target, b, "U", out)?);
     }
-    if !gone.is_empty() {
-        parts.push(deletes(&target, key, gone, out)?);
+    if let Some(gone) = gone.filter(|g| !g.is_empty()) {
+        parts.push(deletes(&target, key, &gone, out)?);
     }
     let schema = match parts.first() {
         Some(p) => p.schema(),
@@ -686,39 +697,27 @@ async fn recompute(
             k
         }
     };
-    drop(rules_guard);
     let AffectedKeys { keys, key_set, all_set } = affected;
     phases.push(("rules", clock.elapsed()));
     clock = std::time::Instant::now();
 
-    // A join by key with the keys' table: only rows with one of them.
-    let by_keys = |df: datafusion::dataframe::DataFrame, keys: &RecordBatch| {
-        let right = ctx.read_batch(keys.clone())?;
-        df.join(right, datafusion::common::JoinType::LeftSemi, &[key.as_str()], &["__weir_key"], None)
-    };
     let mut rows = Vec::new();
     if keys.num_rows() > 0 {
         // The job's SQL in a context where its keyed sources hold the affected keys' rows
-        // only (built once per run for every unit with the same changes).
-        let fork = match shared.cached_fork(&signature) {
+        // only and its small sources are read once (built once per run for every unit with
+        // the same changes; the rules lock is held so that the others wait for it).
+        let cached = if reads_current { None } else { shared.cached_fork(&signature) };
+        let fork = match cached {
             Some(f) => f,
             None => {
-                let mut overrides = Vec::new();
-                for src in &inc.keyed {
-                    let df = ctx.table(src.as_str()).await.map_err(df_err(format!("reading {src}")))?;
-                    let schema: SchemaRef = Arc::new(df.schema().as_arrow().clone());
-                    let df = by_keys(df, &keys).map_err(df_err(format!("restricting {src}")))?;
-                    let batches = collect(df, format!("restricting {src}")).await?;
-                    let p: Arc<dyn datafusion::catalog::TableProvider> = Arc::new(
-                        MemTable::try_new(schema, vec![batches]).map_err(df_err(format!("restricting {src}")))?,
-                    );
-                    overrides.push((src.clone(), p));
+                let f = fork(session, job, inc, &keys, key).await?;
+                if !reads_current {
+                    shared.forks.lock().unwrap_or_else(|p| p.into_inner()).insert(signature.clone(), f.clone());
                 }
-                let f = session.fork_with(&overrides).await?;
-                shared.forks.lock().unwrap_or_else(|p| p.into_inner()).insert(signature.clone(), f.clone());
                 f
             }
         };
+        drop(rules_guard);
         let sql = job.expand(make, as_of_micros);
         let df = fork.sql(&sql).await.map_err(df_err(format!("{out}: {sql}")))?;
         // Only the affected keys' rows (a key from a source that is not restricted may bring
@@ -731,44 +730,95 @@ async fn recompute(
                 rows.push(b);
             }
         }
+    } else {
+        drop(rules_guard);
     }
     phases.push(("recompute", clock.elapsed()));
     clock = std::time::Instant::now();
 
-    // Keys without a row now go, if the table has them: its keys read (one column), the
-    // affected ones without a recomputed row.
+    // The affected keys without a row now are deleted, if the table holds them: the merge
+    // looks them up in the same reading of the table's keys as the recomputed ones (most
+    // belong to other units, every make's mart sharing the affected keys).
     let found_keys: Vec<&ArrayRef> =
         rows.iter().map(|b| b.column_by_name(key).ok_or_else(|| missing(out, key))).collect::<Result<_, _>>()?;
-    let found = KeySet::of_arrays(&found_keys)?;
-    let mut gone = Vec::new();
-    if !all_set.is_empty() {
-        let df = ctx
-            .read_table(current)
-            .and_then(|d| d.select(vec![col(key.as_str())]))
-            .map_err(df_err(format!("{out}: finding the rows to delete")))?;
-        for b in collect(df, "finding the rows to delete".into()).await? {
-            let (affected, recomputed) = (all_set.members(b.column(0))?, found.members(b.column(0))?);
-            for i in (0..b.num_rows()).filter(|&i| affected[i] && !recomputed[i]) {
-                gone.push(ScalarValue::try_from_array(b.column(0), i).map_err(df_err("reading keys"))?);
-            }
-        }
-    }
-    phases.push(("deletes", clock.elapsed()));
-    clock = std::time::Instant::now();
+    let gone = all_set.without(&KeySet::of_arrays(&found_keys)?, &key_type)?;
     let recomputed: u64 = rows.iter().map(|b| b.num_rows() as u64).sum();
+    let candidates = gone.len();
     let summary = json!({
-        "recomputed": recomputed, "deleted": gone.len(), "affected_keys": keys.num_rows(), "inputs": inputs,
+        "recomputed": recomputed, "delete_candidates": candidates, "affected_keys": keys.num_rows(), "inputs": inputs,
         "phases_ms": phases_json(&phases),
     });
-    let version = if rows.is_empty() && gone.is_empty() {
+    let (version, deleted) = if rows.is_empty() && candidates == 0 {
         // Nothing of this table changed: only the state it is now built from.
         let rel = out.replace('.', "/");
-        weir_lake::commit_metadata(&table, &rel, state_metadata(job, recorded, summary)).await?
+        (weir_lake::commit_metadata(&table, &rel, state_metadata(job, recorded, summary)).await?, 0)
     } else {
-        store_changes(lake, job, out, table, &rows, &gone, recorded, summary).await?.0
+        let (version, stats) = store_changes(lake, job, out, table, &rows, Some(gone), recorded, summary).await?;
+        (version, stats.deleted)
     };
     phases.push(("Delta commit", clock.elapsed()));
-    Ok(IncrementalReport { version, new_rows: 0, merged: 0, recomputed, deleted: gone.len() as u64, inputs, phases })
+    Ok(IncrementalReport { version, new_rows: 0, merged: 0, recomputed, deleted, inputs, phases })
+}
+
+/// Sources of at most this many rows that a job does not restrict to the affected keys are
+/// read once into memory for every unit sharing a fork (a mart's sellers and makes).
+const SMALL_SOURCE_ROWS: usize = 1 << 18;
+
+/// A context for `job`'s SQL over the affected `keys` (a one-column batch, `__weir_key`): its
+/// keyed sources hold those keys' rows only, its other sources of at most
+/// [`SMALL_SOURCE_ROWS`] rows are in memory; every source is read at the same time.
+async fn fork(
+    session: &LakeSession,
+    job: &Job,
+    inc: &Incremental,
+    keys: &RecordBatch,
+    key: &str,
+) -> Result<datafusion::prelude::SessionContext, DeriveError> {
+    let overrides: Vec<_> =
+        futures::future::try_join_all(job.sources.iter().map(|s| fork_source(session, inc, keys, key, s)))
+            .await?
+            .into_iter()
+            .flatten()
+            .collect();
+    session.fork_with(&overrides).await
+}
+
+/// One source of a [`fork`]: the keyed ones restricted to `keys`, a small one in memory, None
+/// for one read as it is.
+async fn fork_source(
+    session: &LakeSession,
+    inc: &Incremental,
+    keys: &RecordBatch,
+    key: &str,
+    src: &String,
+) -> Result<Option<(String, Arc<dyn datafusion::catalog::TableProvider>)>, DeriveError> {
+    let ctx = &session.ctx;
+    let clock = std::time::Instant::now();
+    let what = |w: &str| format!("{w} {src}");
+    let keyed = inc.keyed.contains(src);
+    // A source the session does not hold under its name (a per-make job's own make's
+    // table) is read as the unit's SQL names it.
+    if !keyed && !ctx.table_exist(src.as_str()).map_err(df_err(what("reading")))? {
+        return Ok(None);
+    }
+    let df = ctx.table(src.as_str()).await.map_err(df_err(what("reading")))?;
+    let schema: SchemaRef = Arc::new(df.schema().as_arrow().clone());
+    let df = if keyed {
+        let right = ctx.read_batch(keys.clone()).map_err(df_err(what("restricting")))?;
+        df.join(right, datafusion::common::JoinType::LeftSemi, &[key], &["__weir_key"], None)
+    } else {
+        df.limit(0, Some(SMALL_SOURCE_ROWS + 1))
+    }
+    .map_err(df_err(what("restricting")))?;
+    let batches = df.collect().await.map_err(df_err(what("reading")))?;
+    let rows: usize = batches.iter().map(RecordBatch::num_rows).sum();
+    tracing::debug!(source = src.as_str(), keyed, rows, seconds = clock.elapsed().as_secs_f64(), "derive: fork source");
+    if !keyed && rows > SMALL_SOURCE_ROWS {
+        return Ok(None);
+    }
+    let p: Arc<dyn datafusion::catalog::TableProvider> =
+        Arc::new(MemTable::try_new(schema, vec![batches]).map_err(df_err(what("restricting")))?);
+    Ok(Some((src.clone(), p)))
 }
 
 fn missing(out: &str, key: &str) -> DeriveError {
@@ -805,16 +855,15 @@ fn with_op(target: &SchemaRef, b: &RecordBatch, op: &str, out: &str) -> Result<R
 }
 
 /// Delete rows for `keys`: the key set, every other column NULL.
-fn deletes(target: &SchemaRef, key: &str, keys: &[ScalarValue], out: &str) -> Result<RecordBatch, DeriveError> {
+fn deletes(target: &SchemaRef, key: &str, keys: &ArrayRef, out: &str) -> Result<RecordBatch, DeriveError> {
     let err = |m: String| DeriveError::Write { table: out.to_string(), message: m };
     let mut cols: Vec<ArrayRef> = Vec::new();
     for f in target.fields() {
         cols.push(if f.name() == key {
-            let a = ScalarValue::iter_to_array(keys.iter().cloned()).map_err(df_err("building delete keys"))?;
-            if a.data_type() == f.data_type() {
-                a
+            if keys.data_type() == f.data_type() {
+                keys.clone()
             } else {
-                arrow::compute::cast(&a, f.data_type()).map_err(|e| err(e.to_string()))?
+                arrow::compute::cast(keys, f.data_type()).map_err(|e| err(e.to_string()))?
             }
         } else {
             new_null_array(f.data_type(), keys.len())

@@ -205,17 +205,11 @@ impl KeySet {
         Ok(KeySet::of_values(&values))
     }
 
-    /// The keys of the set that `other` lacks, as an array of `data_type`.
-    fn without(&self, other: &KeySet, data_type: &DataType) -> Result<ArrayRef, DeriveError> {
-        let err = |e: arrow::error::ArrowError| df_err("building keys")(e.into());
-        let all: ArrayRef = match self {
-            KeySet::Int(s) => Arc::new(arrow::array::Int64Array::from_iter_values(s.iter().copied())),
-            KeySet::Any(s) if s.is_empty() => new_null_array(data_type, 0),
-            KeySet::Any(s) => ScalarValue::iter_to_array(s.iter().cloned()).map_err(df_err("building keys"))?,
-        };
-        let all = arrow::compute::cast(&all, data_type).map_err(err)?;
-        let keep: arrow::array::BooleanArray = other.members(&all)?.into_iter().map(|m| Some(!m)).collect();
-        arrow::compute::filter(&all, &keep).map_err(err)
+    fn is_empty(&self) -> bool {
+        match self {
+            KeySet::Int(s) => s.is_empty(),
+            KeySet::Any(s) => s.is_empty(),
+        }
     }
 
     /// Whether each row of `a` holds a key of the set (a NULL does not).
@@ -736,28 +730,52 @@ async fn recompute(
     phases.push(("recompute", clock.elapsed()));
     clock = std::time::Instant::now();
 
-    // The affected keys without a row now are deleted, if the table holds them: the merge
-    // looks them up in the same reading of the table's keys as the recomputed ones (most
-    // belong to other units, every make's mart sharing the affected keys).
+    // Keys without a row now go, if the table has them: its keys read (one column), the
+    // affected ones without a recomputed row. (Handing every affected key to the merge as a
+    // delete instead costs more: a mart's merge then indexes every make's affected keys.)
     let found_keys: Vec<&ArrayRef> =
         rows.iter().map(|b| b.column_by_name(key).ok_or_else(|| missing(out, key))).collect::<Result<_, _>>()?;
-    let gone = all_set.without(&KeySet::of_arrays(&found_keys)?, &key_type)?;
+    let found = KeySet::of_arrays(&found_keys)?;
+    let mut gone: Vec<ArrayRef> = Vec::new();
+    if !all_set.is_empty() {
+        let df = ctx
+            .read_table(current)
+            .and_then(|d| d.select(vec![col(key.as_str())]))
+            .map_err(df_err(format!("{out}: finding the rows to delete")))?;
+        for b in collect(df, "finding the rows to delete".into()).await? {
+            let (affected, recomputed) = (all_set.members(b.column(0))?, found.members(b.column(0))?);
+            let mask: arrow::array::BooleanArray =
+                affected.iter().zip(&recomputed).map(|(a, r)| Some(*a && !*r)).collect();
+            let keys = arrow::compute::filter(b.column(0), &mask).map_err(|e| df_err("reading keys")(e.into()))?;
+            if !keys.is_empty() {
+                gone.push(keys);
+            }
+        }
+    }
+    let gone = match gone.is_empty() {
+        true => None,
+        false => {
+            let parts: Vec<&dyn arrow::array::Array> = gone.iter().map(|a| a.as_ref()).collect();
+            Some(arrow::compute::concat(&parts).map_err(|e| df_err("reading keys")(e.into()))?)
+        }
+    };
+    let deleted = gone.as_ref().map_or(0, |g| g.len());
+    phases.push(("deletes", clock.elapsed()));
+    clock = std::time::Instant::now();
     let recomputed: u64 = rows.iter().map(|b| b.num_rows() as u64).sum();
-    let candidates = gone.len();
     let summary = json!({
-        "recomputed": recomputed, "delete_candidates": candidates, "affected_keys": keys.num_rows(), "inputs": inputs,
+        "recomputed": recomputed, "deleted": deleted, "affected_keys": keys.num_rows(), "inputs": inputs,
         "phases_ms": phases_json(&phases),
     });
-    let (version, deleted) = if rows.is_empty() && candidates == 0 {
+    let version = if rows.is_empty() && gone.is_none() {
         // Nothing of this table changed: only the state it is now built from.
         let rel = out.replace('.', "/");
-        (weir_lake::commit_metadata(&table, &rel, state_metadata(job, recorded, summary)).await?, 0)
+        weir_lake::commit_metadata(&table, &rel, state_metadata(job, recorded, summary)).await?
     } else {
-        let (version, stats) = store_changes(lake, job, out, table, &rows, Some(gone), recorded, summary).await?;
-        (version, stats.deleted)
+        store_changes(lake, job, out, table, &rows, gone, recorded, summary).await?.0
     };
     phases.push(("Delta commit", clock.elapsed()));
-    Ok(IncrementalReport { version, new_rows: 0, merged: 0, recomputed, deleted, inputs, phases })
+    Ok(IncrementalReport { version, new_rows: 0, merged: 0, recomputed, deleted: deleted as u64, inputs, phases })
 }
 
 /// Sources of at most this many rows that a job does not restrict to the affected keys are

@@ -136,14 +136,15 @@ struct Matched {
     kept: Option<RecordBatch>,
 }
 
-/// How [`scan_file`] finds the source's keys in a file.
-#[derive(Clone, Copy)]
-struct Keys<'a> {
-    on: &'a [String],
-    converter: &'a RowConverter,
-    source_keys: &'a HashMap<&'a [u8], u32>,
+/// How [`scan_file`] finds the source's keys in a file (owned: files are scanned by tasks of
+/// their own, on every core).
+struct Keys {
+    on: Vec<String>,
+    converter: RowConverter,
+    /// The source row of each key, in the converter's row format.
+    source_keys: HashMap<Box<[u8]>, u32>,
     /// With an integer first key column: the source row of each of its values.
-    first_index: Option<&'a HashMap<i64, u32>>,
+    first_index: Option<HashMap<i64, u32>>,
     /// Read the matched rows' old values (else positions only, when the key allows).
     read_old: bool,
 }
@@ -264,11 +265,12 @@ async fn scan_file(
     lake: &Lake,
     rel: &str,
     schema: &SchemaRef,
-    keys: &Keys<'_>,
+    keys: &Keys,
     file: FileState,
     absorb: bool,
 ) -> Result<Option<Matched>, DeltaError> {
-    let Keys { on, converter, source_keys, first_index: first_keys, read_old } = *keys;
+    let Keys { on, converter, source_keys, first_index: first_keys, read_old } = keys;
+    let read_old = *read_old;
     let path = lake.path(&format!("{rel}/{}", file.add.path));
     let open = || async {
         let reader = ParquetObjectReader::new(lake.store(), path.clone()).with_file_size(file.add.size as u64);
@@ -302,7 +304,7 @@ async fn scan_file(
     let mut at = 0u64;
     while let Some(batch) = stream.next().await {
         let batch = batch.map_err(|e| generic(rel, format!("{}: {e}", file.add.path)))?;
-        match first_keys.filter(|_| by_first) {
+        match first_keys.as_ref().filter(|_| by_first) {
             Some(set) => {
                 let col = cast(batch.column(0), &DataType::Int64).map_err(|e| generic(rel, e))?;
                 let col = col.as_any().downcast_ref::<arrow::array::Int64Array>().expect("cast to Int64");
@@ -490,9 +492,9 @@ pub(crate) async fn merge_on_read(
     let key_cols: Vec<ArrayRef> =
         on.iter().map(|k| new_rows.column_by_name(k).expect("a table column").clone()).collect();
     let source_rows = converter.convert_columns(&key_cols).map_err(|e| generic(rel, e))?;
-    let mut source_keys: HashMap<&[u8], u32> = HashMap::with_capacity(n);
+    let mut source_keys: HashMap<Box<[u8]>, u32> = HashMap::with_capacity(n);
     for (i, r) in source_rows.iter().enumerate() {
-        if source_keys.insert(r.data(), i as u32).is_some() {
+        if source_keys.insert(r.data().into(), i as u32).is_some() {
             return Err(generic(rel, format!("a merge source holds a key twice (row {i})")));
         }
     }
@@ -561,19 +563,21 @@ pub(crate) async fn merge_on_read(
         }
     }
     let files_read = candidates.len();
+    let keys = Arc::new(Keys { on: on.to_vec(), converter, source_keys, first_index, read_old });
     let matched: Vec<Matched> = futures::stream::iter(candidates)
         .map(|(add, rows, absorb)| {
-            let (schema, converter, source_keys, first_index) =
-                (&schema, &converter, &source_keys, first_index.as_ref());
-            async move {
+            let (lake, rel_owned, schema, keys) = (lake.clone(), rel.to_string(), schema.clone(), keys.clone());
+            // A task per file: decoding is most of a scan, and the runtime's threads share it.
+            let task = tokio::spawn(async move {
+                let rel = rel_owned.as_str();
                 let deleted = match &add.deletion_vector {
-                    Some(dv) => read_deletion_vector(lake, rel, dv).await?,
+                    Some(dv) => read_deletion_vector(&lake, rel, dv).await?,
                     None => RoaringTreemap::new(),
                 };
                 let file = FileState { add, rows, deleted };
-                let keys = Keys { on, converter, source_keys, first_index, read_old };
-                scan_file(lake, rel, schema, &keys, file, absorb).await
-            }
+                scan_file(&lake, rel, &schema, &keys, file, absorb).await
+            });
+            async move { task.await.map_err(|e| generic(rel, format!("a file scan failed: {e}")))? }
         })
         .buffer_unordered(CONCURRENT_FILES)
         .try_filter_map(|m| async move { Ok(m) })
@@ -658,6 +662,40 @@ pub(crate) async fn merge_on_read(
     let changed = stats.inserted + stats.updated + stats.deleted > 0;
     let matched: Vec<Matched> = if changed { matched } else { Vec::new() };
 
+    // The change data feed, written by a task of its own while the new files are written.
+    let change_schema = Arc::new(Schema::new(
+        schema
+            .fields()
+            .iter()
+            .cloned()
+            .chain([Arc::new(Field::new(CHANGE_TYPE, DataType::Utf8, true))])
+            .collect::<Vec<_>>(),
+    ));
+    let mut changes = Vec::new();
+    for (kind, b) in
+        [("insert", &inserts), ("update_preimage", &pre), ("update_postimage", &post), ("delete", &deletes)]
+    {
+        if b.num_rows() == 0 || layout.no_change_data {
+            continue;
+        }
+        let mut cols = b.columns().to_vec();
+        cols.push(Arc::new(StringArray::from(vec![kind; b.num_rows()])));
+        changes.push(RecordBatch::try_new(change_schema.clone(), cols).map_err(|e| generic(rel, e))?);
+    }
+    let change_files = (!changes.is_empty()).then(|| {
+        let all = concat_batches(&change_schema, &changes).map_err(|e| generic(rel, e));
+        let url = format!("{}/_change_data", lake.table_url(rel).as_str().trim_end_matches('/'));
+        let (options, partition_columns, writer, rel) =
+            (lake.storage_options().clone(), partition_columns.clone(), writer.clone(), rel.to_string());
+        tokio::spawn(async move {
+            let mut w = RecordBatchWriter::try_new(url, change_schema, Some(partition_columns), Some(options))
+                .map_err(delta_err(&rel))?
+                .with_writer_properties(writer);
+            w.write(all?).await.map_err(delta_err(&rel))?;
+            w.flush().await.map_err(delta_err(&rel))
+        })
+    });
+
     // The new files: inserted and updated rows, and the live rows of rewritten files.
     let mut to_write = vec![inserts.clone(), post.clone()];
     to_write.extend(matched.iter().filter_map(|m| m.kept.clone()));
@@ -693,39 +731,9 @@ pub(crate) async fn merge_on_read(
         }
     }
 
-    // The change data feed.
-    let change_schema = Arc::new(Schema::new(
-        schema
-            .fields()
-            .iter()
-            .cloned()
-            .chain([Arc::new(Field::new(CHANGE_TYPE, DataType::Utf8, true))])
-            .collect::<Vec<_>>(),
-    ));
-    let mut changes = Vec::new();
-    for (kind, b) in
-        [("insert", &inserts), ("update_preimage", &pre), ("update_postimage", &post), ("delete", &deletes)]
-    {
-        if b.num_rows() == 0 || layout.no_change_data {
-            continue;
-        }
-        let mut cols = b.columns().to_vec();
-        cols.push(Arc::new(StringArray::from(vec![kind; b.num_rows()])));
-        changes.push(RecordBatch::try_new(change_schema.clone(), cols).map_err(|e| generic(rel, e))?);
-    }
-    if !changes.is_empty() {
-        let all = concat_batches(&change_schema, &changes).map_err(|e| generic(rel, e))?;
-        let url = format!("{}/_change_data", lake.table_url(rel).as_str().trim_end_matches('/'));
-        let mut w = RecordBatchWriter::try_new(
-            url,
-            change_schema.clone(),
-            Some(partition_columns.clone()),
-            Some(lake.storage_options().clone()),
-        )
-        .map_err(delta_err(rel))?
-        .with_writer_properties(writer);
-        w.write(all).await.map_err(delta_err(rel))?;
-        for a in w.flush().await.map_err(delta_err(rel))? {
+    if let Some(task) = change_files {
+        let written = task.await.map_err(|e| generic(rel, format!("writing the change data feed failed: {e}")))??;
+        for a in written {
             actions.push(Action::Cdc(AddCDCFile {
                 path: format!("_change_data/{}", a.path),
                 size: a.size,

@@ -255,7 +255,9 @@ pub async fn sync(
             });
         };
         let decoded = started.elapsed();
-        for st in &mut states {
+        // The tables at the same time: each commit records its own table's applied LSN, so a
+        // crash between them replays each table from where it stands.
+        futures::future::try_join_all(states.iter_mut().map(|st| async move {
             let clock = Instant::now();
             st.apply(lake, slot, end).await?;
             if st.changes.version.is_some() {
@@ -265,7 +267,9 @@ pub async fn sync(
                     "sync: applied"
                 );
             }
-        }
+            Ok::<_, IngestError>(())
+        }))
+        .await?;
         let applied = started.elapsed();
         // Only now that every table's commit is durable may PostgreSQL recycle the WAL.
         advance(&client, slot, end).await?;

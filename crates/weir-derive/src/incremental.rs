@@ -174,10 +174,19 @@ enum KeySet {
 
 impl KeySet {
     fn of_values(values: &[ScalarValue]) -> Self {
+        // Matched by variant: a cast per value (`ScalarValue::cast_to`) builds arrays, and a
+        // run's keys number a hundred thousand and more.
         let ints: Option<HashSet<i64>> = values
             .iter()
-            .map(|v| match v.cast_to(&DataType::Int64) {
-                Ok(ScalarValue::Int64(Some(k))) if v.data_type().is_integer() => Some(k),
+            .map(|v| match *v {
+                ScalarValue::Int8(Some(k)) => Some(k as i64),
+                ScalarValue::Int16(Some(k)) => Some(k as i64),
+                ScalarValue::Int32(Some(k)) => Some(k as i64),
+                ScalarValue::Int64(Some(k)) => Some(k),
+                ScalarValue::UInt8(Some(k)) => Some(k as i64),
+                ScalarValue::UInt16(Some(k)) => Some(k as i64),
+                ScalarValue::UInt32(Some(k)) => Some(k as i64),
+                ScalarValue::UInt64(Some(k)) => i64::try_from(k).ok(),
                 _ => None,
             })
             .collect();
@@ -322,8 +331,11 @@ async fn run_rules(
         let read = clock.elapsed();
         ctx.register_table("changes", changes).map_err(df_err("registering the change feed"))?;
         let mut result = Ok(());
-        for (rules, into) in [(&inc.affects, &mut *recompute), (&inc.removes, &mut *removed)] {
+        for (kind, rules, into) in
+            [("affects", &inc.affects, &mut *recompute), ("removes", &inc.removes, &mut *removed)]
+        {
             let Some(rule) = rules.get(&c.name) else { continue };
+            let rule_clock = std::time::Instant::now();
             let what = || format!("{out}: the rule for {}", c.name);
             let batches = match ctx.sql(rule).await {
                 Ok(df) => df.collect().await.map_err(df_err(what())),
@@ -331,9 +343,17 @@ async fn run_rules(
             };
             match batches {
                 Ok(batches) => {
-                    for b in batches {
+                    for b in &batches {
                         add_keys(into, b.column(0))?;
                     }
+                    tracing::trace!(
+                        table = out,
+                        input = c.name.as_str(),
+                        rule = kind,
+                        keys = batches.iter().map(RecordBatch::num_rows).sum::<usize>(),
+                        seconds = rule_clock.elapsed().as_secs_f64(),
+                        "derive: rule"
+                    );
                 }
                 Err(e) => result = Err(e),
             }
@@ -792,8 +812,11 @@ async fn fork(
     keys: &RecordBatch,
     key: &str,
 ) -> Result<datafusion::prelude::SessionContext, DeriveError> {
+    // A per-make job's keyed rows split by make: each make's SQL, which filters them by its
+    // make_id, reads its own.
+    let split_by = job.per.is_some().then_some(crate::run::MAKE_ID);
     let overrides: Vec<_> =
-        futures::future::try_join_all(job.sources.iter().map(|s| fork_source(session, inc, keys, key, s)))
+        futures::future::try_join_all(job.sources.iter().map(|s| fork_source(session, inc, keys, key, split_by, s)))
             .await?
             .into_iter()
             .flatten()
@@ -808,6 +831,7 @@ async fn fork_source(
     inc: &Incremental,
     keys: &RecordBatch,
     key: &str,
+    split_by: Option<&str>,
     src: &String,
 ) -> Result<Option<(String, Arc<dyn datafusion::catalog::TableProvider>)>, DeriveError> {
     let ctx = &session.ctx;
@@ -834,8 +858,15 @@ async fn fork_source(
     if !keyed && rows > SMALL_SOURCE_ROWS {
         return Ok(None);
     }
-    let p: Arc<dyn datafusion::catalog::TableProvider> =
-        Arc::new(MemTable::try_new(schema, vec![batches]).map_err(df_err(what("restricting")))?);
+    let split = match split_by.filter(|_| keyed) {
+        Some(column) => crate::split::SplitTable::try_new(schema.clone(), batches.clone(), column)
+            .map_err(df_err(what("splitting")))?,
+        None => None,
+    };
+    let p: Arc<dyn datafusion::catalog::TableProvider> = match split {
+        Some(t) => Arc::new(t),
+        None => Arc::new(MemTable::try_new(schema, vec![batches]).map_err(df_err(what("restricting")))?),
+    };
     Ok(Some((src.clone(), p)))
 }
 

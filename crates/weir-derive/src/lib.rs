@@ -10,6 +10,7 @@ pub mod jobs;
 pub mod parity;
 pub mod run;
 pub mod session;
+pub mod split;
 
 pub use jobs::{Job, JobError, Jobs, Layer, Materialize, load_dir};
 pub use parity::{ParityOptions, ParityReport, parity};

@@ -327,7 +327,7 @@ pub async fn derive(
     Ok(reports)
 }
 
-const MAKE_ID: &str = "make_id";
+pub(crate) const MAKE_ID: &str = "make_id";
 
 /// Logs how long a unit took (at debug level) however its turn of the loop ends.
 struct UnitClock(String, Instant);

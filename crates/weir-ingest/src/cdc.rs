@@ -255,21 +255,45 @@ pub async fn sync(
             });
         };
         let decoded = started.elapsed();
-        // The tables at the same time: each commit records its own table's applied LSN, so a
-        // crash between them replays each table from where it stands.
-        futures::future::try_join_all(states.iter_mut().map(|st| async move {
-            let clock = Instant::now();
-            st.apply(lake, slot, end).await?;
-            if st.changes.version.is_some() {
-                tracing::debug!(
-                    table = st.source.name.as_str(),
-                    seconds = clock.elapsed().as_secs_f64(),
-                    "sync: applied"
-                );
+        // The tables at the same time, each in a task of its own (building a table's batch and
+        // merging it are CPU work): each commit records its own table's applied LSN, so a
+        // crash between them replays each table from where it stands. Every task is awaited
+        // before an error is returned: none is left writing behind a retry.
+        let tasks: Vec<_> = std::mem::take(&mut states)
+            .into_iter()
+            .map(|mut st| {
+                let (lake, slot) = (lake.clone(), slot.to_string());
+                tokio::spawn(async move {
+                    let clock = Instant::now();
+                    let result = st.apply(&lake, &slot, end).await;
+                    if result.is_ok() && st.changes.version.is_some() {
+                        tracing::debug!(
+                            table = st.source.name.as_str(),
+                            seconds = clock.elapsed().as_secs_f64(),
+                            "sync: applied"
+                        );
+                    }
+                    (st, result)
+                })
+            })
+            .collect();
+        let mut failed = None;
+        for task in tasks {
+            match task.await {
+                Ok((st, result)) => {
+                    states.push(st);
+                    if let Err(e) = result {
+                        failed.get_or_insert(e);
+                    }
+                }
+                Err(e) => {
+                    failed.get_or_insert(IngestError::Cdc { message: format!("applying a batch failed: {e}") });
+                }
             }
-            Ok::<_, IngestError>(())
-        }))
-        .await?;
+        }
+        if let Some(e) = failed {
+            return Err(e);
+        }
         let applied = started.elapsed();
         // Only now that every table's commit is durable may PostgreSQL recycle the WAL.
         advance(&client, slot, end).await?;

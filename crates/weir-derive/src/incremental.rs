@@ -858,15 +858,12 @@ async fn fork_source(
     if !keyed && rows > SMALL_SOURCE_ROWS {
         return Ok(None);
     }
-    let split = match split_by.filter(|_| keyed) {
-        Some(column) => crate::split::SplitTable::try_new(schema.clone(), batches.clone(), column)
-            .map_err(df_err(what("splitting")))?,
-        None => None,
-    };
-    let p: Arc<dyn datafusion::catalog::TableProvider> = match split {
-        Some(t) => Arc::new(t),
-        None => Arc::new(MemTable::try_new(schema, vec![batches]).map_err(df_err(what("restricting")))?),
-    };
+    use crate::split::SplitTable;
+    let p: Arc<dyn datafusion::catalog::TableProvider> =
+        match split_by.filter(|c| keyed && SplitTable::splits(&schema, c)) {
+            Some(column) => Arc::new(SplitTable::try_new(schema, batches, column).map_err(df_err(what("splitting")))?),
+            None => Arc::new(MemTable::try_new(schema, vec![batches]).map_err(df_err(what("restricting")))?),
+        };
     Ok(Some((src.clone(), p)))
 }
 

@@ -26,32 +26,39 @@ pub struct SplitTable {
 }
 
 impl SplitTable {
-    /// `batches` split by `column`, an integer column of `schema`; None when it has none.
-    pub fn try_new(schema: SchemaRef, batches: Vec<RecordBatch>, column: &str) -> Result<Option<Self>> {
-        let Ok(field) = schema.field_with_name(column) else { return Ok(None) };
-        if !field.data_type().is_integer() {
-            return Ok(None);
-        }
-        let mut groups: HashMap<i64, Vec<RecordBatch>> = HashMap::new();
+    /// Whether `column` can split rows of `schema`: one of its integer columns.
+    pub fn splits(schema: &SchemaRef, column: &str) -> bool {
+        schema.field_with_name(column).is_ok_and(|f| f.data_type().is_integer())
+    }
+
+    /// `batches` split by `column` (see [`SplitTable::splits`]). Each value's rows are held
+    /// once: a scan of everything reads every value's rows as a partition of its own.
+    pub fn try_new(schema: SchemaRef, batches: Vec<RecordBatch>, column: &str) -> Result<Self> {
+        let index = schema.index_of(column)?;
+        // NULL's rows (None) match no `column = value` filter: only a scan of everything reads them.
+        let mut groups: HashMap<Option<i64>, Vec<RecordBatch>> = HashMap::new();
         for b in &batches {
-            let values = arrow::compute::cast(b.column(schema.index_of(column)?), &DataType::Int64)?;
+            let values = arrow::compute::cast(b.column(index), &DataType::Int64)?;
             let values = arrow::array::AsArray::as_primitive::<arrow::datatypes::Int64Type>(&values);
-            let mut rows: HashMap<i64, Vec<u32>> = HashMap::new();
+            let mut rows: HashMap<Option<i64>, Vec<u32>> = HashMap::new();
             for (i, v) in values.iter().enumerate() {
-                // A NULL matches no `column = value` filter: such rows are read by other scans only.
-                if let Some(v) = v {
-                    rows.entry(v).or_default().push(i as u32);
-                }
+                rows.entry(v).or_default().push(i as u32);
             }
             for (v, idx) in rows {
                 groups.entry(v).or_default().push(arrow::compute::take_record_batch(b, &UInt32Array::from(idx))?);
             }
         }
+        drop(batches);
+        let mut every: Vec<Vec<RecordBatch>> = groups.values().cloned().collect();
+        if every.is_empty() {
+            every.push(Vec::new());
+        }
         let parts = groups
             .into_iter()
+            .filter_map(|(v, g)| v.map(|v| (v, g)))
             .map(|(v, g)| Ok((v, MemTable::try_new(schema.clone(), vec![g])?)))
             .collect::<Result<_>>()?;
-        Ok(Some(SplitTable { column: column.to_string(), all: MemTable::try_new(schema, vec![batches])?, parts }))
+        Ok(SplitTable { column: column.to_string(), all: MemTable::try_new(schema, every)?, parts })
     }
 
     /// The value a filter fixes the column to (`column = literal`, either way round).
@@ -140,8 +147,8 @@ mod tests {
         };
         let batches =
             vec![batch(vec![1, 2, 3], vec![Some(7), Some(8), None]), batch(vec![4, 5], vec![Some(7), Some(9)])];
-        let t = SplitTable::try_new(schema.clone(), batches, "make_id").unwrap().unwrap();
-        assert!(SplitTable::try_new(schema.clone(), vec![], "nope").unwrap().is_none());
+        assert!(SplitTable::splits(&schema, "make_id") && !SplitTable::splits(&schema, "nope"));
+        let t = SplitTable::try_new(schema.clone(), batches, "make_id").unwrap();
         let ctx = SessionContext::new();
         ctx.register_table("t", Arc::new(t)).unwrap();
         let ids = |sql: &'static str| {

@@ -1083,7 +1083,8 @@ mod tests {
         st.insert(row(1, Some("a"))).unwrap();
         st.delete(row(1, Some("a"))).unwrap();
         assert!(st.pending.is_empty() && !st.only_inserts);
-        let root = std::env::temp_dir().join(format!("weir-cdc-nothing-{}", std::process::id()));
+        let dir = tempfile::tempdir().unwrap();
+        let root = dir.path().join("lake");
         let location = weir_core::LakeLocation::Local { root: root.clone() };
         let lake = Lake::open(location, &weir_core::S3Settings::default(), false).unwrap();
         st.apply(&lake, "slot", 42).await.unwrap();

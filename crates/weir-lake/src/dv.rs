@@ -662,6 +662,15 @@ pub(crate) async fn merge_on_read(
     let changed = stats.inserted + stats.updated + stats.deleted > 0;
     let matched: Vec<Matched> = if changed { matched } else { Vec::new() };
 
+    // The new files: inserted and updated rows, and the live rows of rewritten files.
+    let mut to_write = vec![inserts.clone(), post.clone()];
+    to_write.extend(matched.iter().filter_map(|m| m.kept.clone()));
+    let data = concat_batches(&schema, &to_write).map_err(|e| generic(rel, e))?;
+    let mut actions: Vec<Action> = Vec::new();
+    if !has_deletion_vectors(&table) {
+        actions.extend(upgrade_actions(&table, rel)?);
+    }
+
     // The change data feed, written by a task of its own while the new files are written.
     let change_schema = Arc::new(Schema::new(
         schema
@@ -696,44 +705,48 @@ pub(crate) async fn merge_on_read(
         })
     });
 
-    // The new files: inserted and updated rows, and the live rows of rewritten files.
-    let mut to_write = vec![inserts.clone(), post.clone()];
-    to_write.extend(matched.iter().filter_map(|m| m.kept.clone()));
-    let data = concat_batches(&schema, &to_write).map_err(|e| generic(rel, e))?;
-    let mut actions: Vec<Action> = Vec::new();
-    if !has_deletion_vectors(&table) {
-        actions.extend(upgrade_actions(&table, rel)?);
-    }
-    if data.num_rows() > 0 {
-        let mut w =
-            RecordBatchWriter::for_table(&table).map_err(delta_err(rel))?.with_writer_properties(writer.clone());
-        match layout.key_files {
-            Some(file_rows) => {
-                let order =
-                    arrow::compute::sort_to_indices(data.column_by_name(&on[0]).expect("a table column"), None, None)
-                        .map_err(|e| generic(rel, e))?;
-                let sorted = arrow::compute::take_record_batch(&data, &order).map_err(|e| generic(rel, e))?;
-                // Cut evenly: no file far below the others.
-                let pieces = sorted.num_rows().div_ceil(file_rows.max(1));
-                let per = sorted.num_rows().div_ceil(pieces);
-                let mut offset = 0;
-                while offset < sorted.num_rows() {
-                    let len = per.min(sorted.num_rows() - offset);
-                    w.write(sorted.slice(offset, len)).await.map_err(delta_err(rel))?;
+    // The change data task is awaited even when writing the new files fails: no file is
+    // left being written behind the error.
+    let written: Result<(), DeltaError> = async {
+        if data.num_rows() > 0 {
+            let mut w =
+                RecordBatchWriter::for_table(&table).map_err(delta_err(rel))?.with_writer_properties(writer.clone());
+            match layout.key_files {
+                Some(file_rows) => {
+                    let order = arrow::compute::sort_to_indices(
+                        data.column_by_name(&on[0]).expect("a table column"),
+                        None,
+                        None,
+                    )
+                    .map_err(|e| generic(rel, e))?;
+                    let sorted = arrow::compute::take_record_batch(&data, &order).map_err(|e| generic(rel, e))?;
+                    // Cut evenly: no file far below the others.
+                    let pieces = sorted.num_rows().div_ceil(file_rows.max(1));
+                    let per = sorted.num_rows().div_ceil(pieces);
+                    let mut offset = 0;
+                    while offset < sorted.num_rows() {
+                        let len = per.min(sorted.num_rows() - offset);
+                        w.write(sorted.slice(offset, len)).await.map_err(delta_err(rel))?;
+                        actions.extend(w.flush().await.map_err(delta_err(rel))?.into_iter().map(Action::Add));
+                        offset += len;
+                    }
+                }
+                None => {
+                    w.write(data).await.map_err(delta_err(rel))?;
                     actions.extend(w.flush().await.map_err(delta_err(rel))?.into_iter().map(Action::Add));
-                    offset += len;
                 }
             }
-            None => {
-                w.write(data).await.map_err(delta_err(rel))?;
-                actions.extend(w.flush().await.map_err(delta_err(rel))?.into_iter().map(Action::Add));
-            }
         }
+        Ok(())
     }
-
-    if let Some(task) = change_files {
-        let written = task.await.map_err(|e| generic(rel, format!("writing the change data feed failed: {e}")))??;
-        for a in written {
+    .await;
+    let changed = match change_files {
+        Some(task) => Some(task.await.map_err(|e| generic(rel, format!("writing the change data feed failed: {e}")))),
+        None => None,
+    };
+    written?;
+    if let Some(changed) = changed {
+        for a in changed?? {
             actions.push(Action::Cdc(AddCDCFile {
                 path: format!("_change_data/{}", a.path),
                 size: a.size,

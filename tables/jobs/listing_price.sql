@@ -29,11 +29,12 @@
 --! [incremental.affects]
 --! # A listing that changes make, or is deleted and back again: recomputed. A new listing's
 --! # price rows are new rows, folded like any; only one with older price rows (logged before
---! # the listing) is recomputed.
+--! # the listing) is recomputed. (min <> max, not count(DISTINCT) > 1: the same test, without
+--! # a hash set per listing; 0.6 s → 0.1 s for a day's 250k change rows at SF 10.)
 --! "bronze.listings" = """
 --! SELECT c.listing_id FROM changes c
 --! GROUP BY c.listing_id
---! HAVING count(DISTINCT c.make_id) > 1
+--! HAVING min(c.make_id) <> max(c.make_id)
 --!     OR (bool_or(c._change_type = 'delete') AND bool_or(c._change_type = 'insert'))
 --! UNION
 --! -- The inserted keys build the join (written first: the change feed has no statistics);

@@ -153,6 +153,7 @@ async fn merges_mark_rows_and_every_read_sees_the_model() {
             props(),
             CommitProperties::default(),
             weir_lake::MergeLayout::default(),
+            None,
         )
         .await
         .unwrap();
@@ -231,7 +232,7 @@ fn whole_rows(upserts: &[(i64, i64, bool)], deletes: &[i64]) -> RecordBatch {
 
 /// The key-ordered layout of the marts (`MergeLayout::key_files`, no change data): rounds of
 /// updates, inserts between existing keys (as upserts, and as `I` rows that are not looked
-/// up) and deletes leave exactly the model's rows, every
+/// up) and deletes (as `D` rows, and by a [`weir_lake::KeyScope`]) leave exactly the model's rows, every
 /// file sorted by key and at most a file's size, one file per merge generation holding any
 /// key in its range (what a lookup's file skipping reads), no change data; and the first
 /// merge marks the rows it replaces instead of copying the files around them.
@@ -285,15 +286,24 @@ async fn key_ordered_merges_stay_sorted_small_and_exact() {
         let new = upserts.iter().filter(|u| !model.contains_key(&u.0)).count() as u64;
         let held = deletes.iter().filter(|k| model.contains_key(k)).count() as u64;
         let table = weir_lake::open_table(&lake, KEYED).await.unwrap();
+        // Odd rounds delete as a derive does: the source holds the upserts alone, and its key
+        // scope (the upserted keys too) deletes the table's rows of the other keys.
+        let scope =
+            (round % 2 == 1).then(|| weir_lake::KeyScope::new(upserted.iter().chain(&deletes).copied().collect()));
+        let source = match scope {
+            Some(_) => whole_rows(&upserts, &[]),
+            None => whole_rows(&upserts, &deletes),
+        };
         let (_, stats) = weir_lake::merge_by_key(
             &lake,
             table,
             KEYED,
-            whole_rows(&upserts, &deletes),
+            source,
             &["k".to_string()],
             props(),
             CommitProperties::default(),
             layout,
+            scope.as_ref(),
         )
         .await
         .unwrap();

@@ -123,6 +123,7 @@ pub(crate) async fn apply(
         crate::run::writer_properties(),
         props,
         Default::default(),
+        None,
     )
     .await?;
     Ok(HistoryReport { version: table.version().map_or(0, |v| v as i64), opened, closed })

@@ -22,6 +22,7 @@ use datafusion::prelude::{col, in_list, lit};
 use deltalake::DeltaTable;
 use deltalake::delta_datafusion::DeltaCdfTableProvider;
 use deltalake::kernel::transaction::CommitProperties;
+use deltalake::parquet::file::properties::WriterProperties;
 use serde_json::{Value, json};
 use weir_lake::Lake;
 
@@ -157,12 +158,14 @@ fn changed_tables(
 }
 
 /// The keys to recompute as a one-column table, and as sets with and without those
-/// removed outright (every mart of a run looks its rows up in the same sets).
+/// removed outright (every mart of a run looks its rows up in the same sets); integer keys
+/// also as the scope of a merge that deletes the ones left without a row.
 #[derive(Clone)]
 struct AffectedKeys {
     keys: RecordBatch,
     key_set: Arc<KeySet>,
     all_set: Arc<KeySet>,
+    scope: Option<weir_lake::KeyScope>,
 }
 
 /// A set of key values: integers as `i64` (every mart of a run looks its rows up in the same
@@ -571,8 +574,9 @@ pub async fn attempt(
         true => None,
         false => Some(ScalarValue::iter_to_array(gone.iter().cloned()).map_err(df_err("building delete keys"))?),
     };
+    let layout = merge_layout(job, &table, out)?;
     let (version, stats) =
-        store_changes(lake, job, out, table, &upserts, gone_keys, recorded, summary(&phases)).await?;
+        store_changes(lake, job, out, table, &upserts, gone_keys, None, layout, recorded, summary(&phases)).await?;
     phases.push(("Delta commit", clock.elapsed()));
     Ok(Attempt::Done(IncrementalReport {
         version,
@@ -612,6 +616,8 @@ async fn store_changes(
     table: DeltaTable,
     upserts: &[RecordBatch],
     gone: Option<ArrayRef>,
+    scope: Option<&weir_lake::KeyScope>,
+    (layout, writer): (weir_lake::MergeLayout, WriterProperties),
     recorded: &Value,
     summary: Value,
 ) -> Result<(i64, weir_lake::MergeStats), DeriveError> {
@@ -619,13 +625,6 @@ async fn store_changes(
     let rel = out.replace('.', "/");
     let err = |m: String| DeriveError::Write { table: out.to_string(), message: m };
     let target: SchemaRef = table.snapshot().map_err(|e| err(e.to_string()))?.snapshot().arrow_schema();
-    let integer_key = target.field_with_name(key).is_ok_and(|f| f.data_type().is_integer());
-    let (layout, writer) = if job.key_ranged() && integer_key && job.key.len() == 1 {
-        let layout = weir_lake::MergeLayout { key_files: Some(KEY_RANGE_FILE_ROWS), no_change_data: true };
-        (layout, crate::run::lookup_writer_properties())
-    } else {
-        (weir_lake::MergeLayout::default(), crate::run::writer_properties())
-    };
     let mut parts = Vec::new();
     for b in upserts {
         parts.push(with_op(&target, b, "U", out)?);
@@ -640,8 +639,28 @@ async fn store_changes(
     let source = arrow::compute::concat_batches(&schema, &parts).map_err(|e| err(e.to_string()))?;
     let props = CommitProperties::default().with_metadata(state_metadata(job, recorded, summary));
     let (table, stats) =
-        weir_lake::merge_by_key(lake, table, &rel, source, std::slice::from_ref(key), writer, props, layout).await?;
+        weir_lake::merge_by_key(lake, table, &rel, source, std::slice::from_ref(key), writer, props, layout, scope)
+            .await?;
     Ok((table.version().map_or(0, |v| v as i64), stats))
+}
+
+/// How `job`'s merges into `table` lay out their files: a key-ranged table (see
+/// [`Job::key_ranged`]) with one integer key keeps its layout for lookups and has no change
+/// data feed; other tables get one, for the jobs that read them.
+fn merge_layout(
+    job: &Job,
+    table: &DeltaTable,
+    out: &str,
+) -> Result<(weir_lake::MergeLayout, WriterProperties), DeriveError> {
+    let err = |m: String| DeriveError::Write { table: out.to_string(), message: m };
+    let target: SchemaRef = table.snapshot().map_err(|e| err(e.to_string()))?.snapshot().arrow_schema();
+    let integer_key = target.field_with_name(&job.key[0]).is_ok_and(|f| f.data_type().is_integer());
+    Ok(if job.key_ranged() && integer_key && job.key.len() == 1 {
+        let layout = weir_lake::MergeLayout { key_files: Some(KEY_RANGE_FILE_ROWS), no_change_data: true };
+        (layout, crate::run::lookup_writer_properties())
+    } else {
+        (weir_lake::MergeLayout::default(), crate::run::writer_properties())
+    })
 }
 
 /// A job without a fold: the keys its rules find are recomputed by the job's SQL, with its
@@ -704,14 +723,19 @@ async fn recompute(
             let key_set = KeySet::of_values(&keys);
             let all: Vec<ScalarValue> = keys.iter().chain(&removed).cloned().collect();
             let all_set = KeySet::of_values(&all);
-            let k = AffectedKeys { keys: as_batch(&keys)?, key_set: Arc::new(key_set), all_set: Arc::new(all_set) };
+            let scope = match &all_set {
+                KeySet::Int(set) => Some(weir_lake::KeyScope::new(set.clone())),
+                KeySet::Any(_) => None,
+            };
+            let k =
+                AffectedKeys { keys: as_batch(&keys)?, key_set: Arc::new(key_set), all_set: Arc::new(all_set), scope };
             if !reads_current {
                 shared.keys.lock().unwrap_or_else(|p| p.into_inner()).insert(signature.clone(), k.clone());
             }
             k
         }
     };
-    let AffectedKeys { keys, key_set, all_set } = affected;
+    let AffectedKeys { keys, key_set, all_set, scope } = affected;
     phases.push(("rules", clock.elapsed()));
     clock = std::time::Instant::now();
 
@@ -750,14 +774,18 @@ async fn recompute(
     phases.push(("recompute", clock.elapsed()));
     clock = std::time::Instant::now();
 
-    // Keys without a row now go, if the table has them: its keys read (one column), the
-    // affected ones without a recomputed row. (Handing every affected key to the merge as a
-    // delete instead costs more: a mart's merge then indexes every make's affected keys.)
+    // Keys without a row now go, if the table has them. A table without a change data feed
+    // keyed by an integer: its merge deletes them, in its own pass over the key column (the
+    // affected keys are its scope). Else: its keys read (one column), the affected ones
+    // without a recomputed row handed to the merge as deletes. (Handing it every affected key
+    // as a delete costs more: a mart's merge then indexes every make's affected keys.)
+    let (layout, writer) = merge_layout(job, &table, out)?;
+    let scope = scope.filter(|_| layout.no_change_data);
     let found_keys: Vec<&ArrayRef> =
         rows.iter().map(|b| b.column_by_name(key).ok_or_else(|| missing(out, key))).collect::<Result<_, _>>()?;
     let found = KeySet::of_arrays(&found_keys)?;
     let mut gone: Vec<ArrayRef> = Vec::new();
-    if !all_set.is_empty() {
+    if !all_set.is_empty() && scope.is_none() {
         let df = ctx
             .read_table(current)
             .and_then(|d| d.select(vec![col(key.as_str())]))
@@ -779,23 +807,32 @@ async fn recompute(
             Some(arrow::compute::concat(&parts).map_err(|e| df_err("reading keys")(e.into()))?)
         }
     };
-    let deleted = gone.as_ref().map_or(0, |g| g.len());
-    phases.push(("deletes", clock.elapsed()));
-    clock = std::time::Instant::now();
+    let found_deleted = gone.as_ref().map_or(0, |g| g.len()) as u64;
+    if scope.is_none() {
+        phases.push(("deletes", clock.elapsed()));
+        clock = std::time::Instant::now();
+    }
     let recomputed: u64 = rows.iter().map(|b| b.num_rows() as u64).sum();
-    let summary = json!({
-        "recomputed": recomputed, "deleted": deleted, "affected_keys": keys.num_rows(), "inputs": inputs,
+    let mut summary = json!({
+        "recomputed": recomputed, "affected_keys": keys.num_rows(), "inputs": inputs,
         "phases_ms": phases_json(&phases),
     });
-    let version = if rows.is_empty() && gone.is_none() {
+    // Rows deleted by the merge's key scope are counted by the merge, after this summary.
+    if scope.is_none() {
+        summary["deleted"] = json!(found_deleted);
+    }
+    let (version, deleted) = if rows.is_empty() && gone.is_none() && scope.is_none() {
         // Nothing of this table changed: only the state it is now built from.
         let rel = out.replace('.', "/");
-        weir_lake::commit_metadata(&table, &rel, state_metadata(job, recorded, summary)).await?
+        (weir_lake::commit_metadata(&table, &rel, state_metadata(job, recorded, summary)).await?, 0)
     } else {
-        store_changes(lake, job, out, table, &rows, gone, recorded, summary).await?.0
+        let stored =
+            store_changes(lake, job, out, table, &rows, gone, scope.as_ref(), (layout, writer), recorded, summary);
+        let (version, stats) = stored.await?;
+        (version, if scope.is_some() { stats.deleted } else { found_deleted })
     };
     phases.push(("Delta commit", clock.elapsed()));
-    Ok(IncrementalReport { version, new_rows: 0, merged: 0, recomputed, deleted: deleted as u64, inputs, phases })
+    Ok(IncrementalReport { version, new_rows: 0, merged: 0, recomputed, deleted, inputs, phases })
 }
 
 /// Sources of at most this many rows that a job does not restrict to the affected keys are

@@ -844,7 +844,7 @@ impl TableState {
             return Ok(());
         }
         let (table, m) =
-            weir_lake::merge_by_key(lake, table, &rel, batch, &on, writer, props(), Default::default()).await?;
+            weir_lake::merge_by_key(lake, table, &rel, batch, &on, writer, props(), Default::default(), None).await?;
         self.changes.rows_inserted += m.inserted;
         self.changes.rows_updated += m.updated;
         self.changes.rows_deleted += m.deleted;

@@ -355,7 +355,8 @@ pub struct MergeStats {
 /// A merge-on-read with deletion vectors (see [`crate::dv`]), its files laid out as `layout`
 /// says (the default: as they come, with the change data feed; for tables read by key, new
 /// rows sorted into small files and no change data feed); the table must exist (a backfill
-/// or a full build creates it).
+/// or a full build creates it). With a `scope` (see [`crate::dv::KeyScope`]), the table's
+/// rows with a key of it that `source` does not hold are deleted too.
 #[allow(clippy::too_many_arguments)]
 pub async fn merge_by_key(
     lake: &Lake,
@@ -366,6 +367,7 @@ pub async fn merge_by_key(
     writer: deltalake::parquet::file::properties::WriterProperties,
     commit: CommitProperties,
     layout: crate::dv::MergeLayout,
+    scope: Option<&crate::dv::KeyScope>,
 ) -> Result<(DeltaTable, MergeStats), DeltaError> {
     if table.version().is_none() {
         return Err(DeltaError::Delta {
@@ -373,7 +375,7 @@ pub async fn merge_by_key(
             source: deltalake::DeltaTableError::Generic("a merge needs the table to exist; nothing was written".into()),
         });
     }
-    crate::dv::merge_on_read(lake, table, rel, source, on, writer, commit, layout).await
+    crate::dv::merge_on_read(lake, table, rel, source, on, writer, commit, layout, scope).await
 }
 
 /// `b` with `schema`'s columns and field types, by name (a file read back may carry other

@@ -66,6 +66,45 @@ pub struct MergeLayout {
     pub no_change_data: bool,
 }
 
+/// Integer keys a merge's source answers for: a row of the table with one of these keys that
+/// the source does not hold is deleted by the merge. A derive recomputes a set of keys and
+/// merges the rows it got: the keys left without a row go in the same pass over the table's
+/// key column, without a delete row per key in the source (built once, shared by every mart
+/// of a run). For tables without a change data feed ([`MergeLayout::no_change_data`]) keyed
+/// by one integer column.
+#[derive(Debug, Clone, Default)]
+pub struct KeyScope {
+    set: Arc<HashSet<i64>>,
+    /// The same keys sorted: which files' key ranges hold one.
+    sorted: Arc<Vec<i64>>,
+}
+
+impl KeyScope {
+    pub fn new(set: HashSet<i64>) -> Self {
+        let mut sorted: Vec<i64> = set.iter().copied().collect();
+        sorted.sort_unstable();
+        KeyScope { set: Arc::new(set), sorted: Arc::new(sorted) }
+    }
+
+    pub fn len(&self) -> usize {
+        self.set.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.set.is_empty()
+    }
+
+    fn contains(&self, k: i64) -> bool {
+        self.set.contains(&k)
+    }
+}
+
+/// Whether `sorted` holds a value in `lo..=hi`.
+fn holds_one_in(sorted: &[i64], lo: i64, hi: i64) -> bool {
+    let i = sorted.partition_point(|k| *k < lo);
+    sorted.get(i).is_some_and(|k| *k <= hi)
+}
+
 /// Whether the table's protocol lists deletion vectors (its files may carry them).
 pub fn has_deletion_vectors(table: &DeltaTable) -> bool {
     let Ok(s) = table.snapshot() else { return false };
@@ -131,6 +170,8 @@ struct Matched {
     file: FileState,
     positions: Vec<u64>,
     sources: Vec<u32>,
+    /// Positions of rows whose key is in the merge's [`KeyScope`] but not in its source.
+    absent: Vec<u64>,
     old: RecordBatch,
     /// The file's live rows no source row matched, when it is rewritten.
     kept: Option<RecordBatch>,
@@ -147,6 +188,8 @@ struct Keys {
     first_index: Option<HashMap<i64, u32>>,
     /// Read the matched rows' old values (else positions only, when the key allows).
     read_old: bool,
+    /// Rows with these keys that the source does not hold are deleted.
+    scope: Option<KeyScope>,
 }
 
 /// The value of a partition column for every row of a file, in the table's type.
@@ -269,7 +312,7 @@ async fn scan_file(
     file: FileState,
     absorb: bool,
 ) -> Result<Option<Matched>, DeltaError> {
-    let Keys { on, converter, source_keys, first_index: first_keys, read_old } = keys;
+    let Keys { on, converter, source_keys, first_index: first_keys, read_old, scope } = keys;
     let read_old = *read_old;
     let path = lake.path(&format!("{rel}/{}", file.add.path));
     let open = || async {
@@ -301,6 +344,7 @@ async fn scan_file(
     let mut candidates = Vec::new();
     // The candidates' source rows, when the first key column is the whole key.
     let mut candidate_sources = Vec::new();
+    let mut absent = Vec::new();
     let mut at = 0u64;
     while let Some(batch) = stream.next().await {
         let batch = batch.map_err(|e| generic(rel, format!("{}: {e}", file.add.path)))?;
@@ -310,11 +354,14 @@ async fn scan_file(
                 let col = col.as_any().downcast_ref::<arrow::array::Int64Array>().expect("cast to Int64");
                 for (i, k) in col.iter().enumerate() {
                     let p = at + i as u64;
-                    if let Some(s) = k.and_then(|k| set.get(&k))
-                        && !file.deleted.contains(p)
-                    {
-                        candidates.push(p);
-                        candidate_sources.push(*s);
+                    let Some(k) = k else { continue };
+                    if let Some(s) = set.get(&k) {
+                        if !file.deleted.contains(p) {
+                            candidates.push(p);
+                            candidate_sources.push(*s);
+                        }
+                    } else if scope.as_ref().is_some_and(|scope| scope.contains(k)) && !file.deleted.contains(p) {
+                        absent.push(p);
                     }
                 }
             }
@@ -371,18 +418,18 @@ async fn scan_file(
         old = arrow::compute::take_record_batch(&rows, &arrow::array::UInt32Array::from(taken))
             .map_err(|e| generic(rel, e))?;
     }
-    let rewrite = (file.deleted.len() + positions.len() as u64) * 2 > file.rows || absorb;
-    if positions.is_empty() && !rewrite {
+    let rewrite = (file.deleted.len() + (positions.len() + absent.len()) as u64) * 2 > file.rows || absorb;
+    if positions.is_empty() && absent.is_empty() && !rewrite {
         return Ok(None);
     }
     let kept = if rewrite {
         let mut gone = file.deleted.clone();
-        gone.extend(positions.iter().copied());
+        gone.extend(positions.iter().chain(&absent).copied());
         Some(read(live_selection(&gone, file.rows)).await?)
     } else {
         None
     };
-    Ok(Some(Matched { file, positions, sources, old, kept }))
+    Ok(Some(Matched { file, positions, sources, absent, old, kept }))
 }
 
 /// The source's values of the partition columns as Delta writes them in the log (text), when
@@ -412,7 +459,8 @@ fn key_range(add: &Add, key: &str) -> Option<(i64, i64)> {
     Some((stats["minValues"][key].as_i64()?, stats["maxValues"][key].as_i64()?))
 }
 
-/// See the module documentation. `source` as for [`crate::merge_by_key`]; the table exists.
+/// See the module documentation. `source` and `scope` as for [`crate::merge_by_key`]; the
+/// table exists.
 #[allow(clippy::too_many_arguments)]
 pub(crate) async fn merge_on_read(
     lake: &Lake,
@@ -423,6 +471,7 @@ pub(crate) async fn merge_on_read(
     writer: WriterProperties,
     props: CommitProperties,
     layout: MergeLayout,
+    scope: Option<&KeyScope>,
 ) -> Result<(DeltaTable, MergeStats), DeltaError> {
     let clock = std::time::Instant::now();
     let snapshot = table.snapshot().map_err(delta_err(rel))?;
@@ -509,7 +558,14 @@ pub(crate) async fn merge_on_read(
         }
         Some(index)
     });
-    // Files whose integer key range holds no key looked up are not read.
+    let scope = scope.filter(|s| !s.is_empty());
+    if scope.is_some() && (first_index.is_none() || on.len() != 1 || read_old) {
+        return Err(generic(
+            rel,
+            "deleting a key scope's rows needs one integer key column without NULLs and no change data feed",
+        ));
+    }
+    // Files whose integer key range holds no key looked up (nor one of the scope) are not read.
     let first_key: Option<Vec<i64>> = first_index.as_ref().map(|index| {
         let mut v: Vec<i64> = index.keys().copied().collect();
         v.sort_unstable();
@@ -552,8 +608,7 @@ pub(crate) async fn merge_on_read(
             && written.as_ref().is_some_and(|w| w.contains(&values));
         let may_hold = match (&first_key, key_range(&add, &on[0])) {
             (Some(keys), Some((lo, hi))) => {
-                let i = keys.partition_point(|k| *k < lo);
-                keys.get(i).is_some_and(|k| *k <= hi)
+                holds_one_in(keys, lo, hi) || scope.is_some_and(|s| holds_one_in(&s.sorted, lo, hi))
             }
             _ => true,
         };
@@ -563,7 +618,7 @@ pub(crate) async fn merge_on_read(
         }
     }
     let files_read = candidates.len();
-    let keys = Arc::new(Keys { on: on.to_vec(), converter, source_keys, first_index, read_old });
+    let keys = Arc::new(Keys { on: on.to_vec(), converter, source_keys, first_index, read_old, scope: scope.cloned() });
     let matched: Vec<Matched> = futures::stream::iter(candidates)
         .map(|(add, rows, absorb)| {
             let (lake, rel_owned, schema, keys) = (lake.clone(), rel.to_string(), schema.clone(), keys.clone());
@@ -656,6 +711,7 @@ pub(crate) async fn merge_on_read(
         (pick(&pre_idx)?, pick(&delete_idx)?)
     };
 
+    stats.deleted += matched.iter().map(|m| m.absent.len() as u64).sum::<u64>();
     // Nothing matched and nothing new (deletes of keys the table does not hold): a commit
     // with the transaction alone. Rewriting small files then would read as changed rows to
     // a change-feed reader (a commit without change files is read from its adds and removes).
@@ -769,7 +825,7 @@ pub(crate) async fn merge_on_read(
             let old_remove = remove_of(&m.file.add);
             actions.push(Action::Remove(old_remove));
             let mut gone = m.file.deleted.clone();
-            gone.extend(m.positions.iter().copied());
+            gone.extend(m.positions.iter().chain(&m.absent).copied());
             if m.kept.is_some() || gone.len() >= m.file.rows {
                 continue;
             }

@@ -260,5 +260,9 @@ pub async fn provider(
         .map_err(|e| DeriveError::Write { table: name.to_string(), message: e.to_string() })?;
     let provider =
         table.table_provider().with_session(Arc::new(ctx.state())).await.map_err(df_err(format!("reading {name}")))?;
-    Ok(if weir_lake::dv::has_deletion_vectors(table) { weir_lake::dvscan::whole_files(provider) } else { provider })
+    Ok(if weir_lake::dv::has_deletion_vectors(table) {
+        weir_lake::dvscan::whole_files(provider, table)
+    } else {
+        provider
+    })
 }

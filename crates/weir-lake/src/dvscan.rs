@@ -119,8 +119,33 @@ impl TableProvider for WholeFiles {
 /// only (largest first, each to the group with the fewest bytes): one stream reads each file
 /// from its first row to its last, and the scan still uses every core.
 fn spread_files(plan: Arc<dyn ExecutionPlan>, partitions: usize) -> Result<Arc<dyn ExecutionPlan>> {
+    use datafusion::datasource::physical_plan::FileGroup;
+    with_file_groups(plan, |config| {
+        let mut files: Vec<_> = config.file_groups.iter().flat_map(|g| g.iter().cloned()).collect();
+        let groups = partitions.clamp(1, files.len().max(1));
+        if groups <= config.file_groups.len() {
+            return Ok(None);
+        }
+        files.sort_by_key(|f| std::cmp::Reverse(f.object_meta.size));
+        let mut dealt: Vec<(u64, Vec<_>)> = vec![(0, Vec::new()); groups];
+        for f in files {
+            let g = dealt.iter_mut().min_by_key(|(bytes, _)| *bytes).expect("at least one group");
+            g.0 += f.object_meta.size;
+            g.1.push(f);
+        }
+        Ok(Some(dealt.into_iter().map(|(_, f)| FileGroup::new(f)).collect()))
+    })
+}
+
+/// `plan` with the file groups of each Parquet scan that `regroup` gives new ones for.
+fn with_file_groups(
+    plan: Arc<dyn ExecutionPlan>,
+    mut regroup: impl FnMut(
+        &datafusion::datasource::physical_plan::FileScanConfig,
+    ) -> Result<Option<Vec<datafusion::datasource::physical_plan::FileGroup>>>,
+) -> Result<Arc<dyn ExecutionPlan>> {
     use datafusion::common::tree_node::{Transformed, TreeNode};
-    use datafusion::datasource::physical_plan::{FileGroup, FileScanConfig, FileScanConfigBuilder};
+    use datafusion::datasource::physical_plan::{FileScanConfig, FileScanConfigBuilder};
     use datafusion::datasource::source::DataSourceExec;
     plan.transform_down(|node| {
         let Some(config) = node
@@ -130,21 +155,10 @@ fn spread_files(plan: Arc<dyn ExecutionPlan>, partitions: usize) -> Result<Arc<d
         else {
             return Ok(Transformed::no(node));
         };
-        let mut files: Vec<_> = config.file_groups.iter().flat_map(|g| g.iter().cloned()).collect();
-        let groups = partitions.clamp(1, files.len().max(1));
-        if groups <= config.file_groups.len() {
+        let Some(groups) = regroup(config)? else {
             return Ok(Transformed::no(node));
-        }
-        files.sort_by_key(|f| std::cmp::Reverse(f.object_meta.size));
-        let mut dealt: Vec<(u64, Vec<_>)> = vec![(0, Vec::new()); groups];
-        for f in files {
-            let g = dealt.iter_mut().min_by_key(|(bytes, _)| *bytes).expect("at least one group");
-            g.0 += f.object_meta.size;
-            g.1.push(f);
-        }
-        let config = FileScanConfigBuilder::from(config.clone())
-            .with_file_groups(dealt.into_iter().map(|(_, f)| FileGroup::new(f)).collect())
-            .build();
+        };
+        let config = FileScanConfigBuilder::from(config.clone()).with_file_groups(groups).build();
         Ok(Transformed::yes(DataSourceExec::from_data_source(config) as Arc<dyn ExecutionPlan>))
     })
     .map(|t| t.data)
@@ -178,9 +192,7 @@ fn skip_files(
     partition: usize,
     skipped: &Count,
 ) -> Result<Arc<dyn ExecutionPlan>> {
-    use datafusion::common::tree_node::{Transformed, TreeNode};
-    use datafusion::datasource::physical_plan::{FileGroup, FileScanConfig, FileScanConfigBuilder};
-    use datafusion::datasource::source::DataSourceExec;
+    use datafusion::datasource::physical_plan::FileGroup;
     use datafusion::physical_optimizer::pruning::PruningPredicate;
     let schema = plan.schema();
     // A filter that cannot be turned into a test of statistics is no test.
@@ -192,16 +204,9 @@ fn skip_files(
     if predicates.is_empty() {
         return Ok(plan);
     }
-    plan.transform_down(|node| {
-        let Some(config) = node
-            .as_any()
-            .downcast_ref::<DataSourceExec>()
-            .and_then(|d| d.data_source().as_any().downcast_ref::<FileScanConfig>())
-        else {
-            return Ok(Transformed::no(node));
-        };
+    with_file_groups(plan, |config| {
         let Some(group) = config.file_groups.get(partition) else {
-            return Ok(Transformed::no(node));
+            return Ok(None);
         };
         let stats = FileStats { files: group.files(), bounds: bounds.get(), output: schema.clone() };
         let mut keep = vec![true; group.len()];
@@ -211,16 +216,14 @@ fn skip_files(
             }
         }
         if keep.iter().all(|k| *k) {
-            return Ok(Transformed::no(node));
+            return Ok(None);
         }
         skipped.add(keep.iter().filter(|k| !**k).count());
         let mut groups = config.file_groups.clone();
         groups[partition] =
             FileGroup::new(group.iter().zip(&keep).filter(|(_, k)| **k).map(|(f, _)| f.clone()).collect());
-        let config = FileScanConfigBuilder::from(config.clone()).with_file_groups(groups).build();
-        Ok(Transformed::yes(DataSourceExec::from_data_source(config) as Arc<dyn ExecutionPlan>))
+        Ok(Some(groups))
     })
-    .map(|t| t.data)
 }
 
 /// The minimum and maximum of an integer column in each file of a group, from the table's

@@ -86,10 +86,6 @@ impl KeyScope {
         KeyScope { set: Arc::new(set), sorted: Arc::new(sorted) }
     }
 
-    pub fn len(&self) -> usize {
-        self.set.len()
-    }
-
     pub fn is_empty(&self) -> bool {
         self.set.is_empty()
     }

@@ -304,8 +304,7 @@ async fn key_ordered_merges_stay_sorted_small_and_exact() {
         let table = weir_lake::open_table(&lake, KEYED).await.unwrap();
         // Odd rounds delete as a derive does: the source holds the upserts alone, and its key
         // scope (the upserted keys too) deletes the table's rows of the other keys.
-        let scope =
-            (round % 2 == 1).then(|| weir_lake::KeyScope::new(upserted.iter().chain(&deletes).copied().collect()));
+        let scope = (round % 2 == 1).then(|| weir_lake::KeyScope::new(upserted.iter().chain(&deletes).copied()));
         let source = match scope {
             Some(_) => whole_rows(&upserts, &[]),
             None => whole_rows(&upserts, &deletes),

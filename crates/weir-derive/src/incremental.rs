@@ -171,7 +171,7 @@ struct AffectedKeys {
 /// A set of key values: integers as `i64` (every mart of a run looks its rows up in the same
 /// sets, a hundred thousand keys and more), other types as scalars.
 enum KeySet {
-    Int(HashSet<i64>),
+    Int(weir_core::IntSet),
     Any(HashSet<ScalarValue>),
 }
 
@@ -179,7 +179,15 @@ impl KeySet {
     fn of_values(values: &[ScalarValue]) -> Self {
         // Matched by variant: a cast per value (`ScalarValue::cast_to`) builds arrays, and a
         // run's keys number a hundred thousand and more.
-        let ints: Option<HashSet<i64>> = values
+        match Self::ints(values) {
+            Some(keys) => KeySet::Int(keys.into_iter().collect()),
+            None => KeySet::Any(values.iter().cloned().collect()),
+        }
+    }
+
+    /// The values as `i64`, if every one is a non-NULL integer that fits.
+    fn ints(values: &[ScalarValue]) -> Option<Vec<i64>> {
+        values
             .iter()
             .map(|v| match *v {
                 ScalarValue::Int8(Some(k)) => Some(k as i64),
@@ -192,21 +200,17 @@ impl KeySet {
                 ScalarValue::UInt64(Some(k)) => i64::try_from(k).ok(),
                 _ => None,
             })
-            .collect();
-        match ints {
-            Some(set) => KeySet::Int(set),
-            None => KeySet::Any(values.iter().cloned().collect()),
-        }
+            .collect()
     }
 
     fn of_arrays(arrays: &[&ArrayRef]) -> Result<Self, DeriveError> {
         if arrays.iter().all(|a| a.data_type().is_integer()) {
-            let mut set = HashSet::new();
+            let mut keys = Vec::new();
             for a in arrays {
                 let c = arrow::compute::cast(a, &DataType::Int64).map_err(|e| df_err("reading keys")(e.into()))?;
-                set.extend(arrow::array::AsArray::as_primitive::<arrow::datatypes::Int64Type>(&c).iter().flatten());
+                keys.extend(arrow::array::AsArray::as_primitive::<arrow::datatypes::Int64Type>(&c).iter().flatten());
             }
-            return Ok(KeySet::Int(set));
+            return Ok(KeySet::Int(keys.into_iter().collect()));
         }
         let mut values = Vec::new();
         for a in arrays {
@@ -230,7 +234,7 @@ impl KeySet {
             KeySet::Int(set) if a.data_type().is_integer() => {
                 let c = arrow::compute::cast(a, &DataType::Int64).map_err(|e| df_err("reading keys")(e.into()))?;
                 let c = arrow::array::AsArray::as_primitive::<arrow::datatypes::Int64Type>(&c);
-                Ok(c.iter().map(|k| k.is_some_and(|k| set.contains(&k))).collect())
+                Ok(c.iter().map(|k| k.is_some_and(|k| set.contains(k))).collect())
             }
             KeySet::Int(_) => Ok(vec![false; a.len()]),
             KeySet::Any(set) => (0..a.len())
@@ -723,10 +727,7 @@ async fn recompute(
             let key_set = KeySet::of_values(&keys);
             let all: Vec<ScalarValue> = keys.iter().chain(&removed).cloned().collect();
             let all_set = KeySet::of_values(&all);
-            let scope = match &all_set {
-                KeySet::Int(set) => Some(weir_lake::KeyScope::new(set.clone())),
-                KeySet::Any(_) => None,
-            };
+            let scope = KeySet::ints(&all).map(weir_lake::KeyScope::new);
             let k =
                 AffectedKeys { keys: as_batch(&keys)?, key_set: Arc::new(key_set), all_set: Arc::new(all_set), scope };
             if !reads_current {

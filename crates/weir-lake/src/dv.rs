@@ -18,7 +18,7 @@
 //! (reader 3, writer 7, the `deletionVectors` feature) in the same commit. Readers: delta-rs
 //! (DataFusion) ≥ 0.27, Spark ≥ 3.4 with Delta 2.4, DuckDB's delta extension.
 
-use std::collections::{HashMap, HashSet};
+use std::collections::HashSet;
 use std::sync::Arc;
 
 use arrow::array::{Array, ArrayRef, BooleanArray, RecordBatch, StringArray, new_null_array};
@@ -37,7 +37,9 @@ use deltalake::writer::{DeltaWriter, RecordBatchWriter};
 use futures::{StreamExt, TryStreamExt};
 use object_store::{ObjectStoreExt as _, PutPayload};
 use roaring::RoaringTreemap;
+use rustc_hash::FxHashMap;
 use serde_json::Value;
+use weir_core::{IntMap, IntSet};
 
 use crate::delta::{DeltaError, KEEP_PREFIX, MergeStats, OP_COLUMN, delta_err, generic};
 use crate::store::Lake;
@@ -74,16 +76,17 @@ pub struct MergeLayout {
 /// by one integer column.
 #[derive(Debug, Clone, Default)]
 pub struct KeyScope {
-    set: Arc<HashSet<i64>>,
+    set: Arc<IntSet>,
     /// The same keys sorted: which files' key ranges hold one.
     sorted: Arc<Vec<i64>>,
 }
 
 impl KeyScope {
-    pub fn new(set: HashSet<i64>) -> Self {
-        let mut sorted: Vec<i64> = set.iter().copied().collect();
+    pub fn new(keys: impl IntoIterator<Item = i64>) -> Self {
+        let mut sorted: Vec<i64> = keys.into_iter().collect();
         sorted.sort_unstable();
-        KeyScope { set: Arc::new(set), sorted: Arc::new(sorted) }
+        sorted.dedup();
+        KeyScope { set: Arc::new(IntSet::new(sorted.iter().copied())), sorted: Arc::new(sorted) }
     }
 
     pub fn is_empty(&self) -> bool {
@@ -91,7 +94,7 @@ impl KeyScope {
     }
 
     fn contains(&self, k: i64) -> bool {
-        self.set.contains(&k)
+        self.set.contains(k)
     }
 }
 
@@ -179,9 +182,9 @@ struct Keys {
     on: Vec<String>,
     converter: RowConverter,
     /// The source row of each key, in the converter's row format.
-    source_keys: HashMap<Box<[u8]>, u32>,
+    source_keys: FxHashMap<Box<[u8]>, u32>,
     /// With an integer first key column: the source row of each of its values.
-    first_index: Option<HashMap<i64, u32>>,
+    first_index: Option<IntMap<u32>>,
     /// Read the matched rows' old values (else positions only, when the key allows).
     read_old: bool,
     /// Rows with these keys that the source does not hold are deleted.
@@ -351,7 +354,7 @@ async fn scan_file(
                 for (i, k) in col.iter().enumerate() {
                     let p = at + i as u64;
                     let Some(k) = k else { continue };
-                    if let Some(s) = set.get(&k) {
+                    if let Some(s) = set.get(k) {
                         if !file.deleted.contains(p) {
                             candidates.push(p);
                             candidate_sources.push(*s);
@@ -537,7 +540,7 @@ pub(crate) async fn merge_on_read(
     let key_cols: Vec<ArrayRef> =
         on.iter().map(|k| new_rows.column_by_name(k).expect("a table column").clone()).collect();
     let source_rows = converter.convert_columns(&key_cols).map_err(|e| generic(rel, e))?;
-    let mut source_keys: HashMap<Box<[u8]>, u32> = HashMap::with_capacity(n);
+    let mut source_keys: FxHashMap<Box<[u8]>, u32> = FxHashMap::with_capacity_and_hasher(n, Default::default());
     for (i, r) in source_rows.iter().enumerate() {
         if source_keys.insert(r.data().into(), i as u32).is_some() {
             return Err(generic(rel, format!("a merge source holds a key twice (row {i})")));
@@ -545,14 +548,12 @@ pub(crate) async fn merge_on_read(
     }
     // The source row of each first-key value looked up (with one integer key column, the row
     // itself), when that column is an integer without NULLs.
-    let first_index: Option<HashMap<i64, u32>> = key_cols[0].data_type().is_integer().then_some(()).and_then(|_| {
+    let first_index: Option<IntMap<u32>> = key_cols[0].data_type().is_integer().then_some(()).and_then(|_| {
         let c = cast(&key_cols[0], &DataType::Int64).ok()?;
         let c = c.as_any().downcast_ref::<arrow::array::Int64Array>()?;
-        let mut index = HashMap::with_capacity(n);
-        for i in (0..n).filter(|&i| looked_up(i)) {
-            index.insert(c.is_valid(i).then(|| c.value(i))?, i as u32);
-        }
-        Some(index)
+        let entries: Option<Vec<(i64, u32)>> =
+            (0..n).filter(|&i| looked_up(i)).map(|i| c.is_valid(i).then(|| (c.value(i), i as u32))).collect();
+        Some(IntMap::new(entries?))
     });
     let scope = scope.filter(|s| !s.is_empty());
     if scope.is_some() && (first_index.is_none() || on.len() != 1 || read_old) {
@@ -563,7 +564,7 @@ pub(crate) async fn merge_on_read(
     }
     // Files whose integer key range holds no key looked up (nor one of the scope) are not read.
     let first_key: Option<Vec<i64>> = first_index.as_ref().map(|index| {
-        let mut v: Vec<i64> = index.keys().copied().collect();
+        let mut v: Vec<i64> = index.keys().collect();
         v.sort_unstable();
         v
     });

@@ -371,6 +371,53 @@ impl CopyDecoder {
         Ok(if b.len() >= pos { Some(pos) } else { None })
     }
 
+    /// Appends one row given field by field in the types' binary send format (None for
+    /// NULL), as pgoutput delivers them: no COPY stream is built for it. Full batches are
+    /// pushed to `out`; [`CopyDecoder::flush`] pushes the rest.
+    pub fn push_row<'a>(
+        &mut self,
+        fields: impl IntoIterator<Item = Option<&'a [u8]>>,
+        out: &mut Vec<RecordBatch>,
+    ) -> Result<(), DecodeError> {
+        let mut fields = fields.into_iter();
+        for (i, col) in self.builders.iter_mut().enumerate() {
+            let field = fields.next().ok_or_else(|| DecodeError::FieldCount {
+                context: self.context.clone(),
+                got: i as i16,
+                expected: self.columns.len(),
+            })?;
+            match field {
+                None => col.null(),
+                Some(v) => col.value(v).map_err(|message| DecodeError::Value {
+                    context: self.context.clone(),
+                    column: self.columns[i].name.clone(),
+                    message,
+                })?,
+            }
+        }
+        let extra = fields.count();
+        if extra > 0 {
+            return Err(DecodeError::FieldCount {
+                context: self.context.clone(),
+                got: i16::try_from(self.columns.len() + extra).unwrap_or(i16::MAX),
+                expected: self.columns.len(),
+            });
+        }
+        self.rows_in_batch += 1;
+        self.rows_total += 1;
+        if self.rows_in_batch >= self.batch_rows {
+            out.push(self.take_batch());
+        }
+        Ok(())
+    }
+
+    /// Pushes the rows given by [`CopyDecoder::push_row`] since the last full batch.
+    pub fn flush(&mut self, out: &mut Vec<RecordBatch>) {
+        if self.rows_in_batch > 0 {
+            out.push(self.take_batch());
+        }
+    }
+
     fn append_tuple(&mut self, t: &[u8]) -> Result<(), DecodeError> {
         let mut pos = 2;
         for (i, col) in self.builders.iter_mut().enumerate() {
@@ -445,6 +492,75 @@ mod tests {
         w.numeric(15, 1);
         assert_eq!(decode_numeric(&w.take()[4..], 3), Ok(1500));
         assert!(decode_numeric(&[0, 0, 0, 0, 0xC0, 0, 0, 0], 2).unwrap_err().contains("NaN"));
+    }
+
+    #[test]
+    fn rows_pushed_field_by_field_decode_like_the_stream() {
+        let columns = vec![
+            PgColumn { name: "id".into(), ty: PgType::Int8, nullable: false },
+            PgColumn { name: "title".into(), ty: PgType::Text, nullable: true },
+            PgColumn { name: "price".into(), ty: PgType::Numeric { precision: 12, scale: 2 }, nullable: true },
+        ];
+        // Each field written alone: its length prefix (-1 for NULL), then its bytes.
+        let fields_of = |i: i64| -> Vec<Option<Vec<u8>>> {
+            let mut w = CopyBinaryWriter::default();
+            w.i64(i);
+            if i % 3 == 0 {
+                w.null()
+            } else {
+                w.text(&format!("car {i} ✓"))
+            };
+            if i % 4 == 0 {
+                w.null()
+            } else {
+                w.numeric(i128::from(i) * -7, 2)
+            };
+            let b = w.take();
+            let mut pos = 0;
+            (0..3)
+                .map(|_| {
+                    let len = i32::from_be_bytes([b[pos], b[pos + 1], b[pos + 2], b[pos + 3]]);
+                    pos += 4;
+                    (len >= 0).then(|| {
+                        pos += len as usize;
+                        b[pos - len as usize..pos].to_vec()
+                    })
+                })
+                .collect()
+        };
+        let mut pushed = CopyDecoder::new("t", columns.clone(), 40);
+        let mut w = CopyBinaryWriter::default();
+        let mut out = Vec::new();
+        for i in 0..100i64 {
+            let fields = fields_of(i);
+            w.row(3);
+            for f in &fields {
+                match f {
+                    Some(v) => w.raw(v),
+                    None => w.null(),
+                };
+            }
+            pushed.push_row(fields.iter().map(|f| f.as_deref()), &mut out).unwrap();
+        }
+        pushed.flush(&mut out);
+        assert_eq!(out.iter().map(|b| b.num_rows()).collect::<Vec<_>>(), vec![40, 40, 20]);
+        let mut stream = CopyBinaryWriter::header().to_vec();
+        stream.extend_from_slice(&w.take());
+        stream.extend_from_slice(&CopyBinaryWriter::trailer());
+        let mut streamed = CopyDecoder::new("t", columns.clone(), 1000);
+        let mut expected = Vec::new();
+        streamed.feed(&stream, &mut expected).unwrap();
+        streamed.finish(&mut expected).unwrap();
+        let all = arrow::compute::concat_batches(&pushed.schema(), &out).unwrap();
+        assert_eq!(all, expected[0]);
+        assert_eq!(all.column(1).null_count(), 34);
+
+        // A row of the wrong width is an error naming the counts.
+        let mut d = CopyDecoder::new("t", columns, 10);
+        let e = d.push_row([Some(&[0u8; 8][..])], &mut out).unwrap_err().to_string();
+        assert!(e.contains("has 1 fields, expected 3"), "{e}");
+        let e = d.push_row([None, None, None, None, None], &mut out).unwrap_err().to_string();
+        assert!(e.contains("has 5 fields, expected 3"), "{e}");
     }
 
     #[test]

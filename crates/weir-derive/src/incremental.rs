@@ -859,7 +859,8 @@ async fn fork(
             .into_iter()
             .flatten()
             .collect();
-    session.fork_with(&overrides).await
+    // A per-make job's units run side by side, each on one partition.
+    session.fork_with(&overrides, job.per.is_some().then_some(1)).await
 }
 
 /// One source of a [`fork`]: the keyed ones restricted to `keys`, a small one in memory, None

@@ -171,10 +171,14 @@ impl LakeSession {
 
     /// A context over the same tables, functions and object stores in which `overrides`
     /// (`layer.name` → provider) stand in for those tables; this session is not touched, so
-    /// the fork can plan while other work uses the session.
+    /// the fork can plan while other work uses the session. Its plans run on `partitions`
+    /// partitions (the session's count when None): units that run side by side on a fork of
+    /// their own each need one, and a plan over a few thousand rows in memory spends more
+    /// on repartitioning them than on its joins.
     pub async fn fork_with(
         &self,
         overrides: &[(String, Arc<dyn TableProvider>)],
+        partitions: Option<usize>,
     ) -> Result<SessionContext, DeriveError> {
         use datafusion::catalog::{
             CatalogProvider, CatalogProviderList, MemoryCatalogProvider, MemoryCatalogProviderList,
@@ -200,9 +204,12 @@ impl LakeSession {
         }
         let list = Arc::new(MemoryCatalogProviderList::new());
         list.register_catalog(CATALOG.to_string(), catalog);
-        let state = datafusion::execution::SessionStateBuilder::new_from_existing(self.ctx.state())
+        let mut state = datafusion::execution::SessionStateBuilder::new_from_existing(self.ctx.state())
             .with_catalog_list(list)
             .build();
+        if let Some(n) = partitions {
+            state.config_mut().options_mut().execution.target_partitions = n.max(1);
+        }
         Ok(SessionContext::new_with_state(state))
     }
 

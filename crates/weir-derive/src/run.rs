@@ -425,9 +425,9 @@ async fn attempt_ahead(
     (p.out, r)
 }
 
-/// Brings the per-make units of one job up to date from their inputs' change feeds, the
-/// first alone (it computes the affected keys every unit shares), then two at a time. Units
-/// that are up to date, or never built, are left to the loop.
+/// Brings the per-make units of one job up to date from their inputs' change feeds, two at a
+/// time (the first computes the affected keys every unit shares while the other waits for
+/// them). Units that are up to date, or never built, are left to the loop.
 #[allow(clippy::too_many_arguments)]
 async fn update_ahead(
     lake: &Lake,
@@ -456,31 +456,31 @@ async fn update_ahead(
     }
     tracing::debug!(seconds = clock.elapsed().as_secs_f64(), units = group.len(), "derive: states of the units read");
     let mut done = BTreeMap::new();
-    let mut rest = todo.into_iter();
-    if let Some(first) = rest.next() {
-        let (out, r) = attempt_ahead(lake, session, first, opts, shared).await;
-        done.insert(out, r);
-    }
-    let rest: Vec<Pending> = rest.collect();
     let handle = tokio::runtime::Handle::current();
-    if handle.runtime_flavor() == tokio::runtime::RuntimeFlavor::MultiThread && rest.len() > 1 {
+    if handle.runtime_flavor() == tokio::runtime::RuntimeFlavor::MultiThread && todo.len() > 1 {
         // Planning and Parquet encoding are CPU work done inside the future: two OS threads,
-        // each driving its share of the units on the runtime, use two cores.
-        let mut shares: [Vec<Pending>; 2] = [Vec::new(), Vec::new()];
-        for (i, p) in rest.into_iter().enumerate() {
-            shares[i % 2].push(p);
-        }
+        // each taking the next unit as it finishes one, use two cores. The first unit computes
+        // the keys and the restricted sources every unit shares, holding the rules lock; the
+        // other thread's first unit waits for them, so the shared work runs alone and the
+        // first unit's own SQL and merge run beside the next.
+        let next = std::sync::atomic::AtomicUsize::new(0);
+        let slots: Vec<std::sync::Mutex<Option<Pending>>> =
+            todo.into_iter().map(|p| std::sync::Mutex::new(Some(p))).collect();
         let results = tokio::task::block_in_place(|| {
             std::thread::scope(|scope| {
-                let workers: Vec<_> = shares
-                    .into_iter()
-                    .map(|share| {
-                        let handle = handle.clone();
+                let workers: Vec<_> = (0..2)
+                    .map(|_| {
+                        let (handle, next, slots) = (handle.clone(), &next, &slots);
                         scope.spawn(move || {
                             handle.block_on(async {
                                 let mut out = Vec::new();
-                                for p in share {
-                                    out.push(attempt_ahead(lake, session, p, opts, shared).await);
+                                loop {
+                                    let i = next.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                                    let Some(slot) = slots.get(i) else { break };
+                                    let p = slot.lock().unwrap_or_else(|e| e.into_inner()).take();
+                                    if let Some(p) = p {
+                                        out.push(attempt_ahead(lake, session, p, opts, shared).await);
+                                    }
                                 }
                                 out
                             })
@@ -492,7 +492,7 @@ async fn update_ahead(
         });
         done.extend(results);
     } else {
-        for p in rest {
+        for p in todo {
             let (out, r) = attempt_ahead(lake, session, p, opts, shared).await;
             done.insert(out, r);
         }

@@ -494,13 +494,20 @@ mod tests {
         assert!(decode_numeric(&[0, 0, 0, 0, 0xC0, 0, 0, 0], 2).unwrap_err().contains("NaN"));
     }
 
-    #[test]
-    fn rows_pushed_field_by_field_decode_like_the_stream() {
-        let columns = vec![
+    /// id, title, price, at: a key, text with NULLs, a numeric, a timestamp.
+    fn listing_columns() -> Vec<PgColumn> {
+        vec![
             PgColumn { name: "id".into(), ty: PgType::Int8, nullable: false },
             PgColumn { name: "title".into(), ty: PgType::Text, nullable: true },
             PgColumn { name: "price".into(), ty: PgType::Numeric { precision: 12, scale: 2 }, nullable: true },
-        ];
+            PgColumn { name: "at".into(), ty: PgType::Timestamptz, nullable: false },
+        ]
+    }
+
+    #[test]
+    fn rows_pushed_field_by_field_decode_like_the_stream() {
+        let mut columns = listing_columns();
+        columns.truncate(3);
         // Each field written alone: its length prefix (-1 for NULL), then its bytes.
         let fields_of = |i: i64| -> Vec<Option<Vec<u8>>> {
             let mut w = CopyBinaryWriter::default();
@@ -565,12 +572,7 @@ mod tests {
 
     #[test]
     fn decodes_across_arbitrary_chunk_boundaries() {
-        let columns = vec![
-            PgColumn { name: "id".into(), ty: PgType::Int8, nullable: false },
-            PgColumn { name: "title".into(), ty: PgType::Text, nullable: true },
-            PgColumn { name: "price".into(), ty: PgType::Numeric { precision: 12, scale: 2 }, nullable: true },
-            PgColumn { name: "at".into(), ty: PgType::Timestamptz, nullable: false },
-        ];
+        let columns = listing_columns();
         let mut w = CopyBinaryWriter::default();
         let titles = ["a\tb\n\"c\"", "", "🚗"];
         for i in 0..1000i64 {

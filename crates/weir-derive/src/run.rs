@@ -463,24 +463,20 @@ async fn update_ahead(
         // the keys and the restricted sources every unit shares, holding the rules lock; the
         // other thread's first unit waits for them, so the shared work runs alone and the
         // first unit's own SQL and merge run beside the next.
-        let next = std::sync::atomic::AtomicUsize::new(0);
-        let slots: Vec<std::sync::Mutex<Option<Pending>>> =
-            todo.into_iter().map(|p| std::sync::Mutex::new(Some(p))).collect();
+        let queue = std::sync::Mutex::new(todo.into_iter());
         let results = tokio::task::block_in_place(|| {
             std::thread::scope(|scope| {
                 let workers: Vec<_> = (0..2)
                     .map(|_| {
-                        let (handle, next, slots) = (handle.clone(), &next, &slots);
+                        let (handle, queue) = (handle.clone(), &queue);
                         scope.spawn(move || {
                             handle.block_on(async {
                                 let mut out = Vec::new();
                                 loop {
-                                    let i = next.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-                                    let Some(slot) = slots.get(i) else { break };
-                                    let p = slot.lock().unwrap_or_else(|e| e.into_inner()).take();
-                                    if let Some(p) = p {
-                                        out.push(attempt_ahead(lake, session, p, opts, shared).await);
-                                    }
+                                    // The guard goes at the end of this statement, before the await.
+                                    let next = queue.lock().unwrap_or_else(|e| e.into_inner()).next();
+                                    let Some(p) = next else { break };
+                                    out.push(attempt_ahead(lake, session, p, opts, shared).await);
                                 }
                                 out
                             })

@@ -1,12 +1,15 @@
 --! layer = "silver"
---! description = "The stored rows of the mart ads_<slug>: every column but the taxonomy's (model, segment, body_type), which the view gold.ads_<slug> joins at read time, with the model_id to join on."
+--! description = "The stored rows of every mart ads_<slug>, one partition per make: every column but the taxonomy's (model, segment, body_type), which the view gold.ads_<slug> joins at read time, with the model_id to join on."
 --! key = ["listing_id"]
 --! sources = ["silver.listing", "silver.listing_price", "silver.dealer", "bronze.makes"]
---! per = "make"
+--! partition = ["make_id"]
+--! # Read by key (the FDW's and Flight's lookups): in key order within each make's partition.
+--! lookup = true
 --! [incremental]
 --! # A row is its listing joined with the listing's folded prices, seller and make:
 --! # the listings a change reaches are recomputed (their listing and price rows read alone),
---! # the rest of the mart stays as it is, file by file.
+--! # the rest of the marts stay as they are, file by file. Every make's changed rows are
+--! # recomputed by one query and merged in one commit.
 --! keyed = ["silver.listing", "silver.listing_price"]
 --! [incremental.affects]
 --! "bronze.listings" = "SELECT listing_id FROM changes"
@@ -20,6 +23,7 @@
 --! JOIN (SELECT DISTINCT make_id FROM changes) c ON c.make_id = l.make_id
 --! """
 SELECT l.listing_id,
+       l.make_id,
        l.country,
        mk.name AS make,
        l.model_id,
@@ -54,8 +58,6 @@ SELECT l.listing_id,
                         THEN round(100 * (p.price_first_eur - p.price_last_eur) / p.price_first_eur, 2) END,
                    6, 2, 'price_drop_pct of listing_id', l.listing_id) AS price_drop_pct
 FROM silver.listing l
-JOIN bronze.makes mk ON mk.make_id = l.make_id AND mk.slug = '${slug}'
+JOIN bronze.makes mk ON mk.make_id = l.make_id
 LEFT JOIN silver.dealer d ON d.dealer_id = l.dealer_id
-LEFT JOIN silver.listing_price p ON p.listing_id = l.listing_id AND p.make_id = ${make_id}
--- ${make_id}: the slug's make_id, a literal that prunes listing_price to the make's partition
-WHERE l.make_id = ${make_id}
+LEFT JOIN silver.listing_price p ON p.listing_id = l.listing_id AND p.make_id = l.make_id

@@ -190,7 +190,7 @@ async fn flight_sql_clients_read_the_marts() {
             "silver.listing_price",
             "silver.listing",
             "silver.dealer",
-            "silver.ads_base_vw",
+            "silver.ads_base",
             "gold.ads_vw",
             "public.ads_vw",
         ] {

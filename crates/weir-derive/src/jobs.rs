@@ -9,8 +9,10 @@
 //! --! materialize = "table"                 # or "view" (planned into its readers, not stored),
 //! --!                                       #   or "history" (versions with valid_from/valid_to)
 //! --! partition = ["make_id"]               # optional Delta partition columns
+//! --! lookup = true                         # optional: stored for lookups by key (gold
+//! --!                                       #   tables and per-make tables always are)
 //! --! per = "make"                          # optional: one output per make, ads_<slug>;
-//! --!                                       #   the SQL uses ${slug} (and may use ${make_id});
+//! --!                                       #   the SQL uses ${slug} or ${make_id};
 //! --!                                       #   it may read another per-make job's output
 //! --!                                       #   for the same make as silver.<job>_${slug}
 //! SELECT …                                  # ${as_of}: the reference instant, a timestamptz
@@ -83,6 +85,8 @@ struct Header {
     partition: Vec<String>,
     per: Option<Per>,
     #[serde(default)]
+    lookup: bool,
+    #[serde(default)]
     description: Option<String>,
     incremental: Option<Incremental>,
 }
@@ -131,6 +135,8 @@ pub struct Job {
     pub materialize: Materialize,
     pub partition: Vec<String>,
     pub per: Option<Per>,
+    /// Declared `lookup = true`: read by key (see [`Job::key_ranged`]).
+    pub lookup: bool,
     pub description: Option<String>,
     /// The SELECT, placeholders unexpanded.
     pub sql: String,
@@ -150,10 +156,11 @@ impl Job {
         }
     }
 
-    /// Stored in key order, in small files with disjoint key ranges (what Flight clients and
-    /// the FDW look up by key): gold tables, and the per-make tables the marts' views read.
+    /// Stored in key order, in small files with disjoint key ranges within a partition (what
+    /// Flight clients and the FDW look up by key): gold tables, per-make tables, and tables
+    /// declared `lookup = true` (`silver.ads_base`, the rows the marts' views read).
     pub fn key_ranged(&self) -> bool {
-        (self.layer == Layer::Gold || self.per.is_some()) && !self.key.is_empty()
+        (self.layer == Layer::Gold || self.per.is_some() || self.lookup) && !self.key.is_empty()
     }
 
     pub fn uses_as_of(&self) -> bool {
@@ -181,14 +188,9 @@ impl Job {
         sql
     }
 
-    /// A view's SQL as served: `${slug}` expanded for a per-make view (which cannot read
-    /// `${make_id}`, see [`parse_job`]).
-    pub fn expand_view(&self, slug: Option<&str>) -> String {
-        let sql = self.expand(None, 0);
-        match slug {
-            Some(s) => sql.replace("${slug}", s),
-            None => sql,
-        }
+    /// A view's SQL as served: `${slug}` and `${make_id}` expanded for a per-make view.
+    pub fn expand_view(&self, make: Option<(&str, i64)>) -> String {
+        self.expand(make, 0)
     }
 
     /// The per-make sources a per-make job reads for its own make, as `(source, output)`:
@@ -304,8 +306,12 @@ pub fn parse_job(file: &Path, text: &str) -> Result<Job, JobError> {
         return Err(JobError::new(file, header_line("sources"), "sources must name at least one table"));
     }
     let sql_text: String = text.lines().skip(sql_line - 1).collect::<Vec<_>>().join("\n");
-    if h.per.is_some() && !sql_text.contains("${slug}") {
-        return Err(JobError::new(file, header_line("per"), "per = \"make\" but the SQL never uses ${slug}"));
+    if h.per.is_some() && !sql_text.contains("${slug}") && !sql_text.contains("${make_id}") {
+        return Err(JobError::new(
+            file,
+            header_line("per"),
+            "per = \"make\" but the SQL uses neither ${slug} nor ${make_id}",
+        ));
     }
     if h.per.is_none() && (sql_text.contains("${slug}") || sql_text.contains("${make_id}")) {
         return Err(JobError::new(
@@ -317,9 +323,8 @@ pub fn parse_job(file: &Path, text: &str) -> Result<Job, JobError> {
     if h.materialize == Materialize::View && !h.partition.is_empty() {
         return Err(JobError::new(file, header_line("materialize"), "a view has no partitions"));
     }
-    if h.materialize == Materialize::View && h.per.is_some() && sql_text.contains("${make_id}") {
-        // A served per-make view is planned for every make stored under it, by slug alone.
-        return Err(JobError::new(file, sql_line, "a per-make view uses ${slug} only, not ${make_id}"));
+    if h.lookup && h.materialize != Materialize::Table {
+        return Err(JobError::new(file, header_line("lookup"), "lookup = true is for table jobs"));
     }
     if h.materialize == Materialize::History && (!h.partition.is_empty() || h.per.is_some()) {
         return Err(JobError::new(
@@ -359,6 +364,7 @@ pub fn parse_job(file: &Path, text: &str) -> Result<Job, JobError> {
         materialize: h.materialize,
         partition: h.partition,
         per: h.per,
+        lookup: h.lookup,
         description: h.description,
         sql: sql_text.trim_end().trim_end_matches(';').to_string(),
         sql_line,
@@ -558,7 +564,7 @@ mod tests {
         let names: Vec<&str> = jobs.ordered.iter().map(|j| j.name.as_str()).collect();
         assert_eq!(names, ["ads_base", "ads"]);
         let ads = jobs.get("ads").unwrap();
-        assert_eq!(ads.expand_view(Some("vw")), "SELECT id FROM silver.ads_base_vw");
+        assert_eq!(ads.expand_view(Some(("vw", 7))), "SELECT id FROM silver.ads_base_vw");
         let own: Vec<(&str, String)> = ads.own_make_sources(&jobs, "vw").collect();
         assert_eq!(own, [("silver.ads_base", "silver.ads_base_vw".to_string())]);
         // Outputs map back to their job and make; a longer job name wins a shared prefix.
@@ -567,12 +573,21 @@ mod tests {
         assert_eq!(of("silver.ads_base_mercedes_benz"), Some(("ads_base".into(), Some("mercedes_benz".into()))));
         assert_eq!(of("gold.ads_"), None);
         assert_eq!(of("silver.listing"), None);
-        // A job that is not per make cannot read a per-make output; a per-make view has no make_id.
+        // A job that is not per make cannot read a per-make output.
         let e = order(vec![base, job("x", &["silver.ads_base"])], &bronze).unwrap_err();
         assert!(e.to_string().contains("only a per-make job can read it"), "{e}");
-        let text = "--! layer = \"gold\"\n--! key = [\"id\"]\n--! sources = [\"bronze.t\"]\n--! per = \"make\"\n--! materialize = \"view\"\nSELECT ${make_id} AS id FROM bronze.t WHERE s = '${slug}'\n";
-        let e = parse_job(Path::new("v.sql"), text).unwrap_err();
-        assert!(e.to_string().contains("v.sql:6: a per-make view uses ${slug} only"), "{e}");
+        // A per-make view over one table partitioned by make: its make_id is expanded when
+        // served; `lookup = true` stores a silver table in key order, and only a table.
+        let text = "--! layer = \"gold\"\n--! key = [\"id\"]\n--! sources = [\"bronze.t\"]\n--! per = \"make\"\n--! materialize = \"view\"\nSELECT id FROM bronze.t WHERE m = ${make_id} AND s = '${slug}'\n";
+        let view = parse_job(Path::new("v.sql"), text).unwrap();
+        assert_eq!(view.expand_view(Some(("vw", 7))), "SELECT id FROM bronze.t WHERE m = 7 AND s = 'vw'");
+        let base = "--! layer = \"silver\"\n--! key = [\"id\"]\n--! sources = [\"bronze.t\"]\n--! lookup = true\nSELECT id FROM bronze.t\n";
+        assert!(parse_job(Path::new("b.sql"), base).unwrap().key_ranged());
+        assert!(!parse_job(Path::new("b.sql"), &base.replace("--! lookup = true\n", "")).unwrap().key_ranged());
+        let e =
+            parse_job(Path::new("b.sql"), &base.replace("lookup = true", "lookup = true\n--! materialize = \"view\""))
+                .unwrap_err();
+        assert!(e.to_string().contains("b.sql:4: lookup = true is for table jobs"), "{e}");
     }
 
     #[test]

@@ -232,9 +232,15 @@ pub async fn parity(pg: &Client, lake: &Lake, jobs: &Jobs, opts: &ParityOptions)
         )));
     };
     let table = session.table(lake, &stored).await?;
+    // A table partitioned by make (silver.ads_base) records each make's partition rebuilt
+    // alone on its own.
+    let make_id = match session.versions.contains_key(crate::session::MAKES) {
+        true => crate::session::read_makes(&session.ctx).await?.into_iter().find(|(s, _)| s == slug).map(|m| m.1),
+        false => None,
+    };
     let lake_as_of = weir_lake::last_commit_info(&table, &stored)
         .await?
-        .and_then(|m| crate::run::recorded_as_of(m.get(crate::run::STATE_KEY)));
+        .and_then(|m| crate::run::recorded_as_of(m.get(crate::run::STATE_KEY), make_id));
     let df = session.ctx.table(lake_name.as_str()).await.map_err(df_err(format!("reading {lake_name}")))?;
     let lake_cols: Vec<(String, DataType)> =
         df.schema().fields().iter().map(|f| (f.name().clone(), f.data_type().clone())).collect();

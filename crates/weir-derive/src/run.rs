@@ -327,7 +327,7 @@ pub async fn derive(
     Ok(reports)
 }
 
-pub(crate) const MAKE_ID: &str = "make_id";
+pub(crate) use crate::session::MAKE_ID;
 
 /// Logs how long a unit took (at debug level) however its turn of the loop ends.
 struct UnitClock(String, Instant);
@@ -608,9 +608,20 @@ impl StoredState {
     }
 }
 
-/// The as-of instant a whole-table build recorded (µs), if it read one.
-pub fn recorded_as_of(state: Option<&Value>) -> Option<i64> {
-    StoredState::parse(state).all?.get("as_of_micros")?.as_i64()
+/// The as-of instant (µs) the build of a table, or of its `make_id` partition, recorded, if
+/// it read one.
+pub fn recorded_as_of(state: Option<&Value>, make_id: Option<i64>) -> Option<i64> {
+    StoredState::parse(state).built_from(make_id)?.get("as_of_micros")?.as_i64()
+}
+
+/// The `make_id` partitions (as text) the table was built for, by the state its last commit
+/// recorded: None when it was built whole (every make), else the partitions rebuilt alone.
+pub fn built_partitions(state: Option<&Value>) -> Option<BTreeSet<String>> {
+    let stored = StoredState::parse(state);
+    match stored.all {
+        Some(_) => None,
+        None => Some(stored.partitions.keys().cloned().collect()),
+    }
 }
 
 /// The default as-of instant: when the newest of the bronze tables was committed (µs), so a
@@ -686,7 +697,7 @@ async fn make_slugs(session: &LakeSession, sel: &MakeSelection) -> Result<Vec<(S
     let all = match (read, files) {
         (Some((key, all)), Some(files)) if key == files => all,
         (_, files) => {
-            let all = read_makes(session).await?;
+            let all = crate::session::read_makes(&session.ctx).await?;
             if let Some(files) = files {
                 *MAKES_READ.lock().unwrap_or_else(std::sync::PoisonError::into_inner) = Some((files, all.clone()));
             }
@@ -703,26 +714,6 @@ async fn make_slugs(session: &LakeSession, sel: &MakeSelection) -> Result<Vec<(S
             }
         },
     }
-}
-
-async fn read_makes(session: &LakeSession) -> Result<Vec<(String, i64)>, DeriveError> {
-    let batches = session
-        .ctx
-        .sql("SELECT slug, CAST(make_id AS BIGINT) AS id FROM bronze.makes ORDER BY id")
-        .await
-        .map_err(df_err("listing makes"))?
-        .collect()
-        .await
-        .map_err(df_err("listing makes"))?;
-    let mut all = Vec::new();
-    for b in &batches {
-        let col = arrow::compute::cast(b.column(0), &arrow::datatypes::DataType::Utf8)
-            .map_err(|e| df_err("listing makes")(e.into()))?;
-        let col = arrow::array::AsArray::as_string::<i32>(&col);
-        let ids = arrow::array::AsArray::as_primitive::<arrow::datatypes::Int64Type>(b.column(1));
-        all.extend(col.iter().zip(ids.iter()).filter_map(|(s, id)| Some((s?.to_string(), id?))));
-    }
-    Ok(all)
 }
 
 /// Plans a unit's SQL; an error names the job file and the line. A scoped unit keeps only
@@ -808,6 +799,29 @@ fn named_line(job: &Job, text: &str) -> Option<usize> {
     job.sql.lines().position(|l| l.contains(&name)).map(|i| job.file_line(i + 1))
 }
 
+/// `batch` cut where the values of its columns `cols` change (rows sorted by them), each
+/// piece with those values as text; the whole batch when `cols` is empty.
+fn by_partition(
+    batch: arrow::record_batch::RecordBatch,
+    cols: &[usize],
+) -> Result<Vec<(arrow::record_batch::RecordBatch, String)>, arrow::error::ArrowError> {
+    if cols.is_empty() || batch.num_rows() == 0 {
+        return Ok(vec![(batch, String::new())]);
+    }
+    let arrays: Vec<arrow::array::ArrayRef> = cols.iter().map(|&c| batch.column(c).clone()).collect();
+    let ranges = arrow::compute::partition(&arrays)?.ranges();
+    ranges
+        .into_iter()
+        .map(|r| {
+            let values = arrays
+                .iter()
+                .map(|a| arrow::util::display::array_value_to_string(a, r.start))
+                .collect::<Result<Vec<_>, _>>()?;
+            Ok((batch.slice(r.start, r.end - r.start), values.join("\u{1f}")))
+        })
+        .collect()
+}
+
 /// Parquet settings of derived tables: zstd, page statistics, no dictionaries (their values,
 /// prices and times and ids, are mostly distinct: parquet built each dictionary only to
 /// abandon it: 5 % of `weir run`'s CPU, mostly in listing_price's merges).
@@ -862,7 +876,9 @@ async fn write(
     let (df, props) = if job.key_ranged() {
         // Marts are what Flight clients and the FDW look up by key: stored in key order with
         // small pages, a lookup's page-index pruning decodes one page per column, not the file.
-        let order = job.key.iter().map(|k| datafusion::prelude::ident(k).sort(true, false)).collect();
+        // A partitioned one in key order within each partition.
+        let order =
+            job.partition.iter().chain(&job.key).map(|k| datafusion::prelude::ident(k).sort(true, false)).collect();
         let df = df.sort(order).map_err(df_err(format!("sorting {}", job.file.display())))?;
         (df, lookup_writer_properties())
     } else {
@@ -885,18 +901,30 @@ async fn write(
     // rewrites only the files its keys fall in (see incremental::KEY_RANGE_FILE_ROWS).
     let file_rows = if job.key_ranged() { crate::incremental::KEY_RANGE_FILE_ROWS } else { usize::MAX };
     let mut in_file = 0usize;
+    // The partition the key-ranged rows being written are in: a file holds one partition's
+    // rows, so the next partition's first rows start a file of their own.
+    let mut in_partition: Option<String> = None;
+    let partition_cols: Vec<usize> =
+        job.partition.iter().filter_map(|p| schema.index_of(p).ok()).filter(|_| job.key_ranged()).collect();
     while let Some(batch) = stream.next().await {
-        let mut batch = batch.map_err(df_err(format!("running {}", job.file.display())))?;
+        let batch = batch.map_err(df_err(format!("running {}", job.file.display())))?;
         rows += batch.num_rows() as u64;
-        while batch.num_rows() > 0 {
-            let take = batch.num_rows().min(file_rows - in_file);
-            let part = to_storage(&schema, batch.slice(0, take)).map_err(|e| werr(e.to_string()))?;
-            batch = batch.slice(take, batch.num_rows() - take);
-            writer.write(part).await.map_err(|e| werr(e.to_string()))?;
-            in_file += take;
-            if in_file >= file_rows || writer.buffer_len() >= opts.target_file_bytes {
+        for (mut batch, part) in by_partition(batch, &partition_cols).map_err(|e| werr(e.to_string()))? {
+            if in_partition.as_ref().is_some_and(|p| *p != part) && in_file > 0 {
                 adds.extend(writer.flush().await.map_err(|e| werr(e.to_string()))?);
                 in_file = 0;
+            }
+            in_partition = Some(part);
+            while batch.num_rows() > 0 {
+                let take = batch.num_rows().min(file_rows - in_file);
+                let part = to_storage(&schema, batch.slice(0, take)).map_err(|e| werr(e.to_string()))?;
+                batch = batch.slice(take, batch.num_rows() - take);
+                writer.write(part).await.map_err(|e| werr(e.to_string()))?;
+                in_file += take;
+                if in_file >= file_rows || writer.buffer_len() >= opts.target_file_bytes {
+                    adds.extend(writer.flush().await.map_err(|e| werr(e.to_string()))?);
+                    in_file = 0;
+                }
             }
         }
     }

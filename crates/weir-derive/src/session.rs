@@ -241,7 +241,21 @@ impl LakeSession {
             first.get_or_insert(table);
         }
         let built = built.or(first);
-        let df = self.ctx.sql(&job.expand_view(slug.as_deref())).await.map_err(df_err(format!("planning {output}")))?;
+        let make = match &slug {
+            Some(slug) => {
+                if !self.versions.contains_key(MAKES) && self.register_delta(lake, MAKES).await?.is_none() {
+                    return Ok(None);
+                }
+                let all = read_makes(&self.ctx).await?;
+                match all.into_iter().find(|(s, _)| s == slug) {
+                    Some(m) => Some(m),
+                    None => return Ok(None),
+                }
+            }
+            None => None,
+        };
+        let make = make.as_ref().map(|(s, id)| (s.as_str(), *id));
+        let df = self.ctx.sql(&job.expand_view(make)).await.map_err(df_err(format!("planning {output}")))?;
         self.replace(output, df.into_view())?;
         Ok(built)
     }
@@ -252,6 +266,32 @@ impl LakeSession {
         self.ctx.register_table(name, provider).map_err(df_err(format!("registering {name}")))?;
         Ok(())
     }
+}
+
+/// The source table of the makes a per-make job runs for (its `slug` and `make_id`).
+pub const MAKES: &str = "bronze.makes";
+
+/// The column a table is partitioned by to be rebuilt one make at a time.
+pub const MAKE_ID: &str = "make_id";
+
+/// (slug, make_id) of every make in `bronze.makes` as registered in `ctx`, by make_id.
+pub async fn read_makes(ctx: &SessionContext) -> Result<Vec<(String, i64)>, DeriveError> {
+    let batches = ctx
+        .sql(&format!("SELECT slug, CAST(make_id AS BIGINT) AS id FROM {MAKES} ORDER BY id"))
+        .await
+        .map_err(df_err("listing makes"))?
+        .collect()
+        .await
+        .map_err(df_err("listing makes"))?;
+    let mut all = Vec::new();
+    for b in &batches {
+        let col = arrow::compute::cast(b.column(0), &arrow::datatypes::DataType::Utf8)
+            .map_err(|e| df_err("listing makes")(e.into()))?;
+        let col = arrow::array::AsArray::as_string::<i32>(&col);
+        let ids = arrow::array::AsArray::as_primitive::<arrow::datatypes::Int64Type>(b.column(1));
+        all.extend(col.iter().zip(ids.iter()).filter_map(|(s, id)| Some((s?.to_string(), id?))));
+    }
+    Ok(all)
 }
 
 /// A Delta table's provider for `ctx`, configured from it (text as Utf8, see

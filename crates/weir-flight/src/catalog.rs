@@ -2,6 +2,7 @@
 //! and the view jobs of `tables/jobs`, refreshed at most every `refresh` so that new Delta
 //! versions become visible without a restart.
 
+use std::collections::{BTreeMap, BTreeSet};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -13,6 +14,8 @@ use weir_derive::{Jobs, Materialize};
 use weir_lake::{LAYERS, Lake};
 
 use crate::ServeError;
+
+const MAKE_ID: &str = weir_derive::session::MAKE_ID;
 
 /// The schema of the Lance datasets (`vectors.listings`).
 pub const VECTORS: &str = "vectors";
@@ -136,25 +139,25 @@ impl Catalog {
         }
         self.hold_dimensions(&ctx, tables).await?;
         let mut views = Vec::new();
+        let per_make_views = self.jobs.ordered.iter().any(|j| j.materialize == Materialize::View && j.per.is_some());
+        let makes = match per_make_views {
+            true => self.stored_makes(&ctx, tables).await?,
+            false => Vec::new(),
+        };
         for job in self.jobs.ordered.iter().filter(|j| j.materialize == Materialize::View) {
-            let slugs: Vec<Option<String>> = match job.per {
+            let slugs: Vec<Option<(&str, i64)>> = match job.per {
                 None => vec![None],
                 // The makes whose stored rows the view reads are in the lake.
-                Some(_) => tables
+                Some(_) => makes
                     .iter()
-                    .filter_map(|(layer, name, _, _)| {
-                        let (dep, slug) = self.jobs.resolve(&format!("{layer}.{name}"))?;
-                        job.sources.contains(&dep.output(None)).then_some(slug?)
-                    })
-                    .collect::<std::collections::BTreeSet<String>>()
-                    .into_iter()
-                    .map(Some)
+                    .filter(|(_, _, lacking)| !job.sources.iter().any(|s| lacking.contains(s)))
+                    .map(|(slug, id, _)| Some((slug.as_str(), *id)))
                     .collect(),
             };
-            for slug in slugs {
-                let out = job.output(slug.as_deref());
+            for make in slugs {
+                let out = job.output(make.map(|m| m.0));
                 // A view whose sources are not all in the lake yet is left out.
-                let Ok(df) = ctx.sql(&job.expand_view(slug.as_deref())).await else { continue };
+                let Ok(df) = ctx.sql(&job.expand_view(make)).await else { continue };
                 // The job's view wins over a table left under its name by an older definition.
                 let view = df.into_view();
                 ctx.deregister_table(out.as_str())?;
@@ -170,6 +173,73 @@ impl Catalog {
         let catalog =
             ctx.catalog(weir_derive::session::CATALOG).ok_or_else(|| ServeError::Lake("no catalog".into()))?;
         Ok((catalog, views))
+    }
+
+    /// Every make of `bronze.makes` (none when it is not in the lake), with the sources of
+    /// per-make views that lack its rows: a per-make job's output without the make's table
+    /// (`silver.ads_base_<slug>`), a table partitioned by `make_id` built for other makes only
+    /// (`weir derive --make` on a new `silver.ads_base`). Other sources are not split by make.
+    async fn stored_makes(
+        &self,
+        ctx: &SessionContext,
+        tables: &[(String, String, DeltaTable, Arc<dyn TableProvider>)],
+    ) -> Result<Vec<(String, i64, BTreeSet<String>)>, ServeError> {
+        let lake_err = |e: String| ServeError::Lake(e);
+        if !tables.iter().any(|(l, n, _, _)| format!("{l}.{n}") == weir_derive::session::MAKES) {
+            return Ok(Vec::new());
+        }
+        let makes = weir_derive::session::read_makes(ctx).await.map_err(|e| lake_err(e.to_string()))?;
+        let read: BTreeSet<&String> = self
+            .jobs
+            .ordered
+            .iter()
+            .filter(|j| j.materialize == Materialize::View && j.per.is_some())
+            .flat_map(|j| j.sources.iter())
+            .collect();
+        // Per source: the slugs of its per-make tables, or the make_ids a table partitioned by
+        // make was built for (not listed when it was built whole).
+        let mut slugs: BTreeMap<String, BTreeSet<String>> = BTreeMap::new();
+        let mut ids: BTreeMap<String, BTreeSet<String>> = BTreeMap::new();
+        for s in &read {
+            if self.jobs.get(s.split_once('.').map_or("", |p| p.1)).is_some_and(|j| j.per.is_some()) {
+                slugs.insert(s.to_string(), BTreeSet::new());
+            }
+        }
+        for (layer, name, table, _) in tables {
+            let full = format!("{layer}.{name}");
+            match self.jobs.resolve(&full) {
+                Some((dep, Some(slug))) if read.contains(&dep.output(None)) => {
+                    slugs.entry(dep.output(None)).or_default().insert(slug);
+                }
+                _ if read.contains(&full) => {
+                    let by_make =
+                        table.snapshot().is_ok_and(|s| s.metadata().partition_columns().iter().any(|c| c == MAKE_ID));
+                    if by_make {
+                        // Built whole (every make), or only the partitions rebuilt alone.
+                        let rel = format!("{layer}/{name}");
+                        let info =
+                            weir_lake::last_commit_info(table, &rel).await.map_err(|e| lake_err(e.to_string()))?;
+                        let state = info.as_ref().and_then(|i| i.get(weir_derive::run::STATE_KEY));
+                        if let Some(built) = weir_derive::run::built_partitions(state) {
+                            ids.insert(full, built);
+                        }
+                    }
+                }
+                _ => {}
+            }
+        }
+        Ok(makes
+            .into_iter()
+            .map(|(slug, id)| {
+                let lacking = slugs
+                    .iter()
+                    .filter(|(_, s)| !s.contains(&slug))
+                    .chain(ids.iter().filter(|(_, v)| !v.contains(&id.to_string())))
+                    .map(|(t, _)| t.clone())
+                    .collect();
+                (slug, id, lacking)
+            })
+            .collect())
     }
 
     /// Registers the small stored tables the views join (`silver.model` under every
@@ -193,10 +263,10 @@ impl Catalog {
         for (layer, name, table, provider) in tables {
             let full = format!("{layer}.{name}");
             let stored = read.contains(&full)
-                && self
-                    .jobs
-                    .resolve(&full)
-                    .is_some_and(|(j, slug)| slug.is_none() && j.per.is_none() && j.materialize != Materialize::View);
+                && self.jobs.resolve(&full).is_some_and(|(j, slug)| {
+                    // Not a table stored for lookups by key (the marts' rows): its files are.
+                    slug.is_none() && j.per.is_none() && j.materialize != Materialize::View && !j.key_ranged()
+                });
             let Some(version) = table.version().map(|v| v as i64).filter(|_| stored) else { continue };
             let mem = match held.get(&full).filter(|(v, _)| *v == version) {
                 Some((_, mem)) => mem.clone(),

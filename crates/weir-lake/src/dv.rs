@@ -766,22 +766,40 @@ pub(crate) async fn merge_on_read(
                 RecordBatchWriter::for_table(&table).map_err(delta_err(rel))?.with_writer_properties(writer.clone());
             match layout.key_files {
                 Some(file_rows) => {
-                    let order = arrow::compute::sort_to_indices(
-                        data.column_by_name(&on[0]).expect("a table column"),
-                        None,
-                        None,
-                    )
-                    .map_err(|e| generic(rel, e))?;
+                    // In key order within each partition, each partition's rows in files of
+                    // their own.
+                    let column = |c: &str| data.column_by_name(c).expect("a table column").clone();
+                    let parts: Vec<ArrayRef> = partition_columns.iter().map(|p| column(p)).collect();
+                    let by: Vec<arrow::compute::SortColumn> = parts
+                        .iter()
+                        .cloned()
+                        .chain([column(&on[0])])
+                        .map(|values| arrow::compute::SortColumn { values, options: None })
+                        .collect();
+                    let order = arrow::compute::lexsort_to_indices(&by, None).map_err(|e| generic(rel, e))?;
                     let sorted = arrow::compute::take_record_batch(&data, &order).map_err(|e| generic(rel, e))?;
-                    // Cut evenly: no file far below the others.
-                    let pieces = sorted.num_rows().div_ceil(file_rows.max(1));
-                    let per = sorted.num_rows().div_ceil(pieces);
-                    let mut offset = 0;
-                    while offset < sorted.num_rows() {
-                        let len = per.min(sorted.num_rows() - offset);
-                        w.write(sorted.slice(offset, len)).await.map_err(delta_err(rel))?;
-                        actions.extend(w.flush().await.map_err(delta_err(rel))?.into_iter().map(Action::Add));
-                        offset += len;
+                    let runs: Vec<std::ops::Range<usize>> = match partition_columns.is_empty() {
+                        true => std::iter::once(0..sorted.num_rows()).collect(),
+                        false => {
+                            let parts: Vec<ArrayRef> = partition_columns
+                                .iter()
+                                .map(|p| sorted.column_by_name(p).expect("a table column").clone())
+                                .collect();
+                            arrow::compute::partition(&parts).map_err(|e| generic(rel, e))?.ranges()
+                        }
+                    };
+                    for run in runs {
+                        let rows = sorted.slice(run.start, run.end - run.start);
+                        // Cut evenly: no file far below the others.
+                        let pieces = rows.num_rows().div_ceil(file_rows.max(1));
+                        let per = rows.num_rows().div_ceil(pieces);
+                        let mut offset = 0;
+                        while offset < rows.num_rows() {
+                            let len = per.min(rows.num_rows() - offset);
+                            w.write(rows.slice(offset, len)).await.map_err(delta_err(rel))?;
+                            actions.extend(w.flush().await.map_err(delta_err(rel))?.into_iter().map(Action::Add));
+                            offset += len;
+                        }
                     }
                 }
                 None => {

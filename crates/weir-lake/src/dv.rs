@@ -761,53 +761,9 @@ pub(crate) async fn merge_on_read(
     // The change data task is awaited even when writing the new files fails: no file is
     // left being written behind the error.
     let written: Result<(), DeltaError> = async {
-        if data.num_rows() > 0 {
-            let mut w =
-                RecordBatchWriter::for_table(&table).map_err(delta_err(rel))?.with_writer_properties(writer.clone());
-            match layout.key_files {
-                Some(file_rows) => {
-                    // In key order within each partition, each partition's rows in files of
-                    // their own.
-                    let column = |c: &str| data.column_by_name(c).expect("a table column").clone();
-                    let parts: Vec<ArrayRef> = partition_columns.iter().map(|p| column(p)).collect();
-                    let by: Vec<arrow::compute::SortColumn> = parts
-                        .iter()
-                        .cloned()
-                        .chain([column(&on[0])])
-                        .map(|values| arrow::compute::SortColumn { values, options: None })
-                        .collect();
-                    let order = arrow::compute::lexsort_to_indices(&by, None).map_err(|e| generic(rel, e))?;
-                    let sorted = arrow::compute::take_record_batch(&data, &order).map_err(|e| generic(rel, e))?;
-                    let runs: Vec<std::ops::Range<usize>> = match partition_columns.is_empty() {
-                        true => std::iter::once(0..sorted.num_rows()).collect(),
-                        false => {
-                            let parts: Vec<ArrayRef> = partition_columns
-                                .iter()
-                                .map(|p| sorted.column_by_name(p).expect("a table column").clone())
-                                .collect();
-                            arrow::compute::partition(&parts).map_err(|e| generic(rel, e))?.ranges()
-                        }
-                    };
-                    for run in runs {
-                        let rows = sorted.slice(run.start, run.end - run.start);
-                        // Cut evenly: no file far below the others.
-                        let pieces = rows.num_rows().div_ceil(file_rows.max(1));
-                        let per = rows.num_rows().div_ceil(pieces);
-                        let mut offset = 0;
-                        while offset < rows.num_rows() {
-                            let len = per.min(rows.num_rows() - offset);
-                            w.write(rows.slice(offset, len)).await.map_err(delta_err(rel))?;
-                            actions.extend(w.flush().await.map_err(delta_err(rel))?.into_iter().map(Action::Add));
-                            offset += len;
-                        }
-                    }
-                }
-                None => {
-                    w.write(data).await.map_err(delta_err(rel))?;
-                    actions.extend(w.flush().await.map_err(delta_err(rel))?.into_iter().map(Action::Add));
-                }
-            }
-        }
+        let pieces = file_pieces(data, &partition_columns, layout.key_files.map(|rows| (on[0].as_str(), rows)))
+            .map_err(|e| generic(rel, e))?;
+        actions.extend(write_pieces(&table, rel, &writer, pieces).await?.into_iter().map(Action::Add));
         Ok(())
     }
     .await;
@@ -894,6 +850,91 @@ pub(crate) async fn merge_on_read(
         "merged on read"
     );
     Ok((after, stats))
+}
+
+/// The new rows cut into the files a merge writes: one per partition (rows grouped by the
+/// partition columns), or with `key_files` = (key, rows) each partition's rows sorted by the
+/// key and cut evenly into files of at most `rows` rows.
+fn file_pieces(
+    data: RecordBatch,
+    partition_columns: &[String],
+    key_files: Option<(&str, usize)>,
+) -> Result<Vec<RecordBatch>, arrow::error::ArrowError> {
+    if data.num_rows() == 0 {
+        return Ok(Vec::new());
+    }
+    let column = |b: &RecordBatch, c: &str| {
+        b.column_by_name(c)
+            .cloned()
+            .ok_or_else(|| arrow::error::ArrowError::SchemaError(format!("no column {c} in the merge's rows")))
+    };
+    let mut by: Vec<ArrayRef> = partition_columns.iter().map(|p| column(&data, p)).collect::<Result<_, _>>()?;
+    if let Some((key, _)) = key_files {
+        by.push(column(&data, key)?);
+    }
+    let sorted = match by.len() {
+        0 => data,
+        _ => {
+            let by: Vec<arrow::compute::SortColumn> =
+                by.into_iter().map(|values| arrow::compute::SortColumn { values, options: None }).collect();
+            let order = arrow::compute::lexsort_to_indices(&by, None)?;
+            arrow::compute::take_record_batch(&data, &order)?
+        }
+    };
+    let runs: Vec<std::ops::Range<usize>> = match partition_columns.is_empty() {
+        true => std::iter::once(0..sorted.num_rows()).collect(),
+        false => {
+            let parts: Vec<ArrayRef> =
+                partition_columns.iter().map(|p| column(&sorted, p)).collect::<Result<_, _>>()?;
+            arrow::compute::partition(&parts)?.ranges()
+        }
+    };
+    let mut pieces = Vec::new();
+    for run in runs {
+        let rows = sorted.slice(run.start, run.end - run.start);
+        let Some((_, file_rows)) = key_files else {
+            pieces.push(rows);
+            continue;
+        };
+        // Cut evenly: no file far below the others.
+        let n = rows.num_rows().div_ceil(file_rows.max(1));
+        let per = rows.num_rows().div_ceil(n);
+        let mut offset = 0;
+        while offset < rows.num_rows() {
+            let len = per.min(rows.num_rows() - offset);
+            pieces.push(rows.slice(offset, len));
+            offset += len;
+        }
+    }
+    Ok(pieces)
+}
+
+/// Writes each piece as a data file of the table (one partition's rows each), encoded by
+/// tasks of their own: Parquet encoding is most of a merge's writing, and the runtime's
+/// threads share it.
+async fn write_pieces(
+    table: &DeltaTable,
+    rel: &str,
+    writer: &WriterProperties,
+    pieces: Vec<RecordBatch>,
+) -> Result<Vec<Add>, DeltaError> {
+    let table = Arc::new(table.clone());
+    let written: Vec<Vec<Add>> = futures::stream::iter(pieces)
+        .map(|piece| {
+            let (table, writer, rel_owned) = (table.clone(), writer.clone(), rel.to_string());
+            let task = tokio::spawn(async move {
+                let rel = rel_owned.as_str();
+                let mut w =
+                    RecordBatchWriter::for_table(&table).map_err(delta_err(rel))?.with_writer_properties(writer);
+                w.write(piece).await.map_err(delta_err(rel))?;
+                w.flush().await.map_err(delta_err(rel))
+            });
+            async move { task.await.map_err(|e| generic(rel, format!("writing a file failed: {e}")))? }
+        })
+        .buffered(CONCURRENT_FILES)
+        .try_collect()
+        .await?;
+    Ok(written.into_iter().flatten().collect())
 }
 
 /// The remove action of an active file, its deletion vector included (a remove matches the

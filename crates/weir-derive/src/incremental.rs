@@ -258,7 +258,7 @@ pub struct Shared {
     #[allow(clippy::type_complexity)]
     small: std::sync::Mutex<std::collections::HashMap<(String, i64, i64), Arc<dyn datafusion::catalog::TableProvider>>>,
     keys: std::sync::Mutex<std::collections::HashMap<String, AffectedKeys>>,
-    forks: std::sync::Mutex<std::collections::HashMap<String, datafusion::prelude::SessionContext>>,
+    forks: std::sync::Mutex<std::collections::HashMap<String, Vec<datafusion::prelude::SessionContext>>>,
 }
 
 impl Shared {
@@ -266,7 +266,7 @@ impl Shared {
         self.keys.lock().unwrap_or_else(|p| p.into_inner()).get(signature).cloned()
     }
 
-    fn cached_fork(&self, signature: &str) -> Option<datafusion::prelude::SessionContext> {
+    fn cached_fork(&self, signature: &str) -> Option<Vec<datafusion::prelude::SessionContext>> {
         self.forks.lock().unwrap_or_else(|p| p.into_inner()).get(signature).cloned()
     }
 }
@@ -758,15 +758,38 @@ async fn recompute(
         };
         drop(rules_guard);
         let sql = job.expand(make, as_of_micros);
-        let df = fork.sql(&sql).await.map_err(df_err(format!("{out}: {sql}")))?;
-        // Only the affected keys' rows (a key from a source that is not restricted may bring
-        // others), filtered here: one hash set for every mart, not a join's table each.
-        for b in collect(df, "recomputing the affected keys".into()).await? {
-            let mask = key_set.members(b.column_by_name(key).ok_or_else(|| missing(out, key))?)?;
-            let b = arrow::compute::filter_record_batch(&b, &mask.into())
-                .map_err(|e| df_err("restricting the result")(e.into()))?;
-            if b.num_rows() > 0 {
-                rows.push(b);
+        // Each shard's SQL in a task of its own: the runtime's threads run them side by side.
+        let shards = fork.len();
+        let tasks: Vec<_> = fork
+            .into_iter()
+            .map(|ctx| {
+                let sql = sql.clone();
+                tokio::spawn(async move { ctx.sql(&sql).await?.collect().await })
+            })
+            .collect();
+        for (shard, task) in tasks.into_iter().enumerate() {
+            let batches = task
+                .await
+                .map_err(|e| DeriveError::Write {
+                    table: out.to_string(),
+                    message: format!("recomputing failed: {e}"),
+                })?
+                .map_err(df_err(format!("{out}: {sql}")))?;
+            // Only the affected keys' rows (a key from a source that is not restricted may
+            // bring others), filtered here: one hash set for every mart, not a join's table
+            // each; and of a shard, only its own keys' rows.
+            for b in batches {
+                let col = b.column_by_name(key).ok_or_else(|| missing(out, key))?;
+                let mut mask = key_set.members(col)?;
+                if shards > 1 {
+                    let of = shard_of(col, shards).map_err(|e| df_err("sharding the result")(e.into()))?;
+                    mask.iter_mut().zip(of).for_each(|(m, s)| *m &= s == shard);
+                }
+                let b = arrow::compute::filter_record_batch(&b, &mask.into())
+                    .map_err(|e| df_err("restricting the result")(e.into()))?;
+                if b.num_rows() > 0 {
+                    rows.push(b);
+                }
             }
         }
     } else {
@@ -840,39 +863,127 @@ async fn recompute(
 /// read once into memory for every unit sharing a fork (a mart's sellers and makes).
 const SMALL_SOURCE_ROWS: usize = 1 << 18;
 
-/// A context for `job`'s SQL over the affected `keys` (a one-column batch, `__weir_key`): its
+/// Shards a no-fold job's recompute is cut into when it has keyed sources and an integer key:
+/// each shard's SQL runs on one partition over the keys `key % SHARDS` picks, the shards at
+/// the same time. (One plan on two partitions repartitioned every restricted row by key,
+/// which cost more than the joins; the keyed rows of a key are all in one shard.)
+const SHARDS: usize = 2;
+
+/// Contexts for `job`'s SQL over the affected `keys` (a one-column batch, `__weir_key`): its
 /// keyed sources hold those keys' rows only, its other sources of at most
-/// [`SMALL_SOURCE_ROWS`] rows are in memory; every source is read at the same time.
+/// [`SMALL_SOURCE_ROWS`] rows are in memory; every source is read at the same time. One
+/// context, or one per shard (see [`SHARDS`]), each holding the keyed rows of its shard's
+/// keys.
 async fn fork(
     session: &LakeSession,
     job: &Job,
     inc: &Incremental,
     keys: &RecordBatch,
     key: &str,
-) -> Result<datafusion::prelude::SessionContext, DeriveError> {
-    // A per-make job's keyed rows split by make: each make's SQL, which filters them by its
-    // make_id, reads its own.
-    let split_by = job.per.is_some().then_some(crate::run::MAKE_ID);
-    let overrides: Vec<_> =
-        futures::future::try_join_all(job.sources.iter().map(|s| fork_source(session, inc, keys, key, split_by, s)))
+) -> Result<Vec<datafusion::prelude::SessionContext>, DeriveError> {
+    let read: Vec<ForkSource> =
+        futures::future::try_join_all(job.sources.iter().map(|s| fork_source(session, inc, keys, key, s)))
             .await?
             .into_iter()
             .flatten()
             .collect();
-    // A per-make job's units run side by side, each on one partition.
-    session.fork_with(&overrides, job.per.is_some().then_some(1)).await
+    let what = |w: &str, src: &str| format!("{w} {src}");
+    let integer_key = keys.column(0).data_type().is_integer();
+    if job.per.is_some() {
+        // A per-make job's keyed rows split by make: each make's SQL, which filters them by
+        // its make_id, reads its own. Its units run side by side, each on one partition.
+        use crate::split::SplitTable;
+        let mut overrides = Vec::new();
+        for f in read {
+            let p: Arc<dyn datafusion::catalog::TableProvider> =
+                match f.keyed && SplitTable::splits(&f.schema, crate::run::MAKE_ID) {
+                    true => Arc::new(
+                        SplitTable::try_new(f.schema, f.batches, crate::run::MAKE_ID)
+                            .map_err(df_err(what("splitting", &f.name)))?,
+                    ),
+                    false => Arc::new(
+                        MemTable::try_new(f.schema, vec![f.batches]).map_err(df_err(what("reading", &f.name)))?,
+                    ),
+                };
+            overrides.push((f.name, p));
+        }
+        return Ok(vec![session.fork_with(&overrides, Some(1)).await?]);
+    }
+    let shards = if integer_key && read.iter().any(|f| f.keyed) && keys.num_rows() > 1 { SHARDS } else { 1 };
+    let mut per_shard: Vec<Vec<(String, Arc<dyn datafusion::catalog::TableProvider>)>> = vec![Vec::new(); shards];
+    for f in read {
+        if f.keyed && shards > 1 {
+            let parts =
+                shard_batches(&f.batches, key, shards).map_err(|e| df_err(what("sharding", &f.name))(e.into()))?;
+            for (i, batches) in parts.into_iter().enumerate() {
+                let t =
+                    MemTable::try_new(f.schema.clone(), vec![batches]).map_err(df_err(what("sharding", &f.name)))?;
+                per_shard[i].push((f.name.clone(), Arc::new(t)));
+            }
+        } else {
+            let t: Arc<dyn datafusion::catalog::TableProvider> =
+                Arc::new(MemTable::try_new(f.schema, vec![f.batches]).map_err(df_err(what("reading", &f.name)))?);
+            for o in &mut per_shard {
+                o.push((f.name.clone(), t.clone()));
+            }
+        }
+    }
+    let partitions = (shards > 1).then_some(1);
+    let mut forks = Vec::new();
+    for overrides in &per_shard {
+        forks.push(session.fork_with(overrides, partitions).await?);
+    }
+    Ok(forks)
 }
 
-/// One source of a [`fork`]: the keyed ones restricted to `keys`, a small one in memory, None
-/// for one read as it is.
+/// A source of a [`fork`] as read: the keyed ones restricted to the keys, a small one whole.
+struct ForkSource {
+    name: String,
+    schema: SchemaRef,
+    batches: Vec<RecordBatch>,
+    keyed: bool,
+}
+
+/// Which of `shards` shards each value of an integer key column is in (`key % shards`, NULL
+/// in the first).
+pub(crate) fn shard_of(keys: &ArrayRef, shards: usize) -> Result<Vec<usize>, arrow::error::ArrowError> {
+    let ints = arrow::compute::cast(keys, &DataType::Int64)?;
+    let ints = arrow::array::AsArray::as_primitive::<arrow::datatypes::Int64Type>(&ints);
+    Ok(ints.iter().map(|k| k.map_or(0, |k| k.rem_euclid(shards as i64) as usize)).collect())
+}
+
+/// `batches` split by the shard of their `key` column (see [`shard_of`]).
+fn shard_batches(
+    batches: &[RecordBatch],
+    key: &str,
+    shards: usize,
+) -> Result<Vec<Vec<RecordBatch>>, arrow::error::ArrowError> {
+    let mut out = vec![Vec::new(); shards];
+    for b in batches {
+        let col = b
+            .column_by_name(key)
+            .ok_or_else(|| arrow::error::ArrowError::SchemaError(format!("no key column {key}")))?;
+        let of = shard_of(col, shards)?;
+        for (i, part) in out.iter_mut().enumerate() {
+            let mask: arrow::array::BooleanArray = of.iter().map(|s| Some(*s == i)).collect();
+            let rows = arrow::compute::filter_record_batch(b, &mask)?;
+            if rows.num_rows() > 0 {
+                part.push(rows);
+            }
+        }
+    }
+    Ok(out)
+}
+
+/// One source of a [`fork`]: the keyed ones restricted to `keys`, a small one read whole,
+/// None for one read as it is.
 async fn fork_source(
     session: &LakeSession,
     inc: &Incremental,
     keys: &RecordBatch,
     key: &str,
-    split_by: Option<&str>,
     src: &String,
-) -> Result<Option<(String, Arc<dyn datafusion::catalog::TableProvider>)>, DeriveError> {
+) -> Result<Option<ForkSource>, DeriveError> {
     let ctx = &session.ctx;
     let clock = std::time::Instant::now();
     let what = |w: &str| format!("{w} {src}");
@@ -897,13 +1008,7 @@ async fn fork_source(
     if !keyed && rows > SMALL_SOURCE_ROWS {
         return Ok(None);
     }
-    use crate::split::SplitTable;
-    let p: Arc<dyn datafusion::catalog::TableProvider> =
-        match split_by.filter(|c| keyed && SplitTable::splits(&schema, c)) {
-            Some(column) => Arc::new(SplitTable::try_new(schema, batches, column).map_err(df_err(what("splitting")))?),
-            None => Arc::new(MemTable::try_new(schema, vec![batches]).map_err(df_err(what("restricting")))?),
-        };
-    Ok(Some((src.clone(), p)))
+    Ok(Some(ForkSource { name: src.clone(), schema, batches, keyed }))
 }
 
 fn missing(out: &str, key: &str) -> DeriveError {
@@ -959,4 +1064,28 @@ fn deletes(target: &SchemaRef, key: &str, keys: &ArrayRef, out: &str) -> Result<
     let b = RecordBatch::try_new(Arc::new(Schema::new(nullable)), cols).map_err(|e| err(e.to_string()))?;
     let b = with_op(&b.schema(), &b, "D", out)?;
     Ok(b)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn shards_split_rows_by_key_and_keep_every_row_once() {
+        let keys: ArrayRef = Arc::new(arrow::array::Int32Array::from(vec![Some(-3), Some(0), Some(1), Some(2), None]));
+        assert_eq!(shard_of(&keys, 2).unwrap(), [1, 0, 1, 0, 0]);
+        let schema =
+            Arc::new(Schema::new(vec![Field::new("id", DataType::Int32, true), Field::new("v", DataType::Utf8, true)]));
+        let values: ArrayRef = Arc::new(StringArray::from(vec!["a", "b", "c", "d", "e"]));
+        let batch = RecordBatch::try_new(schema, vec![keys, values]).unwrap();
+        let parts = shard_batches(&[batch.clone(), batch], "id", 2).unwrap();
+        let ids = |p: &[RecordBatch]| -> Vec<Option<i32>> {
+            p.iter()
+                .flat_map(|b| arrow::array::AsArray::as_primitive::<arrow::datatypes::Int32Type>(b.column(0)).iter())
+                .collect()
+        };
+        assert_eq!(ids(&parts[0]), [Some(0), Some(2), None, Some(0), Some(2), None]);
+        assert_eq!(ids(&parts[1]), [Some(-3), Some(1), Some(-3), Some(1)]);
+        assert!(shard_batches(&parts[0], "nope", 2).is_err());
+    }
 }

@@ -800,21 +800,19 @@ fn named_line(job: &Job, text: &str) -> Option<usize> {
 }
 
 /// `batch` cut where the values of its columns `cols` change (rows sorted by them), each
-/// piece with those values as text; the whole batch when `cols` is empty.
+/// piece with those values as text; the whole batch when `cols` is empty, nothing when the
+/// batch is (an empty batch starts no partition).
 fn by_partition(
     batch: arrow::record_batch::RecordBatch,
-    cols: &[usize],
+    cols: &[String],
 ) -> Result<Vec<(arrow::record_batch::RecordBatch, String)>, arrow::error::ArrowError> {
-    if cols.is_empty() || batch.num_rows() == 0 {
-        return Ok(vec![(batch, String::new())]);
-    }
-    let arrays: Vec<arrow::array::ArrayRef> = cols.iter().map(|&c| batch.column(c).clone()).collect();
-    let ranges = arrow::compute::partition(&arrays)?.ranges();
-    ranges
+    weir_lake::partition_runs(&batch, cols)?
         .into_iter()
+        .filter(|r| !r.is_empty())
         .map(|r| {
-            let values = arrays
+            let values = cols
                 .iter()
+                .filter_map(|c| batch.column_by_name(c))
                 .map(|a| arrow::util::display::array_value_to_string(a, r.start))
                 .collect::<Result<Vec<_>, _>>()?;
             Ok((batch.slice(r.start, r.end - r.start), values.join("\u{1f}")))
@@ -904,12 +902,11 @@ async fn write(
     // The partition the key-ranged rows being written are in: a file holds one partition's
     // rows, so the next partition's first rows start a file of their own.
     let mut in_partition: Option<String> = None;
-    let partition_cols: Vec<usize> =
-        job.partition.iter().filter_map(|p| schema.index_of(p).ok()).filter(|_| job.key_ranged()).collect();
+    let partition_cols: &[String] = if job.key_ranged() { &job.partition } else { &[] };
     while let Some(batch) = stream.next().await {
         let batch = batch.map_err(df_err(format!("running {}", job.file.display())))?;
         rows += batch.num_rows() as u64;
-        for (mut batch, part) in by_partition(batch, &partition_cols).map_err(|e| werr(e.to_string()))? {
+        for (mut batch, part) in by_partition(batch, partition_cols).map_err(|e| werr(e.to_string()))? {
             if in_partition.as_ref().is_some_and(|p| *p != part) && in_file > 0 {
                 adds.extend(writer.flush().await.map_err(|e| werr(e.to_string()))?);
                 in_file = 0;

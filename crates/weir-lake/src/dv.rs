@@ -881,16 +881,8 @@ fn file_pieces(
             arrow::compute::take_record_batch(&data, &order)?
         }
     };
-    let runs: Vec<std::ops::Range<usize>> = match partition_columns.is_empty() {
-        true => std::iter::once(0..sorted.num_rows()).collect(),
-        false => {
-            let parts: Vec<ArrayRef> =
-                partition_columns.iter().map(|p| column(&sorted, p)).collect::<Result<_, _>>()?;
-            arrow::compute::partition(&parts)?.ranges()
-        }
-    };
     let mut pieces = Vec::new();
-    for run in runs {
+    for run in partition_runs(&sorted, partition_columns)? {
         let rows = sorted.slice(run.start, run.end - run.start);
         let Some((_, file_rows)) = key_files else {
             pieces.push(rows);
@@ -907,6 +899,27 @@ fn file_pieces(
         }
     }
     Ok(pieces)
+}
+
+/// The ranges of `batch`'s rows (sorted by `columns`) over which those columns keep one
+/// value: one range per partition; the whole batch when `columns` is empty.
+pub fn partition_runs(
+    batch: &RecordBatch,
+    columns: &[String],
+) -> Result<Vec<std::ops::Range<usize>>, arrow::error::ArrowError> {
+    if columns.is_empty() || batch.num_rows() == 0 {
+        return Ok(std::iter::once(0..batch.num_rows()).collect());
+    }
+    let arrays: Vec<ArrayRef> = columns
+        .iter()
+        .map(|c| {
+            batch
+                .column_by_name(c)
+                .cloned()
+                .ok_or_else(|| arrow::error::ArrowError::SchemaError(format!("no column {c}")))
+        })
+        .collect::<Result<_, _>>()?;
+    Ok(arrow::compute::partition(&arrays)?.ranges())
 }
 
 /// Writes each piece as a data file of the table (one partition's rows each), encoded by

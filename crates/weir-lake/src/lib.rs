@@ -13,6 +13,6 @@ pub use delta::{
     last_commit_info, maintain, merge_by_key, open_table, settle, without_maintenance,
 };
 pub use doctor::{Check, run_checks};
-pub use dv::{KeyScope, MergeLayout};
+pub use dv::{KeyScope, MergeLayout, partition_runs};
 pub use store::{LAYERS, Lake, LakeStoreError};
 pub use vacuum::{VacuumReport, delta_tables, vacuum, vacuum_horizon, vacuum_tables};

@@ -749,7 +749,7 @@ async fn recompute(
         let fork = match cached {
             Some(f) => f,
             None => {
-                let f = fork(session, job, inc, &keys, key).await?;
+                let f = fork(lake, session, job, inc, &keys, key).await?;
                 if !reads_current {
                     shared.forks.lock().unwrap_or_else(|p| p.into_inner()).insert(signature.clone(), f.clone());
                 }
@@ -875,18 +875,31 @@ const SHARDS: usize = 2;
 /// context, or one per shard (see [`SHARDS`]), each holding the keyed rows of its shard's
 /// keys.
 async fn fork(
+    lake: &Lake,
     session: &LakeSession,
     job: &Job,
     inc: &Incremental,
     keys: &RecordBatch,
     key: &str,
 ) -> Result<Vec<datafusion::prelude::SessionContext>, DeriveError> {
-    let read: Vec<ForkSource> =
-        futures::future::try_join_all(job.sources.iter().map(|s| fork_source(session, inc, keys, key, s)))
-            .await?
-            .into_iter()
-            .flatten()
-            .collect();
+    // Integer keys: a stored source's rows are read by key.
+    let by_key = match keys.column(0).data_type().is_integer() {
+        true => {
+            let ints =
+                arrow::compute::cast(keys.column(0), &DataType::Int64).map_err(|e| df_err("reading keys")(e.into()))?;
+            // A NULL key matches no row, as in the join it stands for.
+            let ints = arrow::array::AsArray::as_primitive::<arrow::datatypes::Int64Type>(&ints);
+            Some(weir_lake::KeyScope::new(ints.iter().flatten()))
+        }
+        false => None,
+    };
+    let read: Vec<ForkSource> = futures::future::try_join_all(
+        job.sources.iter().map(|s| fork_source(lake, session, inc, (keys, by_key.as_ref()), key, s)),
+    )
+    .await?
+    .into_iter()
+    .flatten()
+    .collect();
     let what = |w: &str, src: &str| format!("{w} {src}");
     let integer_key = keys.column(0).data_type().is_integer();
     if job.per.is_some() {
@@ -978,9 +991,10 @@ fn shard_batches(
 /// One source of a [`fork`]: the keyed ones restricted to `keys`, a small one read whole,
 /// None for one read as it is.
 async fn fork_source(
+    lake: &Lake,
     session: &LakeSession,
     inc: &Incremental,
-    keys: &RecordBatch,
+    (keys, by_key): (&RecordBatch, Option<&weir_lake::KeyScope>),
     key: &str,
     src: &String,
 ) -> Result<Option<ForkSource>, DeriveError> {
@@ -995,6 +1009,15 @@ async fn fork_source(
     }
     let df = ctx.table(src.as_str()).await.map_err(df_err(what("reading")))?;
     let schema: SchemaRef = Arc::new(df.schema().as_arrow().clone());
+    if let (true, Some(scope)) = (keyed, by_key) {
+        // The keys' rows straight from the stored table behind the source (see crate::keyed).
+        if let Some(batches) = crate::keyed::rows_by_key(lake, session, src, key, scope, &schema).await? {
+            let rows: usize = batches.iter().map(RecordBatch::num_rows).sum();
+            let seconds = clock.elapsed().as_secs_f64();
+            tracing::debug!(source = src.as_str(), keyed, rows, seconds, "derive: fork source read by key");
+            return Ok(Some(ForkSource { name: src.clone(), schema, batches, keyed }));
+        }
+    }
     let df = if keyed {
         let right = ctx.read_batch(keys.clone()).map_err(df_err(what("restricting")))?;
         df.join(right, datafusion::common::JoinType::LeftSemi, &[key], &["__weir_key"], None)

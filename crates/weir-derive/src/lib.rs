@@ -7,6 +7,7 @@ pub mod functions;
 pub mod history;
 pub mod incremental;
 pub mod jobs;
+mod keyed;
 pub mod parity;
 pub mod run;
 pub mod session;

@@ -19,6 +19,9 @@ pub struct LakeSession {
     /// The registered tables as opened, by `layer.name`: a run reads each output's state and
     /// writes it through this handle instead of opening the table again.
     tables: BTreeMap<String, DeltaTable>,
+    /// The provider registered for each of `tables`: [`LakeSession::delta_of`] tells a table
+    /// still read as stored from one a run has since replaced (a view, rows in memory).
+    providers: BTreeMap<String, Arc<dyn TableProvider>>,
 }
 
 impl std::fmt::Debug for LakeSession {
@@ -93,7 +96,12 @@ impl LakeSession {
 
     /// A session with no table registered.
     pub fn empty() -> Result<Self, DeriveError> {
-        Ok(LakeSession { ctx: session_context()?, versions: BTreeMap::new(), tables: BTreeMap::new() })
+        Ok(LakeSession {
+            ctx: session_context()?,
+            versions: BTreeMap::new(),
+            tables: BTreeMap::new(),
+            providers: BTreeMap::new(),
+        })
     }
 
     /// Opens `layer.name` (stored at `<lake>/<layer>/<name>`) and registers it when it exists.
@@ -128,7 +136,8 @@ impl LakeSession {
         let clock = std::time::Instant::now();
         let provider = provider(&self.ctx, &table, name).await?;
         tracing::trace!(table = name, seconds = clock.elapsed().as_secs_f64(), "provider");
-        self.replace(name, provider)?;
+        self.replace(name, provider.clone())?;
+        self.providers.insert(name.to_string(), provider);
         self.versions.insert(name.to_string(), version);
         self.tables.insert(name.to_string(), table);
         Ok(Some(version))
@@ -149,6 +158,13 @@ impl LakeSession {
             .collect();
         files.sort_unstable();
         Some(files.join("\n"))
+    }
+
+    /// The Delta table registered as `layer.name`, when `provider` is the provider this
+    /// session registered for it (not a view or rows a run has since put in its place).
+    pub fn stored_as(&self, name: &str, provider: &Arc<dyn TableProvider>) -> Option<&DeltaTable> {
+        let registered = self.providers.get(name)?;
+        std::ptr::addr_eq(Arc::as_ptr(provider), Arc::as_ptr(registered)).then(|| self.tables.get(name)).flatten()
     }
 
     /// The table registered as `layer.name` when it is at `version`, else opened now (an

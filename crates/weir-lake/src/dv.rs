@@ -52,7 +52,7 @@ const CHANGE_TYPE: &str = "_change_type";
 /// The Delta spec's magic number of a serialized `RoaringBitmapArray`.
 const DV_MAGIC: u32 = 1681511377;
 /// Files read at the same time.
-const CONCURRENT_FILES: usize = 4;
+pub(crate) const CONCURRENT_FILES: usize = 4;
 
 /// How a [`crate::merge_by_key`] lays out what it writes. The default: the change data feed,
 /// new rows in files as they come.
@@ -78,7 +78,7 @@ pub struct MergeLayout {
 pub struct KeyScope {
     set: Arc<IntSet>,
     /// The same keys sorted: which files' key ranges hold one.
-    sorted: Arc<Vec<i64>>,
+    pub(crate) sorted: Arc<Vec<i64>>,
 }
 
 impl KeyScope {
@@ -93,13 +93,13 @@ impl KeyScope {
         self.set.is_empty()
     }
 
-    fn contains(&self, k: i64) -> bool {
+    pub(crate) fn contains(&self, k: i64) -> bool {
         self.set.contains(k)
     }
 }
 
 /// Whether `sorted` holds a value in `lo..=hi`.
-fn holds_one_in(sorted: &[i64], lo: i64, hi: i64) -> bool {
+pub(crate) fn holds_one_in(sorted: &[i64], lo: i64, hi: i64) -> bool {
     let i = sorted.partition_point(|k| *k < lo);
     sorted.get(i).is_some_and(|k| *k <= hi)
 }
@@ -205,7 +205,12 @@ fn partition_array(value: Option<&Option<String>>, field: &Field, n: usize, rel:
 
 /// `batch` (a file's columns) as the rows of `schema`: partition columns from the file's
 /// values, columns the file predates as NULL, types cast to the table's.
-fn table_rows(batch: &RecordBatch, schema: &SchemaRef, add: &Add, rel: &str) -> Result<RecordBatch, DeltaError> {
+pub(crate) fn table_rows(
+    batch: &RecordBatch,
+    schema: &SchemaRef,
+    add: &Add,
+    rel: &str,
+) -> Result<RecordBatch, DeltaError> {
     let n = batch.num_rows();
     let cols = schema
         .fields()
@@ -229,7 +234,7 @@ fn table_rows(batch: &RecordBatch, schema: &SchemaRef, add: &Add, rel: &str) -> 
 
 /// Reads a deletion vector this table's log references (stored beside the table, as Weir
 /// and Spark write them, or inline).
-async fn read_deletion_vector(
+pub(crate) async fn read_deletion_vector(
     lake: &Lake,
     rel: &str,
     dv: &DeletionVectorDescriptor,
@@ -284,7 +289,7 @@ fn selection(positions: impl Iterator<Item = u64>, rows: u64) -> RowSelection {
 }
 
 /// Everything but `deleted` in a file of `rows` rows.
-fn live_selection(deleted: &RoaringTreemap, rows: u64) -> RowSelection {
+pub(crate) fn live_selection(deleted: &RoaringTreemap, rows: u64) -> RowSelection {
     let mut selectors = Vec::new();
     let mut at = 0u64;
     for d in deleted.iter().filter(|d| *d < rows) {
@@ -453,7 +458,7 @@ fn row_values(cols: &[StringArray], i: usize) -> Vec<Option<String>> {
 }
 
 /// The integer range of `key` in a file's statistics.
-fn key_range(add: &Add, key: &str) -> Option<(i64, i64)> {
+pub(crate) fn key_range(add: &Add, key: &str) -> Option<(i64, i64)> {
     let stats: Value = serde_json::from_str(add.stats.as_deref()?).ok()?;
     Some((stats["minValues"][key].as_i64()?, stats["maxValues"][key].as_i64()?))
 }

@@ -5,6 +5,7 @@ pub mod delta;
 pub mod doctor;
 pub mod dv;
 pub mod dvscan;
+pub mod keyed;
 pub mod store;
 pub mod vacuum;
 
@@ -14,5 +15,6 @@ pub use delta::{
 };
 pub use doctor::{Check, run_checks};
 pub use dv::{KeyScope, MergeLayout, partition_runs};
+pub use keyed::rows_with_keys;
 pub use store::{LAYERS, Lake, LakeStoreError};
 pub use vacuum::{VacuumReport, delta_tables, vacuum, vacuum_horizon, vacuum_tables};

@@ -254,6 +254,38 @@ async fn sync_applies_days_ddl_and_truncates_exactly() {
     assert_lake_equals_postgres(&url, &lake, "after day 1 and the DDL").await;
     let out = sync(&url, &lake_url, &[]);
     assert!(out.contains("nothing new"), "a rerun applies nothing: {out}");
+    // The backfill again, CDC's commits on top of its own: every table is landed, none is
+    // taken for an interrupted run to resume (that would put the snapshot back over day 1).
+    let (ok, out, err) = weir(&["backfill", "--pg", &url, "--lake", &lake_url]);
+    assert!(ok, "weir backfill after CDC:\n{out}\n{err}");
+    let landed = out.lines().filter(|l| l.contains("already landed")).count();
+    assert_eq!(landed, common::repo_bronze().len(), "{out}");
+    assert_lake_equals_postgres(&url, &lake, "after the backfill ran again").await;
+    // A crash between a run's commit and the removal of its state leaves the state behind:
+    // the table's log says the run committed.
+    let fx = weir_lake::open_table(&lake, "bronze/fx_rates").await.unwrap();
+    let run_id = fx
+        .history(None)
+        .await
+        .unwrap()
+        .find_map(|c| c.info.get("weir.backfill.run_id").and_then(|v| v.as_str()).map(str::to_string))
+        .expect("the backfill's commit names its run");
+    let store = weir_ingest::state::StateStore::new(lake.clone());
+    let left = weir_ingest::state::RunState {
+        run_id,
+        table: "fx_rates".into(),
+        snapshot_lsn: "0/0".into(),
+        started_at: "2026-07-01T00:00:00Z".into(),
+        chunk_column: None,
+        chunks: vec![weir_ingest::plan::Chunk { id: 0, lo: None, hi: None }],
+        expected_rows: 0,
+    };
+    store.write_run(&left).await.unwrap();
+    let (ok, out, err) = weir(&["backfill", "--pg", &url, "--lake", &lake_url, "--tables", "fx_rates"]);
+    assert!(ok && out.contains("already landed"), "{out}\n{err}");
+    assert!(store.read_run("fx_rates").await.unwrap().is_none(), "the landed run's state is removed");
+    let out = sync(&url, &lake_url, &[]);
+    assert!(out.contains("nothing new"), "{out}");
     let (ok, out, err) = derive(dir.path(), &[]);
     assert!(ok, "{out}\n{err}");
     assert_eq!(fold_outcome(&out), "incremental", "the fold is incremental after CDC: {out}");

@@ -148,15 +148,27 @@ pub async fn backfill(
     let mut todo: Vec<(usize, Option<RunState>)> = Vec::new();
     for (i, t) in tables.iter().enumerate() {
         let table = weir_lake::open_table(lake, &t.bronze_path()).await?;
-        let info = weir_lake::last_commit_info(&table, &t.bronze_path()).await?;
-        let run = state.read_run(&t.name).await?;
+        let mut info = weir_lake::last_commit_info(&table, &t.bronze_path()).await?;
+        let mut run = state.read_run(&t.name).await?;
         let landed_run =
             info.as_ref().and_then(|i| i.get("weir.backfill.run_id")).and_then(Value::as_str).map(str::to_string);
         if !opts.force
             && let Some(version) = table.version()
         {
-            let matches_state = run.as_ref().is_some_and(|r| Some(&r.run_id) == landed_run.as_ref());
-            if matches_state || run.is_none() {
+            let mut landed = run.as_ref().is_none_or(|r| Some(&r.run_id) == landed_run.as_ref());
+            if let Some(r) = run.as_ref().filter(|_| !landed) {
+                // Commits since the run's own (CDC's) hide it from the last commit: a run
+                // that committed is landed, and resuming it would put its snapshot back over
+                // every change applied since. (A run's state is removed once it commits; a
+                // lake whose runs kept it, or a crash in between, is answered by the log.)
+                let found =
+                    weir_lake::find_commit_info(&table, &t.bronze_path(), "weir.backfill.run_id", &r.run_id).await?;
+                if found.is_some() {
+                    state.clear(&t.name).await?;
+                    (landed, info, run) = (true, found, None);
+                }
+            }
+            if landed {
                 let get = |k: &str| info.as_ref().and_then(|i| i.get(k)).and_then(Value::as_u64).unwrap_or(0);
                 reports.push(TableReport {
                     table: t.name.clone(),
@@ -347,6 +359,8 @@ pub async fn backfill(
         let (version, _) =
             weir_lake::commit_files(table, &t.bronze_path(), &work.schema, &partition_cols, adds, metadata, None, txn)
                 .await?;
+        // Landed: the run is done, and a later `weir backfill` must not take it for one to resume.
+        state.clear(&t.name).await?;
         let seconds = match (
             *work.first_start.lock().unwrap_or_else(|p| p.into_inner()),
             *work.last_end.lock().unwrap_or_else(|p| p.into_inner()),

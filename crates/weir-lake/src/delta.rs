@@ -118,6 +118,22 @@ pub async fn last_commit_info(table: &DeltaTable, rel: &str) -> Result<Option<Ha
     Ok(history.next().map(|ci| ci.info))
 }
 
+/// The application metadata of the newest commit whose `key` holds the text `value`, if the
+/// table's log still has one (a whole pass over the log: for the rare question whether a
+/// run committed long ago, not for every run).
+pub async fn find_commit_info(
+    table: &DeltaTable,
+    rel: &str,
+    key: &str,
+    value: &str,
+) -> Result<Option<HashMap<String, Value>>, DeltaError> {
+    if table.version().is_none() {
+        return Ok(None);
+    }
+    let mut history = table.history(None).await.map_err(delta_err(rel))?;
+    Ok(history.find(|ci| ci.info.get(key).and_then(Value::as_str) == Some(value)).map(|ci| ci.info))
+}
+
 /// Commits `adds` as the table's content in one commit: creates the table (schema and
 /// partitioning) when it does not exist, otherwise replaces every current file (overwrite),
 /// or with `partition` (`column = value`) only that partition's files. Returns the new

@@ -11,7 +11,7 @@ pub mod vacuum;
 
 pub use delta::{
     DeltaError, KEEP_PREFIX, MergeStats, OP_COLUMN, append_batch, commit_files, commit_metadata, conform,
-    last_commit_info, maintain, merge_by_key, open_table, settle, without_maintenance,
+    find_commit_info, last_commit_info, maintain, merge_by_key, open_table, settle, without_maintenance,
 };
 pub use doctor::{Check, run_checks};
 pub use dv::{KeyScope, MergeLayout, partition_runs};

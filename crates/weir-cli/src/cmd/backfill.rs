@@ -140,15 +140,18 @@ pub fn print_reports(reports: &[TableReport]) {
             }
             Outcome::Committed { version } => format!("committed version {version}, snapshot LSN {}", r.snapshot_lsn),
             Outcome::UpToDate { version } => {
-                format!("already landed at version {version}; nothing to do (--force rebuilds)")
+                format!("already landed, now at version {version}; nothing to do (--force rebuilds)")
             }
         };
+        // A table CDC has committed to since its backfill: the landed size is not at hand.
+        let known = !matches!(r.outcome, Outcome::UpToDate { .. }) || !r.snapshot_lsn.is_empty();
+        let or_dash = |v: String| if known { v } else { "-".into() };
         println!(
-            "  {:<10} {:>12} {:>10.1} {:>6} {:>9} {:>12}  {outcome}",
+            "  {:<10} {:>12} {:>10} {:>6} {:>9} {:>12}  {outcome}",
             r.table,
-            thousands(r.rows),
-            r.bytes as f64 / 1e6,
-            r.files,
+            or_dash(thousands(r.rows)),
+            or_dash(format!("{:.1}", r.bytes as f64 / 1e6)),
+            or_dash(r.files.to_string()),
             if r.seconds > 0.0 { secs(Duration::from_secs_f64(r.seconds)) } else { "-".into() },
             rate
         );

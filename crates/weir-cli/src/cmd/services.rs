@@ -1,11 +1,14 @@
 //! `weir services`: the local services for development, in the foreground.
 
-use anyhow::Result;
+use anyhow::{Context, Result};
 use weir_testkit::{PgCluster, PgOptions, S3Server, S3ServerConfig};
 
 use crate::cli::ServicesArgs;
 
 pub async fn run(a: ServicesArgs) -> Result<()> {
+    if let Some(d) = &a.dir {
+        std::fs::create_dir_all(d).with_context(|| format!("creating --dir {}", d.display()))?;
+    }
     let opts = PgOptions { parent_dir: a.dir.clone(), ..PgOptions::default() };
     let pg = tokio::task::spawn_blocking(move || PgCluster::start_with(&opts)).await??;
     let db = pg.create_database("marketplace")?;

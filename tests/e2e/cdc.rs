@@ -284,6 +284,30 @@ async fn sync_applies_days_ddl_and_truncates_exactly() {
     let (ok, out, err) = weir(&["backfill", "--pg", &url, "--lake", &lake_url, "--tables", "fx_rates"]);
     assert!(ok && out.contains("already landed"), "{out}\n{err}");
     assert!(store.read_run("fx_rates").await.unwrap().is_none(), "the landed run's state is removed");
+    // The lake records the database it holds; a backfill or a sync from another is refused
+    // before anything is written.
+    let recorded = store.recorded_source().await.unwrap().expect("the backfill recorded its source");
+    assert_eq!(recorded, weir_ingest::state::SourceIdentity::of(&c).await.unwrap());
+    let other = weir_ingest::state::SourceIdentity { system_identifier: "1".into(), ..recorded.clone() };
+    let path = lake.path("_weir/source.json");
+    let put = |id: &weir_ingest::state::SourceIdentity| {
+        let body = object_store::PutPayload::from(serde_json::to_vec(id).unwrap());
+        let (store, path) = (lake.store(), path.clone());
+        async move { object_store::ObjectStoreExt::put(store.as_ref(), &path, body).await.unwrap() }
+    };
+    put(&other).await;
+    let version = weir_lake::open_table(&lake, "bronze/listings").await.unwrap().version();
+    for args in [
+        vec!["backfill", "--pg", &url, "--lake", &lake_url, "--force"],
+        vec!["sync", "--pg", &url, "--lake", &lake_url],
+    ] {
+        let (ok, out, err) = weir(&args);
+        assert!(!ok, "{args:?} from another source: {out}");
+        assert!(err.contains("system identifier 1") && err.contains("use a lake of its own"), "{args:?}: {err}");
+        assert_eq!(err.trim().lines().count(), 1, "one line: {err}");
+    }
+    assert_eq!(weir_lake::open_table(&lake, "bronze/listings").await.unwrap().version(), version, "nothing written");
+    put(&recorded).await;
     let out = sync(&url, &lake_url, &[]);
     assert!(out.contains("nothing new"), "{out}");
     let (ok, out, err) = derive(dir.path(), &[]);

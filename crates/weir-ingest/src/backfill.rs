@@ -128,6 +128,10 @@ pub async fn backfill(
         }
     }
 
+    // A lake holds one source's tables (see state::SourceIdentity).
+    let source = crate::state::SourceIdentity::of(&coord).await?;
+    state.check_source(&source, false).await?;
+
     // Every table's schema first: an unsupported type stops the run before anything is written.
     let mut columns = Vec::new();
     for t in tables {
@@ -195,6 +199,9 @@ pub async fn backfill(
     if todo.is_empty() {
         return Ok(reports);
     }
+
+    // Something lands from here on: the lake records its source, unless it already does.
+    state.check_source(&source, true).await?;
 
     // The consistent instant.
     let landing: Vec<SourceTable> = todo.iter().map(|(i, _)| tables[*i].clone()).collect();

@@ -127,6 +127,8 @@ pub async fn sync(
     mut on_batch: impl FnMut(&BatchReport),
 ) -> Result<SyncReport, IngestError> {
     let client = connect(pg_url).await?;
+    let source = crate::state::SourceIdentity::of(&client).await?;
+    crate::state::StateStore::new(lake.clone()).check_source(&source, false).await?;
     let slot = &opts.slot;
     check_slot(&client, slot).await?;
     check_publication(&client, slot, tables).await?;

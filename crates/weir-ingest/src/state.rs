@@ -117,3 +117,89 @@ impl StateStore {
         Ok(())
     }
 }
+
+/// The PostgreSQL database a lake's bronze tables come from: its cluster's system identifier
+/// (`pg_control_system()`, unique per `initdb`) and the database's name. A lake holds one
+/// source: the first backfill records it in `_weir/source.json`, and a backfill or a sync
+/// from another source is refused, before anything is written, instead of mixing its rows
+/// and changes into the other's tables.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct SourceIdentity {
+    pub system_identifier: String,
+    pub database: String,
+}
+
+impl std::fmt::Display for SourceIdentity {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(
+            f,
+            "database {} of the PostgreSQL cluster with system identifier {}",
+            self.database, self.system_identifier
+        )
+    }
+}
+
+impl SourceIdentity {
+    /// The identity of the database `client` is connected to.
+    pub async fn of(client: &tokio_postgres::Client) -> Result<Self, IngestError> {
+        let row = client
+            .query_one("SELECT system_identifier::text, current_database()::text FROM pg_control_system()", &[])
+            .await
+            .map_err(weir_postgres::PgError::query("reading the source's system identifier"))?;
+        Ok(SourceIdentity { system_identifier: row.get(0), database: row.get(1) })
+    }
+}
+
+impl StateStore {
+    fn source_path(&self) -> object_store::path::Path {
+        self.lake.path("_weir/source.json")
+    }
+
+    /// The source the lake records, if any.
+    pub async fn recorded_source(&self) -> Result<Option<SourceIdentity>, IngestError> {
+        let path = self.source_path();
+        match self.lake.store().get(&path).await {
+            Ok(r) => {
+                let bytes = r.bytes().await.map_err(state_err(format!("reading {path}")))?;
+                let id = serde_json::from_slice(&bytes)
+                    .map_err(|e| IngestError::State { message: format!("{path} is not a source identity: {e}") })?;
+                Ok(Some(id))
+            }
+            Err(object_store::Error::NotFound { .. }) => Ok(None),
+            Err(e) => Err(state_err(format!("reading {path}"))(e)),
+        }
+    }
+
+    /// Refuses `source` when the lake records another; records it when the lake records
+    /// none yet (`record`: a backfill), put-if-absent, so two first backfills from different
+    /// sources cannot both win.
+    pub async fn check_source(&self, source: &SourceIdentity, record: bool) -> Result<(), IngestError> {
+        let recorded = match self.recorded_source().await? {
+            Some(r) => r,
+            None if !record => return Ok(()),
+            None => {
+                let path = self.source_path();
+                let body = PutPayload::from(serde_json::to_vec_pretty(source).expect("serializable"));
+                let opts = object_store::PutOptions { mode: object_store::PutMode::Create, ..Default::default() };
+                match self.lake.store().put_opts(&path, body, opts).await {
+                    Ok(_) => return Ok(()),
+                    Err(object_store::Error::AlreadyExists { .. }) => {
+                        self.recorded_source().await?.ok_or_else(|| IngestError::State {
+                            message: format!("{path} was written and is gone again"),
+                        })?
+                    }
+                    Err(e) => return Err(state_err(format!("writing {path}"))(e)),
+                }
+            }
+        };
+        if &recorded == source {
+            return Ok(());
+        }
+        Err(IngestError::Config {
+            message: format!(
+                "{} holds the tables of {recorded}, not of {source}: use a lake of its own for this source (the lake records its source in _weir/source.json)",
+                self.lake.url()
+            ),
+        })
+    }
+}

@@ -729,7 +729,7 @@ pub(crate) async fn merge_on_read(
         actions.extend(upgrade_actions(&table, rel)?);
     }
 
-    // The change data feed, written by a task of its own while the new files are written.
+    // The change data feed.
     let change_schema = Arc::new(Schema::new(
         schema
             .fields()
@@ -749,44 +749,37 @@ pub(crate) async fn merge_on_read(
         cols.push(Arc::new(StringArray::from(vec![kind; b.num_rows()])));
         changes.push(RecordBatch::try_new(change_schema.clone(), cols).map_err(|e| generic(rel, e))?);
     }
-    let change_files = (!changes.is_empty()).then(|| {
-        let all = concat_batches(&change_schema, &changes).map_err(|e| generic(rel, e));
-        let url = format!("{}/_change_data", lake.table_url(rel).as_str().trim_end_matches('/'));
-        let (options, partition_columns, writer, rel) =
-            (lake.storage_options().clone(), partition_columns.clone(), writer.clone(), rel.to_string());
-        tokio::spawn(async move {
-            let mut w = RecordBatchWriter::try_new(url, change_schema, Some(partition_columns), Some(options))
-                .map_err(delta_err(&rel))?
-                .with_writer_properties(writer);
-            w.write(all?).await.map_err(delta_err(&rel))?;
-            w.flush().await.map_err(delta_err(&rel))
-        })
-    });
-
-    // The change data task is awaited even when writing the new files fails: no file is
-    // left being written behind the error.
-    let written: Result<(), DeltaError> = async {
-        let pieces = file_pieces(data, &partition_columns, layout.key_files.map(|rows| (on[0].as_str(), rows)))
-            .map_err(|e| generic(rel, e))?;
-        actions.extend(write_pieces(&table, rel, &writer, pieces).await?.into_iter().map(Action::Add));
-        Ok(())
-    }
-    .await;
-    let changed = match change_files {
-        Some(task) => Some(task.await.map_err(|e| generic(rel, format!("writing the change data feed failed: {e}")))),
-        None => None,
+    // The change data files, one per partition like the new files, all encoded at the same
+    // time as those (one writer for every change row was the longest task of a merge).
+    let change_target = Target::ChangeData {
+        url: format!("{}/_change_data", lake.table_url(rel).as_str().trim_end_matches('/')),
+        schema: change_schema.clone(),
+        partition_columns: partition_columns.clone(),
+        options: lake.storage_options().clone(),
     };
-    written?;
-    if let Some(changed) = changed {
-        for a in changed?? {
-            actions.push(Action::Cdc(AddCDCFile {
-                path: format!("_change_data/{}", a.path),
-                size: a.size,
-                partition_values: a.partition_values,
-                data_change: false,
-                tags: None,
-            }));
+    let change_pieces = match changes.is_empty() {
+        true => Vec::new(),
+        false => {
+            let all = concat_batches(&change_schema, &changes).map_err(|e| generic(rel, e))?;
+            file_pieces(all, &partition_columns, None).map_err(|e| generic(rel, e))?
         }
+    };
+    let data_pieces = file_pieces(data, &partition_columns, layout.key_files.map(|rows| (on[0].as_str(), rows)))
+        .map_err(|e| generic(rel, e))?;
+    // Both are awaited even when one fails: no file is left being written behind the error.
+    let (written, changed) = futures::join!(
+        write_pieces(Target::Table(Arc::new(table.clone())), rel, &writer, data_pieces),
+        write_pieces(change_target, rel, &writer, change_pieces),
+    );
+    actions.extend(written?.into_iter().map(Action::Add));
+    for a in changed? {
+        actions.push(Action::Cdc(AddCDCFile {
+            path: format!("_change_data/{}", a.path),
+            size: a.size,
+            partition_values: a.partition_values,
+            data_change: false,
+            tags: None,
+        }));
     }
 
     // Retire what changed: rewritten files go, the others get a deletion vector with the
@@ -927,23 +920,42 @@ pub fn partition_runs(
     Ok(arrow::compute::partition(&arrays)?.ranges())
 }
 
-/// Writes each piece as a data file of the table (one partition's rows each), encoded by
-/// tasks of their own: Parquet encoding is most of a merge's writing, and the runtime's
-/// threads share it.
+/// Where [`write_pieces`] writes: the table's data files, or its change data files.
+enum Target {
+    Table(Arc<DeltaTable>),
+    ChangeData {
+        url: String,
+        schema: SchemaRef,
+        partition_columns: Vec<String>,
+        options: std::collections::HashMap<String, String>,
+    },
+}
+
+/// Writes each piece as a file of `target` (one partition's rows each), encoded by tasks of
+/// their own: Parquet encoding is most of a merge's writing, and the runtime's threads
+/// share it.
 async fn write_pieces(
-    table: &DeltaTable,
+    target: Target,
     rel: &str,
     writer: &WriterProperties,
     pieces: Vec<RecordBatch>,
 ) -> Result<Vec<Add>, DeltaError> {
-    let table = Arc::new(table.clone());
+    let target = Arc::new(target);
     let written: Vec<Vec<Add>> = futures::stream::iter(pieces)
         .map(|piece| {
-            let (table, writer, rel_owned) = (table.clone(), writer.clone(), rel.to_string());
+            let (target, writer, rel_owned) = (target.clone(), writer.clone(), rel.to_string());
             let task = tokio::spawn(async move {
                 let rel = rel_owned.as_str();
-                let mut w =
-                    RecordBatchWriter::for_table(&table).map_err(delta_err(rel))?.with_writer_properties(writer);
+                let w = match target.as_ref() {
+                    Target::Table(table) => RecordBatchWriter::for_table(table),
+                    Target::ChangeData { url, schema, partition_columns, options } => RecordBatchWriter::try_new(
+                        url.clone(),
+                        schema.clone(),
+                        Some(partition_columns.clone()),
+                        Some(options.clone()),
+                    ),
+                };
+                let mut w = w.map_err(delta_err(rel))?.with_writer_properties(writer);
                 w.write(piece).await.map_err(delta_err(rel))?;
                 w.flush().await.map_err(delta_err(rel))
             });

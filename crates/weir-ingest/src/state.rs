@@ -55,13 +55,21 @@ impl StateStore {
     }
 
     pub async fn read_run(&self, table: &str) -> Result<Option<RunState>, IngestError> {
-        let path = self.run_path(table);
-        match self.lake.store().get(&path).await {
+        self.read_json(&self.run_path(table), "a backfill run state").await
+    }
+
+    /// The JSON document at `path` (`what` it should be), None when there is none.
+    async fn read_json<T: serde::de::DeserializeOwned>(
+        &self,
+        path: &object_store::path::Path,
+        what: &str,
+    ) -> Result<Option<T>, IngestError> {
+        match self.lake.store().get(path).await {
             Ok(r) => {
                 let bytes = r.bytes().await.map_err(state_err(format!("reading {path}")))?;
-                let run = serde_json::from_slice(&bytes)
-                    .map_err(|e| IngestError::State { message: format!("{path} is not a backfill run state: {e}") })?;
-                Ok(Some(run))
+                let value = serde_json::from_slice(&bytes)
+                    .map_err(|e| IngestError::State { message: format!("{path} is not {what}: {e}") })?;
+                Ok(Some(value))
             }
             Err(object_store::Error::NotFound { .. }) => Ok(None),
             Err(e) => Err(state_err(format!("reading {path}"))(e)),
@@ -157,17 +165,7 @@ impl StateStore {
 
     /// The source the lake records, if any.
     pub async fn recorded_source(&self) -> Result<Option<SourceIdentity>, IngestError> {
-        let path = self.source_path();
-        match self.lake.store().get(&path).await {
-            Ok(r) => {
-                let bytes = r.bytes().await.map_err(state_err(format!("reading {path}")))?;
-                let id = serde_json::from_slice(&bytes)
-                    .map_err(|e| IngestError::State { message: format!("{path} is not a source identity: {e}") })?;
-                Ok(Some(id))
-            }
-            Err(object_store::Error::NotFound { .. }) => Ok(None),
-            Err(e) => Err(state_err(format!("reading {path}"))(e)),
-        }
+        self.read_json(&self.source_path(), "a source identity").await
     }
 
     /// Refuses `source` when the lake records another; records it when the lake records

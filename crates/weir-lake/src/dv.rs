@@ -104,6 +104,17 @@ pub(crate) fn holds_one_in(sorted: &[i64], lo: i64, hi: i64) -> bool {
     sorted.get(i).is_some_and(|k| *k <= hi)
 }
 
+/// The add actions of the table's active files (as its snapshot holds them).
+pub(crate) async fn active_adds(table: &DeltaTable, rel: &str) -> Result<Vec<Add>, DeltaError> {
+    #[allow(deprecated)]
+    table
+        .get_active_add_actions_by_partitions(&[])
+        .map_ok(|f| f.add_action())
+        .try_collect()
+        .await
+        .map_err(delta_err(rel))
+}
+
 /// Whether the table's protocol lists deletion vectors (its files may carry them).
 pub fn has_deletion_vectors(table: &DeltaTable) -> bool {
     let Ok(s) = table.snapshot() else { return false };
@@ -574,13 +585,7 @@ pub(crate) async fn merge_on_read(
         v
     });
 
-    #[allow(deprecated)]
-    let adds: Vec<Add> = table
-        .get_active_add_actions_by_partitions(&[])
-        .map_ok(|f| f.add_action())
-        .try_collect()
-        .await
-        .map_err(delta_err(rel))?;
+    let adds = active_adds(&table, rel).await?;
     let files_total = adds.len();
     let small_file_rows = match layout.key_files {
         Some(rows) => lake.small_file_rows().min(rows as u64 / 2),

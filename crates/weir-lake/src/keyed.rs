@@ -20,7 +20,7 @@ use roaring::RoaringTreemap;
 
 use crate::delta::{DeltaError, delta_err, generic};
 use crate::dv::{
-    CONCURRENT_FILES, KeyScope, holds_one_in, key_range, live_selection, read_deletion_vector, table_rows,
+    CONCURRENT_FILES, KeyScope, active_adds, holds_one_in, key_range, live_selection, read_deletion_vector, table_rows,
 };
 use crate::store::Lake;
 
@@ -46,14 +46,8 @@ pub async fn rows_with_keys(
     if keys.is_empty() {
         return Ok((schema, Vec::new()));
     }
-    #[allow(deprecated)]
-    let adds: Vec<Add> = table
-        .get_active_add_actions_by_partitions(&[])
-        .map_ok(|f| f.add_action())
-        .try_collect()
-        .await
-        .map_err(delta_err(rel))?;
-    let files: Vec<Add> = adds
+    let files: Vec<Add> = active_adds(table, rel)
+        .await?
         .into_iter()
         .filter(|add| match add.partition_values.get(key) {
             // A partition key: the file holds one value of it.

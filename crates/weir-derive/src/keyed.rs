@@ -31,6 +31,9 @@ pub(crate) async fn rows_by_key(
     keys: &KeyScope,
     schema: &SchemaRef,
 ) -> Result<Option<Vec<RecordBatch>>, DeriveError> {
+    if !schema.field_with_name(key).is_ok_and(|f| f.data_type().is_integer()) {
+        return Ok(None);
+    }
     let what = format!("reading {src} by key");
     let provider = session.ctx.table_provider(src).await.map_err(df_err(&what))?;
     if let Some(table) = session.stored_as(src, &provider) {
@@ -73,7 +76,7 @@ async fn read_stored(
     schema: &SchemaRef,
 ) -> Result<Vec<RecordBatch>, DeriveError> {
     let rel = name.replace('.', "/");
-    let (_, read) = weir_lake::rows_with_keys(lake, table, &rel, key, keys).await?;
+    let read = weir_lake::rows_with_keys(lake, table, &rel, key, keys).await?;
     conformed(schema, read, &rel)
 }
 

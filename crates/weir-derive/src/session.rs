@@ -19,7 +19,7 @@ pub struct LakeSession {
     /// The registered tables as opened, by `layer.name`: a run reads each output's state and
     /// writes it through this handle instead of opening the table again.
     tables: BTreeMap<String, DeltaTable>,
-    /// The provider registered for each of `tables`: [`LakeSession::delta_of`] tells a table
+    /// The provider registered for each of `tables`: [`LakeSession::stored_as`] tells a table
     /// still read as stored from one a run has since replaced (a view, rows in memory).
     providers: BTreeMap<String, Arc<dyn TableProvider>>,
 }

@@ -26,14 +26,15 @@ use crate::store::Lake;
 
 /// The live rows of `table` (stored at `rel` in `lake`, as `table` holds it: its snapshot's
 /// files and deletion vectors) whose integer column `key` holds one of `keys`, in the table's
-/// schema. Files whose statistics rule every key out are not opened.
+/// schema (`arrow_schema()` of its snapshot). Files whose statistics rule every key out are
+/// not opened.
 pub async fn rows_with_keys(
     lake: &Lake,
     table: &DeltaTable,
     rel: &str,
     key: &str,
     keys: &KeyScope,
-) -> Result<(SchemaRef, Vec<RecordBatch>), DeltaError> {
+) -> Result<Vec<RecordBatch>, DeltaError> {
     let snapshot = table.snapshot().map_err(delta_err(rel))?;
     let schema: SchemaRef = snapshot.snapshot().arrow_schema();
     let field = schema.field_with_name(key).map_err(|e| generic(rel, e))?;
@@ -44,7 +45,7 @@ pub async fn rows_with_keys(
         ));
     }
     if keys.is_empty() {
-        return Ok((schema, Vec::new()));
+        return Ok(Vec::new());
     }
     let files: Vec<Add> = active_adds(table, rel)
         .await?
@@ -66,7 +67,7 @@ pub async fn rows_with_keys(
         .buffer_unordered(CONCURRENT_FILES)
         .try_collect()
         .await?;
-    Ok((schema, batches.into_iter().flatten().collect()))
+    Ok(batches.into_iter().flatten().collect())
 }
 
 /// The live rows of one file whose `key` is one of `keys`, in `schema`.

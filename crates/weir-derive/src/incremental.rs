@@ -882,8 +882,9 @@ async fn fork(
     keys: &RecordBatch,
     key: &str,
 ) -> Result<Vec<datafusion::prelude::SessionContext>, DeriveError> {
+    let integer_key = keys.column(0).data_type().is_integer();
     // Integer keys: a stored source's rows are read by key.
-    let by_key = match keys.column(0).data_type().is_integer() {
+    let by_key = match integer_key {
         true => {
             let ints =
                 arrow::compute::cast(keys.column(0), &DataType::Int64).map_err(|e| df_err("reading keys")(e.into()))?;
@@ -901,7 +902,6 @@ async fn fork(
     .flatten()
     .collect();
     let what = |w: &str, src: &str| format!("{w} {src}");
-    let integer_key = keys.column(0).data_type().is_integer();
     if job.per.is_some() {
         // A per-make job's keyed rows split by make: each make's SQL, which filters them by
         // its make_id, reads its own. Its units run side by side, each on one partition.

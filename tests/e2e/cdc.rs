@@ -254,6 +254,45 @@ async fn sync_applies_days_ddl_and_truncates_exactly() {
     assert_lake_equals_postgres(&url, &lake, "after day 1 and the DDL").await;
     let out = sync(&url, &lake_url, &[]);
     assert!(out.contains("nothing new"), "a rerun applies nothing: {out}");
+    // The slot's restart point follows it. An advance moves it only to the first
+    // running_xacts record past the position confirmed before (PostgreSQL holds one candidate
+    // at a time), so after a sync over much WAL it would lag by all of it; the sync then pulls
+    // it up to the last such record (a second advance, to where the slot stands). Here: two
+    // checkpoints, 30 MB of WAL the publication does not hold, a checkpoint, one sync: the
+    // restart point must be past the ballast.
+    let slot = weir_ingest::default_slot_name(lake.url().as_str());
+    // (The first checkpoint may only make the decoding consistent, when the slot's restart
+    // point holds no serialized snapshot: the second is then the first candidate.)
+    c.batch_execute(
+        "CHECKPOINT;
+         CHECKPOINT;
+         CREATE TABLE ballast (g integer, v text) WITH (autovacuum_enabled = off);
+         INSERT INTO ballast SELECT g, md5(g::text) FROM generate_series(1, 300000) g;",
+    )
+    .await
+    .unwrap();
+    let before: String = c.query_one("SELECT pg_current_wal_insert_lsn()::text", &[]).await.unwrap().get(0);
+    c.batch_execute("CHECKPOINT").await.unwrap();
+    let out = sync(&url, &lake_url, &[]);
+    assert!(out.contains("nothing new"), "{out}");
+    c.batch_execute("DROP TABLE ballast").await.unwrap();
+    let (restart, confirmed): (String, String) = c
+        .query_one(
+            "SELECT restart_lsn::text, confirmed_flush_lsn::text FROM pg_replication_slots WHERE slot_name = $1",
+            &[&slot],
+        )
+        .await
+        .map(|r| (r.get(0), r.get(1)))
+        .unwrap();
+    let moved: bool = c
+        .query_one(
+            "SELECT $1::text::pg_lsn >= $3::text::pg_lsn AND $2::text::pg_lsn >= $3::text::pg_lsn",
+            &[&restart, &confirmed, &before],
+        )
+        .await
+        .unwrap()
+        .get(0);
+    assert!(moved, "slot {slot}: restart {restart}, confirmed {confirmed}, the ballast ends at {before}");
     // The backfill again, CDC's commits on top of its own: every table is landed, none is
     // taken for an interrupted run to resume (that would put the snapshot back over day 1).
     let (ok, out, err) = weir(&["backfill", "--pg", &url, "--lake", &lake_url]);

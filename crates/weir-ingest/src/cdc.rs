@@ -365,14 +365,13 @@ async fn pull_restart_point(client: &Client, slot: &str) {
                  FROM pg_replication_slots WHERE slot_name = $1",
                 &[&slot],
             )
-            .await?;
+            .await
+            .map_err(PgError::query(format!("reading replication slot {slot}")))?;
         let (behind, confirmed): (Option<i64>, Option<String>) = (row.get(0), row.get(1));
         match (behind, confirmed) {
             (Some(behind), Some(confirmed)) if behind >= RESTART_BEHIND => {
-                client
-                    .execute("SELECT pg_replication_slot_advance($1, $2::text::pg_lsn)", &[&slot, &confirmed])
-                    .await?;
-                Ok::<_, tokio_postgres::Error>(Some(behind))
+                advance(client, slot, parse_lsn(&confirmed)?).await?;
+                Ok::<_, IngestError>(Some(behind))
             }
             _ => Ok(None),
         }
@@ -386,8 +385,7 @@ async fn pull_restart_point(client: &Client, slot: &str) {
         ),
         Ok(None) => {}
         Err(e) => tracing::warn!(
-            "replication slot {slot}: moving its restart point up failed ({}); PostgreSQL keeps more WAL until the next sync",
-            weir_postgres::conn::db_message(&e)
+            "replication slot {slot}: moving its restart point up failed ({e}); PostgreSQL keeps more WAL until the next sync"
         ),
     }
 }

@@ -49,11 +49,17 @@
 --! """
 --! # A rate that arrives or changes for a day some listing already had prices on: those
 --! # listings are recomputed (price rows new in this run already use the new rate). The
---! # stored first/last price times bound the days a listing has prices on.
+--! # stored first/last price times bound the days a listing has prices on. A changed day d is
+--! # within them when first_price_at < d + 1 day and last_price_at >= d (UTC midnights): the
+--! # same test as comparing UTC dates, but the changed days are turned into instants once
+--! # instead of every stored row's two times into dates (0.10–0.15 s → 0.03–0.04 s at SF 10).
 --! "bronze.fx_rates" = """
 --! SELECT DISTINCT cur.listing_id
 --! FROM current cur
---! JOIN changes c ON CAST(cur.first_price_at AS DATE) <= c.day AND CAST(cur.last_price_at AS DATE) >= c.day
+--! JOIN (SELECT DISTINCT arrow_cast(day, 'Timestamp(µs, "UTC")') AS day_start,
+--!                       arrow_cast(day + INTERVAL '1' DAY, 'Timestamp(µs, "UTC")') AS next_day_start
+--!       FROM changes) c
+--!   ON cur.first_price_at < c.next_day_start AND cur.last_price_at >= c.day_start
 --! """
 --! [incremental.removes]
 --! # A listing that is gone has no row (the fold joins the listings): removed, history unread.

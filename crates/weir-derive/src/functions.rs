@@ -163,16 +163,25 @@ fn nbase_weight(v: i256, scale: i8) -> (i32, u32) {
     if v == i256::ZERO {
         return (0, 0);
     }
-    let digits = v.to_string();
-    let digits = digits.trim_start_matches('-');
+    // |v| as an integer and its number of decimal digits (without printing it: a division
+    // weighs both operands, and printing them was most of its cost).
+    let abs = v.wrapping_abs();
+    let len = match abs.to_i128() {
+        Some(a) => (a as u128).ilog10() as i32 + 1,
+        None => abs.to_string().trim_start_matches('-').len() as i32,
+    };
     // Decimal exponent of the leading digit: value's leading digit is at 10^e.
-    let e = digits.len() as i32 - 1 - i32::from(scale);
+    let e = len - 1 - i32::from(scale);
     let weight = e.div_euclid(4);
-    // The base-10000 digit at `weight`: the leading decimal digits down to 10^(4·weight).
-    let take = (e - 4 * weight + 1) as usize;
-    let first: u32 = digits[..take.min(digits.len())].parse().unwrap_or(0);
-    let first = first * 10u32.pow((take.saturating_sub(digits.len())) as u32);
-    (weight, first)
+    // The base-10000 digit at `weight`: the leading decimal digits down to 10^(4·weight),
+    // padded with zeros when |v| has fewer digits than that.
+    let take = e - 4 * weight + 1;
+    let first = if take <= len {
+        abs.wrapping_div(pow10((len - take) as u32))
+    } else {
+        abs.wrapping_mul(pow10((take - len) as u32))
+    };
+    (weight, first.to_i128().unwrap_or(0) as u32)
 }
 
 /// PostgreSQL's `select_div_scale` for numerics of these display scales.
@@ -187,7 +196,20 @@ pub fn pg_div_scale(a: i256, sa: i8, b: i256, sb: i8) -> i32 {
 }
 
 fn pow10(n: u32) -> i256 {
-    i256::from_i128(10).wrapping_pow(n)
+    // 10^0 ..= 10^38 fit in i128: a table, not a loop of 256-bit multiplications.
+    const SMALL: [i128; 39] = {
+        let mut t = [1i128; 39];
+        let mut i = 1;
+        while i < 39 {
+            t[i] = t[i - 1] * 10;
+            i += 1;
+        }
+        t
+    };
+    match SMALL.get(n as usize) {
+        Some(&p) => i256::from_i128(p),
+        None => i256::from_i128(10).wrapping_pow(n),
+    }
 }
 
 /// `a×10^-sa / b×10^-sb` as PostgreSQL computes it (rounded half away from zero at its
@@ -220,6 +242,17 @@ pub fn div_value(a: i256, sa: i8, b: i256, sb: i8, out_scale: i8) -> Result<i256
 
 /// num / den rounded half away from zero.
 fn round_div(num: i256, den: i256) -> i256 {
+    // Most operands fit in i128, whose division is a machine instruction or two.
+    if let (Some(n), Some(d)) = (num.to_i128(), den.to_i128())
+        && d != 0
+        && !(n == i128::MIN && d == -1)
+    {
+        let (q, r) = (n / d, n % d);
+        // |r| < |d| <= 2^127, so 2|r| fits in u128.
+        let q =
+            if r.unsigned_abs() * 2 >= d.unsigned_abs() { if (n < 0) != (d < 0) { q - 1 } else { q + 1 } } else { q };
+        return i256::from_i128(q);
+    }
     let q = num.wrapping_div(den);
     let r = num.wrapping_rem(den);
     let twice = r.wrapping_abs().wrapping_mul(i256::from_i128(2));
@@ -353,5 +386,65 @@ mod tests {
         assert_eq!(pg_div_scale(i(10), 0, i(4), 0), 16);
         assert_eq!(div(10, 4).unwrap(), 25 * 10i128.pow(19));
         assert!(div(1, 0).is_err());
+    }
+
+    /// The fast paths (digit counts without printing, a table of powers, i128 division) give
+    /// what the plain 256-bit code gives, on values of every length, both signs, every
+    /// rounding case, and past i128.
+    #[test]
+    fn fast_paths_equal_the_plain_256_bit_code() {
+        fn weight_by_text(v: i256, scale: i8) -> (i32, u32) {
+            if v == i256::ZERO {
+                return (0, 0);
+            }
+            let digits = v.to_string();
+            let digits = digits.trim_start_matches('-');
+            let e = digits.len() as i32 - 1 - i32::from(scale);
+            let weight = e.div_euclid(4);
+            let take = (e - 4 * weight + 1) as usize;
+            let first: u32 = digits[..take.min(digits.len())].parse().unwrap();
+            (weight, first * 10u32.pow((take.saturating_sub(digits.len())) as u32))
+        }
+        fn round_div_256(num: i256, den: i256) -> i256 {
+            let (q, r) = (num.wrapping_div(den), num.wrapping_rem(den));
+            if r.wrapping_abs().wrapping_mul(i256::from_i128(2)) >= den.wrapping_abs() {
+                if (num < i256::ZERO) != (den < i256::ZERO) {
+                    q.wrapping_sub(i256::ONE)
+                } else {
+                    q.wrapping_add(i256::ONE)
+                }
+            } else {
+                q
+            }
+        }
+        let mut x: u64 = 0x9E37_79B9_7F4A_7C15;
+        let mut next = || {
+            x ^= x << 13;
+            x ^= x >> 7;
+            x ^= x << 17;
+            x
+        };
+        let mut values = vec![i256::ONE, i256::from_i128(i128::MAX), i256::from_i128(i128::MIN + 1)];
+        for _ in 0..20_000 {
+            let digits = next() % 39;
+            let v = i256::from_i128(
+                (u128::from(next()) << 64 | u128::from(next())) as i128 % 10i128.pow(digits as u32).max(1),
+            );
+            values.push(if next() % 2 == 0 { v } else { v.wrapping_neg() });
+        }
+        values.push(i256::from_i128(i128::MAX).wrapping_mul(i256::from_i128(1000)));
+        for n in 0..77 {
+            assert_eq!(pow10(n), i256::from_i128(10).wrapping_pow(n), "10^{n}");
+        }
+        for (i, &v) in values.iter().enumerate() {
+            let scale = (next() % 20) as i8;
+            assert_eq!(nbase_weight(v, scale), weight_by_text(v, scale), "{v} at scale {scale}");
+            let d = values[(i * 7 + 3) % values.len()];
+            for den in [d, i256::from_i128(3), i256::from_i128(-2), i256::from_i128(i128::from(next() % 10_000) + 1)] {
+                if den != i256::ZERO {
+                    assert_eq!(round_div(v, den), round_div_256(v, den), "{v} / {den}");
+                }
+            }
+        }
     }
 }

@@ -11,7 +11,6 @@
 //! - Everything lands in one Delta MERGE by key, whose commit records the same state a full
 //!   build records. The result equals a full rebuild (checked by the end-to-end tests).
 
-use std::collections::HashSet;
 use std::sync::Arc;
 
 use arrow::array::{ArrayRef, RecordBatch, StringArray, new_null_array};
@@ -29,6 +28,9 @@ use weir_lake::Lake;
 use crate::jobs::{Incremental, Job};
 use crate::session::LakeSession;
 use crate::{DeriveError, df_err};
+
+/// Key values found by rules (FxHash: a hundred thousand keys and more a run, hashed twice).
+type ScalarSet = rustc_hash::FxHashSet<ScalarValue>;
 
 /// What an incremental update did.
 #[derive(Debug, Clone, Default)]
@@ -172,7 +174,7 @@ struct AffectedKeys {
 /// sets, a hundred thousand keys and more), other types as scalars.
 enum KeySet {
     Int(weir_core::IntSet),
-    Any(HashSet<ScalarValue>),
+    Any(ScalarSet),
 }
 
 impl KeySet {
@@ -329,8 +331,8 @@ async fn run_rules(
     out: &str,
     feeds: &[(&Changed, Arc<DeltaCdfTableProvider>)],
     skip: Option<&str>,
-    recompute: &mut HashSet<ScalarValue>,
-    removed: &mut HashSet<ScalarValue>,
+    recompute: &mut ScalarSet,
+    removed: &mut ScalarSet,
 ) -> Result<(), DeriveError> {
     for (c, cdf) in feeds.iter().filter(|(c, _)| Some(c.name.as_str()) != skip) {
         let clock = std::time::Instant::now();
@@ -477,7 +479,7 @@ pub async fn attempt(
     let fold_provider = ctx.table_provider(fold).await.map_err(df_err(format!("reading {fold}")))?;
     let fold_schema = fold_provider.schema();
     let quoted: Vec<String> = fold_schema.fields().iter().map(|f| format!("\"{}\"", f.name())).collect();
-    let mut recompute: HashSet<ScalarValue> = HashSet::new();
+    let mut recompute: ScalarSet = ScalarSet::default();
     let collect = |sql: String| async move {
         ctx.sql(&sql)
             .await
@@ -514,7 +516,7 @@ pub async fn attempt(
     // stored table as `current`.
     let current = ctx.table_provider(out).await.map_err(df_err(format!("reading {out}")))?;
     ctx.register_table("current", current).map_err(df_err("registering current"))?;
-    let mut removed: HashSet<ScalarValue> = HashSet::new();
+    let mut removed: ScalarSet = ScalarSet::default();
     run_rules(ctx, shared, inc, out, &feeds, Some(fold), &mut recompute, &mut removed).await?;
     let keys: Vec<ScalarValue> = recompute.into_iter().filter(|k| !k.is_null() && !removed.contains(k)).collect();
     let removed: Vec<ScalarValue> = removed.into_iter().filter(|k| !k.is_null()).collect();
@@ -561,7 +563,7 @@ pub async fn attempt(
     lap!("recompute");
 
     // One commit by key: upserts from both, deletes for recomputed keys without a row.
-    let mut found: HashSet<ScalarValue> = HashSet::new();
+    let mut found: ScalarSet = ScalarSet::default();
     for b in &recomputed {
         add_keys(&mut found, b.column_by_name(key).ok_or_else(|| missing(out, key))?)?;
     }
@@ -706,8 +708,8 @@ async fn recompute(
         Some(k) => k,
         None => {
             ctx.register_table("current", current.clone()).map_err(df_err("registering current"))?;
-            let mut recompute: HashSet<ScalarValue> = HashSet::new();
-            let mut removed: HashSet<ScalarValue> = HashSet::new();
+            let mut recompute: ScalarSet = ScalarSet::default();
+            let mut removed: ScalarSet = ScalarSet::default();
             let result = run_rules(ctx, shared, inc, out, feeds, None, &mut recompute, &mut removed).await;
             ctx.deregister_table("current").map_err(df_err("deregistering"))?;
             result?;
@@ -1038,7 +1040,12 @@ fn missing(out: &str, key: &str) -> DeriveError {
     DeriveError::Write { table: out.to_string(), message: format!("the job's result has no key column {key}") }
 }
 
-fn add_keys(set: &mut HashSet<ScalarValue>, a: &ArrayRef) -> Result<(), DeriveError> {
+fn add_keys(set: &mut ScalarSet, a: &ArrayRef) -> Result<(), DeriveError> {
+    // BIGINT keys (every job's so far) read as integers, not one downcast per value.
+    if let Some(ints) = a.as_any().downcast_ref::<arrow::array::Int64Array>() {
+        set.extend(ints.iter().map(ScalarValue::Int64));
+        return Ok(());
+    }
     for i in 0..a.len() {
         set.insert(ScalarValue::try_from_array(a, i).map_err(df_err("reading keys"))?);
     }

@@ -449,10 +449,19 @@ async fn sigkill_at_random_points_loses_and_doubles_nothing() {
     let c = common::client(&url).await;
     let slot = weir_ingest::default_slot_name(lake.url().as_str());
     let mut seed = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap().as_nanos() as u64;
+    // Runs until four kills have landed (at most twelve runs). A run that catches up before its
+    // kill point leaves nothing for the next one, so it is followed by another generated day
+    // and a kill window half as long: a faster sync cannot make the test run out of kill points.
     let mut kills = 0;
-    for _ in 0..5 {
+    let mut next_day = 4;
+    let mut window = 1500;
+    let mut seen_whole = 0;
+    for _ in 0..12 {
+        if kills == 4 {
+            break;
+        }
         seed = seed.wrapping_mul(6_364_136_223_846_793_005).wrapping_add(1_442_695_040_888_963_407);
-        let delay = Duration::from_millis(150 + (seed >> 33) % 1500);
+        let delay = Duration::from_millis(100 + (seed >> 33) % window);
         let mut child = Command::new(weir_bin())
             .args(["sync", "--pg", &url, "--lake", &lake_url, "--batch-changes", "60"])
             .stdout(Stdio::null())
@@ -466,7 +475,8 @@ async fn sigkill_at_random_points_loses_and_doubles_nothing() {
             }
             std::thread::sleep(Duration::from_millis(10));
         }
-        if child.try_wait().unwrap().is_none() {
+        let caught_up = child.try_wait().unwrap().is_some();
+        if !caught_up {
             child.kill().unwrap();
             kills += 1;
         }
@@ -484,49 +494,70 @@ async fn sigkill_at_random_points_loses_and_doubles_nothing() {
             let table = weir_lake::open_table(&lake, &rel).await.unwrap();
             newest = newest.max(weir_ingest::cdc::applied_lsn(&table, &rel).await.unwrap().unwrap());
         }
-        // The slot passed every table's last CDC commit only if nothing was left to apply.
-        if confirmed > newest.max(backfill_lsn(&lake).await) {
+        // The slot passed every table's last CDC commit only if nothing was left to apply (a
+        // slot still where it stood when the lake was last seen whole may trail a later day).
+        if confirmed > newest.max(backfill_lsn(&lake).await).max(seen_whole) {
             assert_lake_equals_postgres(&url, &lake, &format!("slot at {confirmed:X} past the lake's {newest:X}"))
                 .await;
+            seen_whole = confirmed;
+        }
+        if caught_up {
+            day(&url, next_day, 70 + u64::from(next_day), 0.5).await;
+            next_day += 1;
+            window = (window / 2).max(100);
         }
     }
+    eprintln!("sync: {kills} runs killed, {} caught up before their kill point", next_day - 4);
     assert!(kills > 0, "no run was killed: the kill points are too late");
     let out = sync(&url, &lake_url, &[]);
     assert!(out.contains("applied") || out.contains("nothing new"), "{out}");
     assert_lake_equals_postgres(&url, &lake, &format!("after {kills} kills")).await;
 
     // `weir derive` killed at random points too (first builds, then an incremental run after
-    // another day): a final run leaves every mart equal to the legacy mart.
-    let lake_dir = dir.path().to_path_buf();
-    let derive_killed = |seed: &mut u64| {
-        *seed = seed.wrapping_mul(6_364_136_223_846_793_005).wrapping_add(1_442_695_040_888_963_407);
-        let delay = Duration::from_millis(200 + (*seed >> 33) % 4000);
-        let mut child = Command::new(weir_bin())
+    // another day): a final run leaves every mart equal to the legacy mart. Each phase first
+    // times a whole derive on a copy of the lake; the kill points fall inside that time (the
+    // window halved after each run, as a resumed run has less left), so a derive faster than
+    // the test expects is still killed.
+    let spawn_derive = |lake_dir: &std::path::Path| {
+        Command::new(weir_bin())
             .current_dir(env!("CARGO_MANIFEST_DIR").to_string() + "/../..")
             .args(["derive", "--lake", &format!("file://{}", lake_dir.display()), "--as-of", crate::derive::AS_OF])
             .stdout(Stdio::null())
             .stderr(Stdio::null())
             .spawn()
-            .unwrap();
-        std::thread::sleep(delay);
-        let killed = child.try_wait().unwrap().is_none();
-        if killed {
-            child.kill().unwrap();
-        }
-        child.wait().unwrap();
-        killed
+            .unwrap()
+    };
+    let whole_derive = |lake_dir: &std::path::Path| {
+        let copy = tempfile::tempdir().unwrap();
+        let cp = Command::new("cp").arg("-a").arg(lake_dir.join(".")).arg(copy.path()).status().unwrap();
+        assert!(cp.success(), "cp -a {}", lake_dir.display());
+        let t = Instant::now();
+        assert!(spawn_derive(copy.path()).wait().unwrap().success(), "derive of a copy of the lake failed");
+        t.elapsed()
     };
     let mut derive_kills = 0;
-    for _ in 0..3 {
-        derive_kills += usize::from(derive_killed(&mut seed));
-    }
+    let mut killed_phase = |seed: &mut u64| {
+        let mut window = whole_derive(dir.path());
+        eprintln!("derive: a whole run took {window:?}");
+        for _ in 0..3 {
+            *seed = seed.wrapping_mul(6_364_136_223_846_793_005).wrapping_add(1_442_695_040_888_963_407);
+            let mut child = spawn_derive(dir.path());
+            std::thread::sleep(window.mul_f64(0.05 + 0.9 * ((*seed >> 33) % 1000) as f64 / 1000.0));
+            if child.try_wait().unwrap().is_none() {
+                child.kill().unwrap();
+                derive_kills += 1;
+            }
+            child.wait().unwrap();
+            window /= 2;
+        }
+    };
+    killed_phase(&mut seed);
     let (ok, out, err) = derive(dir.path(), &[]);
     assert!(ok, "{out}\n{err}");
-    day(&url, 4, 74, 0.0).await;
+    day(&url, next_day, 70 + u64::from(next_day), 0.0).await;
     sync(&url, &lake_url, &[]);
-    for _ in 0..3 {
-        derive_kills += usize::from(derive_killed(&mut seed));
-    }
+    killed_phase(&mut seed);
+    eprintln!("derive: {derive_kills} of 6 runs killed");
     assert!(derive_kills > 0, "no derive was killed");
     let (ok, out, err) = derive(dir.path(), &[]);
     assert!(ok, "{out}\n{err}");

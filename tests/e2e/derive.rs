@@ -73,13 +73,17 @@ pub(crate) async fn legacy_all(url: &str) -> Vec<String> {
 }
 
 pub(crate) async fn assert_parity(url: &str, lake: &Lake, slugs: &[String], when: &str) {
+    assert_parity_of(url, lake, &common::repo_jobs(), slugs, when).await;
+}
+
+/// [`assert_parity`] with the marts as `jobs` declare them.
+pub(crate) async fn assert_parity_of(url: &str, lake: &Lake, jobs: &weir_derive::Jobs, slugs: &[String], when: &str) {
     let c = common::client(url).await;
     let as_of = weir_core::parse_timestamp(AS_OF).unwrap().timestamp_micros();
-    let jobs = common::repo_jobs();
     let mut rows = 0;
     for s in slugs {
         let opts = ParityOptions { slug: s.clone(), legacy_table: None, show: 3, expect_as_of: Some(as_of) };
-        let r = weir_derive::parity(&c, lake, &jobs, &opts).await.unwrap();
+        let r = weir_derive::parity(&c, lake, jobs, &opts).await.unwrap();
         assert!(r.identical(), "{when}: ads_{s} differs:\n{}", r.render());
         assert_eq!(r.columns.len(), 30);
         rows += r.legacy_rows;

@@ -460,8 +460,7 @@ async fn sigkill_at_random_points_loses_and_doubles_nothing() {
         if kills == 4 {
             break;
         }
-        seed = seed.wrapping_mul(6_364_136_223_846_793_005).wrapping_add(1_442_695_040_888_963_407);
-        let delay = Duration::from_millis(100 + (seed >> 33) % window);
+        let delay = Duration::from_millis(100 + common::next_random(&mut seed) % window);
         let mut child = Command::new(weir_bin())
             .args(["sync", "--pg", &url, "--lake", &lake_url, "--batch-changes", "60"])
             .stdout(Stdio::null())
@@ -540,9 +539,8 @@ async fn sigkill_at_random_points_loses_and_doubles_nothing() {
         let mut window = whole_derive(dir.path());
         eprintln!("derive: a whole run took {window:?}");
         for _ in 0..3 {
-            *seed = seed.wrapping_mul(6_364_136_223_846_793_005).wrapping_add(1_442_695_040_888_963_407);
             let mut child = spawn_derive(dir.path());
-            std::thread::sleep(window.mul_f64(0.05 + 0.9 * ((*seed >> 33) % 1000) as f64 / 1000.0));
+            std::thread::sleep(window.mul_f64(0.05 + 0.9 * (common::next_random(seed) % 1000) as f64 / 1000.0));
             if child.try_wait().unwrap().is_none() {
                 child.kill().unwrap();
                 derive_kills += 1;
@@ -565,7 +563,6 @@ async fn sigkill_at_random_points_loses_and_doubles_nothing() {
     assert_parity(&url, &lake, &slugs, &format!("after {derive_kills} killed derives")).await;
 }
 
-/// The LSN the backfill recorded (the same for every table).
 /// A per-make table job (one table per make, `silver.<job>_<slug>`, read by a per-make view
 /// of the same make as `silver.<job>_${slug}`: the marts' layout until session 17, still
 /// supported for jobs that declare it) is built, then merged by key after a day through CDC in
@@ -621,6 +618,7 @@ async fn per_make_table_jobs_merge_a_day() {
     crate::derive::assert_parity_of(&url, &lake, &jobs, &slugs, "per-make tables after a day through CDC").await;
 }
 
+/// The LSN the backfill recorded (the same for every table).
 async fn backfill_lsn(lake: &Lake) -> u64 {
     let table = weir_lake::open_table(lake, "bronze/makes").await.unwrap();
     let mut history = table.history(None).await.unwrap().collect::<Vec<_>>();

@@ -72,3 +72,10 @@ pub fn repo_jobs() -> weir_derive::Jobs {
     let root = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../../tables/jobs");
     weir_derive::load_dir(&root, &repo_bronze()).unwrap()
 }
+
+/// The next value of a test's pseudo-random sequence: one LCG step of `seed`, its high 31 bits
+/// (the kill points of the SIGKILL tests).
+pub fn next_random(seed: &mut u64) -> u64 {
+    *seed = seed.wrapping_mul(6_364_136_223_846_793_005).wrapping_add(1_442_695_040_888_963_407);
+    *seed >> 33
+}

@@ -81,8 +81,7 @@ fn kill_features_at_random_points(lake_url: &str, as_of: &str) {
         if kills >= 3 {
             break;
         }
-        seed = seed.wrapping_mul(6_364_136_223_846_793_005).wrapping_add(1_442_695_040_888_963_407);
-        let delay = std::time::Duration::from_millis(20 + (seed >> 33) % latest);
+        let delay = std::time::Duration::from_millis(20 + common::next_random(&mut seed) % latest);
         let mut child = Command::new(common::weir_bin())
             .current_dir(env!("CARGO_MANIFEST_DIR").to_string() + "/../..")
             .args(["features", "--lake", lake_url, "--as-of", as_of])

@@ -749,6 +749,7 @@ async fn lag(
     // The writer: one transaction per tick, a new price for a listing and its price_last.
     let client = weir_postgres::connect(&db).await?;
     let max: i64 = client.query_one("SELECT max(listing_id) FROM listings", &[]).await?.get(0);
+    let files_before = active_files(&lake, "bronze/price_log").await?;
     let started = Instant::now();
     let tick = std::time::Duration::from_secs_f64(1.0 / rate.max(0.1));
     let mut n = 0u64;
@@ -788,7 +789,18 @@ async fn lag(
         get("weir_freshness_lag_p95_seconds ").unwrap_or(f64::NAN),
         get("weir_derive_runs_total ").unwrap_or(f64::NAN)
     );
+    // A file appended per cycle would pile up; the sync folds them (FOLD_APPENDED_FILES).
+    println!(
+        "  bronze.price_log: {} active files after the run, {files_before} before it",
+        active_files(&lake, "bronze/price_log").await?
+    );
     Ok(())
+}
+
+/// How many files a Delta table's current version holds.
+async fn active_files(lake: &weir_lake::Lake, rel: &str) -> Result<usize> {
+    let table = weir_lake::open_table(lake, rel).await?;
+    Ok(table.snapshot()?.log_data().num_files())
 }
 
 async fn bench_parity(

@@ -618,6 +618,72 @@ async fn per_make_table_jobs_merge_a_day() {
     crate::derive::assert_parity_of(&url, &lake, &jobs, &slugs, "per-make tables after a day through CDC").await;
 }
 
+/// A one-make derive (`--make vw`, as `weir run --make vw` runs it) merges the changed keys
+/// into vw's partitions of silver.listing_price (the day's price rows folded, no history
+/// read) and silver.ads_base by key instead of rebuilding them: after a day through CDC in
+/// which one listing moves into vw and one moves out, ads_vw equals the legacy mart, and no
+/// other partition's files are touched. A whole derive after it rebuilds (the partitions
+/// no longer share one state) and every mart equals its legacy mart.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn one_make_derive_merges_its_partition() {
+    let (_pg, url, dir, lake_url, lake) = backfilled(0.05, 47).await;
+    let (ok, out, err) = derive(dir.path(), &[]);
+    assert!(ok, "first build: {out}\n{err}");
+    let c = common::client(&url).await;
+    let vw: i16 = c.query_one("SELECT make_id FROM makes WHERE slug = 'vw'", &[]).await.unwrap().get(0);
+    let moves = "UPDATE listings SET make_id = $1 WHERE listing_id = (SELECT min(listing_id) FROM listings WHERE make_id <> $1 AND deleted_at IS NULL);
+                 UPDATE listings SET make_id = (SELECT min(make_id) FROM makes WHERE make_id <> $1)
+                  WHERE listing_id = (SELECT max(listing_id) FROM listings WHERE make_id = $1 AND deleted_at IS NULL)";
+    for sql in moves.split(';') {
+        assert_eq!(c.execute(sql, &[&vw]).await.unwrap(), 1, "{sql}");
+    }
+    day(&url, 1, 64, 0.0).await;
+    let out = sync(&url, &lake_url, &[]);
+    assert!(out.contains("applied"), "{out}");
+
+    let others = |files: Vec<deltalake::kernel::Add>| -> std::collections::BTreeSet<String> {
+        files
+            .into_iter()
+            .filter(|f| f.partition_values.get("make_id").cloned().flatten() != Some(vw.to_string()))
+            .map(|f| format!("{} {:?}", f.path, f.deletion_vector))
+            .collect()
+    };
+    let tables = ["silver/listing_price", "silver/ads_base"];
+    let mut before = Vec::new();
+    for t in tables {
+        before.push(others(active_files(&lake, t).await));
+    }
+    let (ok, out, err) = derive(dir.path(), &["--make", "vw"]);
+    assert!(ok, "{out}\n{err}");
+    let o = crate::derive::outcomes(&out);
+    for (t, before) in tables.iter().zip(before) {
+        let name = t.replace('/', ".");
+        assert_eq!(o.get(&name).map(String::as_str), Some("incremental"), "{out}");
+        assert_eq!(others(active_files(&lake, t).await), before, "{t}: other makes' files: {out}");
+    }
+    let mut pg = common::client(&url).await;
+    let as_of = weir_core::parse_timestamp(crate::derive::AS_OF).unwrap();
+    weir_synth::build_legacy_mart(&mut pg, "vw", as_of).await.unwrap();
+    assert_parity(&url, &lake, &["vw".to_string()], "vw merged alone").await;
+
+    let (ok, out, err) = derive(dir.path(), &[]);
+    assert!(ok, "{out}\n{err}");
+    let o = crate::derive::outcomes(&out);
+    for t in tables {
+        assert_eq!(o.get(&t.replace('/', ".")).map(String::as_str), Some("built"), "{out}");
+    }
+    let slugs = legacy_all(&url).await;
+    assert_parity(&url, &lake, &slugs, "a whole derive after vw alone").await;
+}
+
+/// The active add actions of a Delta table.
+async fn active_files(lake: &Lake, rel: &str) -> Vec<deltalake::kernel::Add> {
+    use futures::TryStreamExt;
+    let table = weir_lake::open_table(lake, rel).await.unwrap();
+    #[allow(deprecated)]
+    table.get_active_add_actions_by_partitions(&[]).map_ok(|f| f.add_action()).try_collect().await.unwrap()
+}
+
 /// The LSN the backfill recorded (the same for every table).
 async fn backfill_lsn(lake: &Lake) -> u64 {
     let table = weir_lake::open_table(lake, "bronze/makes").await.unwrap();
@@ -861,6 +927,71 @@ async fn follow_applies_new_days_until_sigterm() {
     let stdout = String::from_utf8_lossy(&out.stdout);
     assert!(out.status.success(), "{stdout}\n{}", String::from_utf8_lossy(&out.stderr));
     assert!(stdout.matches(" → ").count() >= 2 && stdout.contains("applied"), "{stdout}");
+}
+
+/// An append-only log synced a few rows at a time (a file per batch) keeps at most
+/// `FOLD_APPENDED_FILES` small files in the partition it writes to: the batch that would add
+/// one more is merged instead and folds them into its new file. The folded rows are not read
+/// as changed: listing_price stays incremental and the marts equal the legacy marts.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn appended_small_files_are_folded_not_piled_up() {
+    use weir_ingest::cdc::FOLD_APPENDED_FILES;
+    let (_pg, url, dir, lake_url, lake) = backfilled(0.02, 35).await;
+    day(&url, 1, 95, 0.0).await;
+    sync(&url, &lake_url, &[]);
+    let (ok, out, err) = derive(dir.path(), &[]);
+    assert!(ok, "first build: {out}\n{err}");
+    let c = common::client(&url).await;
+    let ids: Vec<i64> = c
+        .query("SELECT DISTINCT listing_id FROM price_log ORDER BY listing_id LIMIT 40", &[])
+        .await
+        .unwrap()
+        .iter()
+        .map(|r| r.get(0))
+        .collect();
+    let syncs = 2 * FOLD_APPENDED_FILES + 2;
+    let mut counts = Vec::new();
+    for (i, id) in ids.iter().take(syncs).enumerate() {
+        // A new price for one listing, after every price day 1 wrote (in July's partition).
+        c.execute(
+            "INSERT INTO price_log SELECT listing_id, timestamptz '2026-07-01 23:59:59+00' + $2::float8 * interval '1 ms',
+                 price, currency FROM price_log WHERE listing_id = $1 ORDER BY changed_at DESC LIMIT 1",
+            &[id, &(i as f64)],
+        )
+        .await
+        .unwrap();
+        // The default small_file_rows (8192): at this scale every file is small.
+        let (ok, out, err) = weir(&["sync", "--pg", &url, "--lake", &lake_url]);
+        assert!(ok && out.contains("applied"), "sync {i}: {out}\n{err}");
+        counts.push(small_files(&lake, "bronze/price_log", "changed_at_month", "2026-07").await);
+        if i % 3 == 2 {
+            let (ok, out, err) = derive(dir.path(), &[]);
+            assert!(ok, "{out}\n{err}");
+            assert_eq!(fold_outcome(&out), "incremental", "after sync {i} (small files {counts:?}): {out}");
+        }
+    }
+    assert!(counts.iter().all(|&n| n <= FOLD_APPENDED_FILES), "small files after each sync: {counts:?}");
+    assert!(counts.windows(2).filter(|w| w[1] < w[0]).count() >= 2, "two batches folded the small files: {counts:?}");
+    assert_lake_equals_postgres(&url, &lake, "after appends and folds").await;
+    let (ok, out, err) = derive(dir.path(), &[]);
+    assert!(ok, "{out}\n{err}");
+    let slugs = legacy_all(&url).await;
+    assert_parity(&url, &lake, &slugs, "after appends and folds").await;
+}
+
+/// Active files of `rel` in `column=value` with fewer than 8,192 live rows (the default
+/// small_file_rows), from the Delta log's statistics.
+async fn small_files(lake: &Lake, rel: &str, column: &str, value: &str) -> usize {
+    active_files(lake, rel)
+        .await
+        .iter()
+        .filter(|f| f.partition_values.get(column).cloned().flatten().as_deref() == Some(value))
+        .filter(|f| {
+            let rows = f.get_stats().unwrap().expect("statistics").num_records;
+            let deleted = f.deletion_vector.as_ref().map_or(0, |d| d.cardinality);
+            rows - deleted < 8192
+        })
+        .count()
 }
 
 /// Whether bronze.price_log holds `rows` rows.

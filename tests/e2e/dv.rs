@@ -416,3 +416,102 @@ async fn key_ordered_merges_stay_sorted_small_and_exact() {
         }
     }
 }
+
+/// A merge confined to one partition ([`weir_lake::KeyScope::within`], as a one-make derive
+/// merges its make's partition): rows of the partition are replaced, inserted and deleted by
+/// the key scope, while another partition holding the same keys is not read or touched; a
+/// source row outside the partition is refused by name.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_merge_confined_to_a_partition_leaves_the_others() {
+    const PARTS: &str = "silver/dv_parts";
+    let dir = tempfile::tempdir().unwrap();
+    let lake =
+        Lake::open(LakeLocation::Local { root: dir.path().to_path_buf() }, &S3Settings::default(), false).unwrap();
+    let schema = Arc::new(Schema::new(vec![
+        Field::new("p", DataType::Int64, false),
+        Field::new("k", DataType::Int64, false),
+        Field::new("v", DataType::Int64, true),
+    ]));
+    let rows = |p: i64, keys: std::ops::Range<i64>, v: i64| {
+        RecordBatch::try_new(
+            schema.clone(),
+            vec![
+                Arc::new(Int64Array::from_iter_values(keys.clone().map(|_| p))),
+                Arc::new(Int64Array::from_iter_values(keys.clone())),
+                Arc::new(Int64Array::from_iter_values(keys.map(|k| k * v))),
+            ],
+        )
+        .unwrap()
+    };
+    // Partition 2 holds keys 50..150, an older copy of 50..100 among them.
+    let mut model: BTreeMap<(i64, i64), i64> = (0..100).map(|k| ((1, k), k)).collect();
+    model.extend((50..150).map(|k| ((2, k), 2 * k)));
+    let table = weir_lake::open_table(&lake, PARTS).await.unwrap();
+    let mut w =
+        RecordBatchWriter::try_new(lake.table_url(PARTS).as_str(), schema.clone(), Some(vec!["p".into()]), None)
+            .unwrap();
+    w.write(rows(1, 0..100, 1)).await.unwrap();
+    w.write(rows(2, 50..150, 2)).await.unwrap();
+    let adds = w.flush().await.unwrap();
+    weir_lake::commit_files(table, PARTS, &schema, &["p".to_string()], adds, Default::default(), None, None)
+        .await
+        .unwrap();
+    let files = |t: deltalake::DeltaTable| async move {
+        #[allow(deprecated)]
+        let adds: Vec<deltalake::kernel::Add> =
+            t.get_active_add_actions_by_partitions(&[]).map_ok(|f| f.add_action()).try_collect().await.unwrap();
+        adds.into_iter()
+            .filter(|a| a.partition_values.get("p").cloned().flatten().as_deref() == Some("2"))
+            .map(|a| format!("{} {:?}", a.path, a.deletion_vector))
+            .collect::<std::collections::BTreeSet<_>>()
+    };
+    let before = files(weir_lake::open_table(&lake, PARTS).await.unwrap()).await;
+
+    let source = |p: i64, keys: &[i64]| {
+        let mut fields = schema.fields().to_vec();
+        fields.push(Arc::new(Field::new(OP_COLUMN, DataType::Utf8, false)));
+        RecordBatch::try_new(
+            Arc::new(Schema::new(fields)),
+            vec![
+                Arc::new(Int64Array::from_iter_values(keys.iter().map(|_| p))),
+                Arc::new(Int64Array::from_iter_values(keys.iter().copied())),
+                Arc::new(Int64Array::from_iter_values(keys.iter().map(|k| -k))),
+                Arc::new(StringArray::from_iter_values(keys.iter().map(|_| "U"))),
+            ],
+        )
+        .unwrap()
+    };
+    let merge = |source: RecordBatch, scope: weir_lake::KeyScope| {
+        let lake = lake.clone();
+        async move {
+            let table = weir_lake::open_table(&lake, PARTS).await.unwrap();
+            let layout = weir_lake::MergeLayout { key_files: None, no_change_data: true };
+            weir_lake::merge_by_key(
+                &lake,
+                table,
+                PARTS,
+                source,
+                &["k".to_string()],
+                props(),
+                CommitProperties::default(),
+                layout,
+                Some(&scope),
+            )
+            .await
+        }
+    };
+    // Key 60 replaced, 200 inserted, 70 deleted by the scope: in partition 1 alone.
+    let scope = weir_lake::KeyScope::new([60, 70, 200]).within("p", "1");
+    let (_, stats) = merge(source(1, &[60, 200]), scope.clone()).await.unwrap();
+    assert_eq!((stats.inserted, stats.updated, stats.deleted), (1, 1, 1));
+    model.insert((1, 60), -60);
+    model.insert((1, 200), -200);
+    model.remove(&(1, 70));
+    let want: Vec<Vec<Option<i64>>> = model.iter().map(|((p, k), v)| vec![Some(*p), Some(*k), Some(*v)]).collect();
+    assert_eq!(query_table(&lake, PARTS, "SELECT p, k, v FROM t ORDER BY p, k").await, want);
+    assert_eq!(files(weir_lake::open_table(&lake, PARTS).await.unwrap()).await, before, "partition 2's files");
+
+    let err = merge(source(2, &[60]), scope).await.unwrap_err().to_string();
+    assert!(err.contains("p=1") && err.contains("outside"), "{err}");
+    assert_eq!(query_table(&lake, PARTS, "SELECT p, k, v FROM t ORDER BY p, k").await, want, "nothing written");
+}

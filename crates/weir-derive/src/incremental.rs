@@ -26,7 +26,7 @@ use serde_json::{Value, json};
 use weir_lake::Lake;
 
 use crate::jobs::{Incremental, Job};
-use crate::session::LakeSession;
+use crate::session::{LakeSession, MAKE_ID};
 use crate::{DeriveError, df_err};
 
 /// Key values found by rules (FxHash: a hundred thousand keys and more a run, hashed twice).
@@ -391,6 +391,7 @@ pub async fn attempt(
     job: &Job,
     inc: &Incremental,
     make: Option<(&str, i64)>,
+    partition: Option<i64>,
     out: &str,
     table: DeltaTable,
     previous: &Value,
@@ -460,7 +461,8 @@ pub async fn attempt(
     }
     let inputs: Vec<String> = changed.iter().map(|c| format!("{} v{} → v{}", c.name, c.from, c.to)).collect();
     let Some(fold) = inc.fold.as_deref() else {
-        return recompute(lake, session, job, inc, make, out, table, &feeds, inputs, recorded, as_of_micros, shared)
+        let unit = (make, partition, out);
+        return recompute(lake, session, job, inc, unit, table, &feeds, inputs, recorded, as_of_micros, shared)
             .await
             .map(Attempt::Done);
     };
@@ -515,7 +517,8 @@ pub async fn attempt(
     // The other inputs: each rule's keys to recompute, and to remove. Rules may read the
     // stored table as `current`.
     let current = ctx.table_provider(out).await.map_err(df_err(format!("reading {out}")))?;
-    ctx.register_table("current", current).map_err(df_err("registering current"))?;
+    ctx.register_table("current", in_partition_view(session, current, partition, out)?)
+        .map_err(df_err("registering current"))?;
     let mut removed: ScalarSet = ScalarSet::default();
     run_rules(ctx, shared, inc, out, &feeds, Some(fold), &mut recompute, &mut removed).await?;
     let keys: Vec<ScalarValue> = recompute.into_iter().filter(|k| !k.is_null() && !removed.contains(k)).collect();
@@ -561,6 +564,16 @@ pub async fn attempt(
         recomputed = r?;
     }
     lap!("recompute");
+    // One partition alone: the rows outside it are not written, and their keys are deleted
+    // from it (a listing that left the make).
+    let mut outside: Vec<ScalarValue> = Vec::new();
+    let (merged, recomputed) = match partition {
+        Some(id) => (
+            split_partition(merged, id, key, out, &mut outside)?,
+            split_partition(recomputed, id, key, out, &mut outside)?,
+        ),
+        None => (merged, recomputed),
+    };
 
     // One commit by key: upserts from both, deletes for recomputed keys without a row.
     let mut found: ScalarSet = ScalarSet::default();
@@ -568,7 +581,10 @@ pub async fn attempt(
         add_keys(&mut found, b.column_by_name(key).ok_or_else(|| missing(out, key))?)?;
     }
     let merged_keys: u64 = merged.iter().map(|b| b.num_rows() as u64).sum();
-    let gone: Vec<ScalarValue> = keys.iter().filter(|k| !found.contains(*k)).chain(&removed).cloned().collect();
+    let mut gone: Vec<ScalarValue> = keys.iter().filter(|k| !found.contains(*k)).chain(&removed).cloned().collect();
+    // A recomputed key whose row is outside the partition is not found, so listed already.
+    let listed: ScalarSet = gone.iter().cloned().collect();
+    gone.extend(outside.into_iter().filter(|k| !listed.contains(k)));
     let upserts: Vec<RecordBatch> = merged.into_iter().chain(recomputed).collect();
     let summary = |phases: &[(&str, std::time::Duration)]| {
         json!({
@@ -581,8 +597,10 @@ pub async fn attempt(
         false => Some(ScalarValue::iter_to_array(gone.iter().cloned()).map_err(df_err("building delete keys"))?),
     };
     let layout = merge_layout(job, &table, out)?;
+    let confine = partition.map(|id| weir_lake::KeyScope::default().within(MAKE_ID, id.to_string()));
     let (version, stats) =
-        store_changes(lake, job, out, table, &upserts, gone_keys, None, layout, recorded, summary(&phases)).await?;
+        store_changes(lake, job, out, table, &upserts, gone_keys, confine.as_ref(), layout, recorded, summary(&phases))
+            .await?;
     phases.push(("Delta commit", clock.elapsed()));
     Ok(Attempt::Done(IncrementalReport {
         version,
@@ -670,15 +688,15 @@ fn merge_layout(
 }
 
 /// A job without a fold: the keys its rules find are recomputed by the job's SQL, with its
-/// `keyed` sources restricted to them; keys that produce no row are deleted.
+/// `keyed` sources restricted to them; keys that produce no row are deleted. `unit`: the
+/// make of a per-make job, the `make_id` partition to keep alone, the output.
 #[allow(clippy::too_many_arguments)]
 async fn recompute(
     lake: &Lake,
     session: &LakeSession,
     job: &Job,
     inc: &Incremental,
-    make: Option<(&str, i64)>,
-    out: &str,
+    (make, partition, out): (Option<(&str, i64)>, Option<i64>, &str),
     table: DeltaTable,
     feeds: &[(&Changed, Arc<DeltaCdfTableProvider>)],
     inputs: Vec<String>,
@@ -691,6 +709,7 @@ async fn recompute(
     let mut phases = Vec::new();
     let mut clock = std::time::Instant::now();
     let current = ctx.table_provider(out).await.map_err(df_err(format!("reading {out}")))?;
+    let current = in_partition_view(session, current, partition, out)?;
     let key_type = current.schema().field_with_name(key).map_err(|_| missing(out, key))?.data_type().clone();
     let collect = |df: datafusion::dataframe::DataFrame, what: String| async move {
         df.collect().await.map_err(df_err(format!("{out}: {what}")))
@@ -789,6 +808,12 @@ async fn recompute(
                 }
                 let b = arrow::compute::filter_record_batch(&b, &mask.into())
                     .map_err(|e| df_err("restricting the result")(e.into()))?;
+                // One partition alone: a key whose row left it is deleted from it (it is
+                // affected, and now without a row there).
+                let b = match partition {
+                    Some(id) => in_partition(&b, id, out)?.0,
+                    None => b,
+                };
                 if b.num_rows() > 0 {
                     rows.push(b);
                 }
@@ -807,6 +832,11 @@ async fn recompute(
     // as a delete costs more: a mart's merge then indexes every make's affected keys.)
     let (layout, writer) = merge_layout(job, &table, out)?;
     let scope = scope.filter(|_| layout.no_change_data);
+    // One partition alone: the merge reads, replaces and deletes rows of it only.
+    let confined = match partition {
+        Some(id) => Some(scope.clone().unwrap_or_default().within(MAKE_ID, id.to_string())),
+        None => scope.clone(),
+    };
     let found_keys: Vec<&ArrayRef> =
         rows.iter().map(|b| b.column_by_name(key).ok_or_else(|| missing(out, key))).collect::<Result<_, _>>()?;
     let found = KeySet::of_arrays(&found_keys)?;
@@ -853,7 +883,7 @@ async fn recompute(
         (weir_lake::commit_metadata(&table, &rel, state_metadata(job, recorded, summary)).await?, 0)
     } else {
         let stored =
-            store_changes(lake, job, out, table, &rows, gone, scope.as_ref(), (layout, writer), recorded, summary);
+            store_changes(lake, job, out, table, &rows, gone, confined.as_ref(), (layout, writer), recorded, summary);
         let (version, stats) = stored.await?;
         (version, if scope.is_some() { stats.deleted } else { found_deleted })
     };
@@ -1034,6 +1064,53 @@ async fn fork_source(
         return Ok(None);
     }
     Ok(Some(ForkSource { name: src.clone(), schema, batches, keyed }))
+}
+
+/// The rows of `b` in the `make_id` partition `id`, and those outside it.
+fn in_partition(b: &RecordBatch, id: i64, out: &str) -> Result<(RecordBatch, RecordBatch), DeriveError> {
+    let err = |e: arrow::error::ArrowError| df_err(format!("{out}: keeping {MAKE_ID}={id}"))(e.into());
+    let c = b.column_by_name(MAKE_ID).ok_or_else(|| missing(out, MAKE_ID))?;
+    let c = arrow::compute::cast(c, &DataType::Int64).map_err(err)?;
+    let inside = arrow::compute::kernels::cmp::eq(&c, &arrow::array::Int64Array::new_scalar(id)).map_err(err)?;
+    let outside = arrow::compute::not(&inside).map_err(err)?;
+    Ok((
+        arrow::compute::filter_record_batch(b, &inside).map_err(err)?,
+        arrow::compute::filter_record_batch(b, &outside).map_err(err)?,
+    ))
+}
+
+/// The rows of `batches` in the `make_id` partition `id`; the keys of the others go to
+/// `outside`.
+fn split_partition(
+    batches: Vec<RecordBatch>,
+    id: i64,
+    key: &str,
+    out: &str,
+    outside: &mut Vec<ScalarValue>,
+) -> Result<Vec<RecordBatch>, DeriveError> {
+    let mut kept = Vec::with_capacity(batches.len());
+    for b in batches {
+        let (inside, other) = in_partition(&b, id, out)?;
+        let keys = other.column_by_name(key).ok_or_else(|| missing(out, key))?;
+        for i in 0..keys.len() {
+            outside.push(ScalarValue::try_from_array(keys, i).map_err(df_err("reading keys"))?);
+        }
+        kept.push(inside);
+    }
+    Ok(kept)
+}
+
+/// The stored table as the unit sees it: one `make_id` partition of it when it keeps that one
+/// alone (another partition may hold an older row of the same key).
+fn in_partition_view(
+    session: &LakeSession,
+    current: Arc<dyn datafusion::catalog::TableProvider>,
+    partition: Option<i64>,
+    out: &str,
+) -> Result<Arc<dyn datafusion::catalog::TableProvider>, DeriveError> {
+    let Some(id) = partition else { return Ok(current) };
+    let df = session.ctx.read_table(current).and_then(|df| df.filter(col(MAKE_ID).eq(lit(id))));
+    Ok(df.map_err(df_err(format!("{out}: {MAKE_ID}={id}")))?.into_view())
 }
 
 fn missing(out: &str, key: &str) -> DeriveError {

@@ -229,7 +229,7 @@ pub async fn derive(
                 let built_from = stored.built_from(u.scope);
                 let reason =
                     if built_from.is_none() && u.scope.is_none() && !stored.partitions.is_empty() && !opts.full {
-                        Some(format!("{MAKE_ID} partitions were rebuilt alone since the last whole build"))
+                        Some(format!("{MAKE_ID} partitions were derived alone since the last whole build"))
                     } else {
                         why_rebuild(built_from.as_ref(), &state, opts.full)
                     }
@@ -253,8 +253,7 @@ pub async fn derive(
                 let mut reason = reason;
                 if let Some(why) = not_incremental.remove(&out) {
                     reason = format!("{reason} (not incremental: {why})");
-                } else if let (Some(inc), None, false, Some(previous)) =
-                    (&u.job.incremental, u.scope, opts.full, built_from.as_ref())
+                } else if let (Some(inc), false, Some(previous)) = (&u.job.incremental, opts.full, built_from.as_ref())
                 {
                     match incremental::attempt(
                         lake,
@@ -262,6 +261,7 @@ pub async fn derive(
                         u.job,
                         inc,
                         u.make.as_ref().map(|(s, id)| (s.as_str(), *id)),
+                        u.scope,
                         &out,
                         table.clone(),
                         previous,
@@ -275,7 +275,11 @@ pub async fn derive(
                         Attempt::Done(r) => {
                             session.register_delta(lake, &out).await?;
                             tokens.insert(out.clone(), format!("v{}", r.version));
-                            reports.push(incremental_report(out, r, t.elapsed()));
+                            let mut report = incremental_report(out, r, t.elapsed());
+                            if let Some(id) = u.scope {
+                                report.reason = format!("{MAKE_ID}={id} only: {}", report.reason);
+                            }
+                            reports.push(report);
                             continue;
                         }
                         Attempt::NotApplicable(why) => reason = format!("{reason} (not incremental: {why})"),
@@ -412,6 +416,7 @@ async fn attempt_ahead(
         u.job,
         inc,
         make,
+        u.scope,
         &p.out,
         p.table,
         &p.previous,
@@ -568,7 +573,7 @@ async fn split_by_make(
 }
 
 /// What a derived table was built from, as recorded in its last commit: the state of the
-/// last whole-table build, and of each partition rebuilt alone since.
+/// last whole-table build, and of each partition derived alone since (rebuilt or merged).
 #[derive(Debug, Default, Clone)]
 struct StoredState {
     all: Option<Value>,
@@ -615,7 +620,7 @@ pub fn recorded_as_of(state: Option<&Value>, make_id: Option<i64>) -> Option<i64
 }
 
 /// The `make_id` partitions (as text) the table was built for, by the state its last commit
-/// recorded: None when it was built whole (every make), else the partitions rebuilt alone.
+/// recorded: None when it was built whole (every make), else the partitions derived alone.
 pub fn built_partitions(state: Option<&Value>) -> Option<BTreeSet<String>> {
     let stored = StoredState::parse(state);
     match stored.all {

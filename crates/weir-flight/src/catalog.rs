@@ -215,7 +215,7 @@ impl Catalog {
                     let by_make =
                         table.snapshot().is_ok_and(|s| s.metadata().partition_columns().iter().any(|c| c == MAKE_ID));
                     if by_make {
-                        // Built whole (every make), or only the partitions rebuilt alone.
+                        // Built whole (every make), or only the partitions derived alone.
                         let rel = format!("{layer}/{name}");
                         let info =
                             weir_lake::last_commit_info(table, &rel).await.map_err(|e| lake_err(e.to_string()))?;

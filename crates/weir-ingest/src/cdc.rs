@@ -40,6 +40,12 @@ pub const APP_ID: &str = "weir.cdc";
 
 use weir_lake::{KEEP_PREFIX as KEEP, OP_COLUMN as OP};
 
+/// An insert-only batch is appended as new files while the partitions it writes to hold fewer
+/// small files than this ([`weir_lake::small_files_in_partitions_of`]); at this many it is
+/// merged instead, which folds them into its new files. A continuous sync of an append-only
+/// log (a file or so per batch) so keeps at most this many small files in a partition.
+pub const FOLD_APPENDED_FILES: usize = 8;
+
 #[derive(Debug, Clone)]
 pub struct SyncOptions {
     /// The logical slot (and publication) the backfill created.
@@ -889,7 +895,12 @@ impl TableState {
             on.push(pc);
         }
         let writer = crate::parquet_properties(&batch.schema(), &self.source.key);
-        if std::mem::replace(&mut self.only_inserts, true) {
+        let only_inserts = std::mem::replace(&mut self.only_inserts, true);
+        let small_files = match only_inserts {
+            true => weir_lake::small_files_in_partitions_of(lake, &table, &rel, &batch).await?,
+            false => 0,
+        };
+        if only_inserts && small_files < FOLD_APPENDED_FILES {
             // New keys only (an append-only log like price_log): written as new files, no
             // join with the table. The applied LSN goes into the same commit, as in a merge.
             let data: Vec<usize> = (0..batch.num_columns())
@@ -912,6 +923,12 @@ impl TableState {
             self.changes.version = Some(version);
             self.applied = end;
             return Ok(());
+        }
+        if only_inserts {
+            // As many small files as an append may leave: merged instead (its inserts are not
+            // looked up either), which folds them into the new files with the change data feed
+            // holding the new rows alone.
+            tracing::debug!(table = rel.as_str(), small_files, "sync: small files folded into an insert-only batch");
         }
         let (table, m) =
             weir_lake::merge_by_key(lake, table, &rel, batch, &on, writer, props(), Default::default(), None).await?;

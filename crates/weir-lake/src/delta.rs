@@ -372,7 +372,8 @@ pub struct MergeStats {
 /// says (the default: as they come, with the change data feed; for tables read by key, new
 /// rows sorted into small files and no change data feed); the table must exist (a backfill
 /// or a full build creates it). With a `scope` (see [`crate::dv::KeyScope`]), the table's
-/// rows with a key of it that `source` does not hold are deleted too.
+/// rows with a key of it that `source` does not hold are deleted too (in its partition alone
+/// when it names one, see [`crate::dv::KeyScope::within`]).
 #[allow(clippy::too_many_arguments)]
 pub async fn merge_by_key(
     lake: &Lake,

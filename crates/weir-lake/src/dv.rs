@@ -79,6 +79,9 @@ pub struct KeyScope {
     set: Arc<IntSet>,
     /// The same keys sorted: which files' key ranges hold one.
     pub(crate) sorted: Arc<Vec<i64>>,
+    /// (column, value as the log writes it): the merge reads, replaces and deletes rows of this
+    /// partition only, the table's other partitions are left as they are.
+    partition: Option<(String, String)>,
 }
 
 impl KeyScope {
@@ -86,7 +89,14 @@ impl KeyScope {
         let mut sorted: Vec<i64> = keys.into_iter().collect();
         sorted.sort_unstable();
         sorted.dedup();
-        KeyScope { set: Arc::new(IntSet::new(sorted.iter().copied())), sorted: Arc::new(sorted) }
+        KeyScope { set: Arc::new(IntSet::new(sorted.iter().copied())), sorted: Arc::new(sorted), partition: None }
+    }
+
+    /// The same keys, the merge confined to the partition `column = value` (the source's rows
+    /// must all be in it): a derive that keeps one partition of a table up to date.
+    pub fn within(mut self, column: &str, value: impl Into<String>) -> Self {
+        self.partition = Some((column.to_string(), value.into()));
+        self
     }
 
     pub fn is_empty(&self) -> bool {
@@ -113,6 +123,36 @@ pub(crate) async fn active_adds(table: &DeltaTable, rel: &str) -> Result<Vec<Add
         .try_collect()
         .await
         .map_err(delta_err(rel))
+}
+
+/// How many of the table's files hold fewer than [`Lake::small_file_rows`] live rows in the
+/// partitions `rows` fall in: the files a merge of `rows` folds into its new files. An
+/// append-only writer (CDC's insert-only batches) merges instead of appending once they reach
+/// a count, so its small files do not pile up. 0 when folding is off (`small_file_rows` 0) or
+/// a partition column is not text, an integer or a date.
+pub async fn small_files_in_partitions_of(
+    lake: &Lake,
+    table: &DeltaTable,
+    rel: &str,
+    rows: &RecordBatch,
+) -> Result<usize, DeltaError> {
+    let small = lake.small_file_rows();
+    if small == 0 || table.version().is_none() {
+        return Ok(0);
+    }
+    let partition_columns = table.snapshot().map_err(delta_err(rel))?.metadata().partition_columns().to_vec();
+    let Some(cols) = partition_strings(rows, &partition_columns) else { return Ok(0) };
+    let written: HashSet<Vec<Option<String>>> = (0..rows.num_rows()).map(|i| row_values(&cols, i)).collect();
+    let mut count = 0;
+    for add in active_adds(table, rel).await? {
+        let Some(stats) = add.get_stats().ok().flatten() else { continue };
+        let deleted = add.deletion_vector.as_ref().map_or(0, |d| d.cardinality as u64);
+        let values = partition_of(&add, &partition_columns);
+        if (stats.num_records as u64).saturating_sub(deleted) < small && written.contains(&values) {
+            count += 1;
+        }
+    }
+    Ok(count)
 }
 
 /// Whether the table's protocol lists deletion vectors (its files may carry them).
@@ -464,6 +504,11 @@ fn partition_strings(rows: &RecordBatch, columns: &[String]) -> Option<Vec<Strin
         .collect()
 }
 
+/// A file's values of the partition columns, as the log writes them.
+fn partition_of(add: &Add, columns: &[String]) -> Vec<Option<String>> {
+    columns.iter().map(|p| add.partition_values.get(p).cloned().flatten()).collect()
+}
+
 fn row_values(cols: &[StringArray], i: usize) -> Vec<Option<String>> {
     cols.iter().map(|c| c.is_valid(i).then(|| c.value(i).to_string())).collect()
 }
@@ -571,6 +616,16 @@ pub(crate) async fn merge_on_read(
             (0..n).filter(|&i| looked_up(i)).map(|i| c.is_valid(i).then(|| (c.value(i), i as u32))).collect();
         Some(IntMap::new(entries?))
     });
+    // A scope's partition confines the merge, even with no key to delete.
+    let within = scope.and_then(|s| s.partition.clone());
+    if let Some((column, _)) = &within
+        && !partition_columns.contains(column)
+    {
+        return Err(generic(
+            rel,
+            format!("a merge confined to a partition of {column}: the table is not partitioned by it"),
+        ));
+    }
     let scope = scope.filter(|s| !s.is_empty());
     if scope.is_some() && (first_index.is_none() || on.len() != 1 || read_old) {
         return Err(generic(
@@ -600,6 +655,18 @@ pub(crate) async fn merge_on_read(
     // The partitions the merge writes new rows to: a small file there is folded into them.
     let written: Option<HashSet<Vec<Option<String>>>> =
         part_values.as_ref().map(|cols| (0..n).filter(|&i| ops.value(i) != "D").map(|i| row_values(cols, i)).collect());
+    if let Some((column, value)) = &within {
+        let i = partition_columns.iter().position(|p| p == column).expect("checked above");
+        // Deletes carry their key alone: they are confined by the files read.
+        let mut rows = (0..n).filter(|&r| ops.value(r) != "D");
+        let outside = match &part_values {
+            Some(cols) => rows.any(|r| !cols[i].is_valid(r) || cols[i].value(r) != value),
+            None => rows.next().is_some(),
+        };
+        if outside {
+            return Err(generic(rel, format!("a merge confined to {column}={value} has source rows outside it")));
+        }
+    }
     let mut candidates = Vec::new();
     for add in adds {
         let rows = add
@@ -609,8 +676,7 @@ pub(crate) async fn merge_on_read(
             .map(|s| s.num_records as u64)
             .ok_or_else(|| generic(rel, format!("{} has no row count in its statistics", add.path)))?;
         let deleted_rows = add.deletion_vector.as_ref().map_or(0, |d| d.cardinality as u64);
-        let values: Vec<Option<String>> =
-            partition_columns.iter().map(|p| add.partition_values.get(p).cloned().flatten()).collect();
+        let values = partition_of(&add, &partition_columns);
         let absorb = rows.saturating_sub(deleted_rows) < small_file_rows
             && written.as_ref().is_some_and(|w| w.contains(&values));
         let may_hold = match (&first_key, key_range(&add, &on[0])) {
@@ -620,7 +686,9 @@ pub(crate) async fn merge_on_read(
             _ => true,
         };
         let in_partition = partitions.as_ref().is_none_or(|set| set.contains(&values));
-        if (may_hold && in_partition) || absorb {
+        let within =
+            within.as_ref().is_none_or(|(c, v)| add.partition_values.get(c).cloned().flatten().as_ref() == Some(v));
+        if within && ((may_hold && in_partition) || absorb) {
             candidates.push((add, rows, absorb));
         }
     }

@@ -14,7 +14,7 @@ pub use delta::{
     find_commit_info, last_commit_info, maintain, merge_by_key, open_table, settle, without_maintenance,
 };
 pub use doctor::{Check, run_checks};
-pub use dv::{KeyScope, MergeLayout, partition_runs};
+pub use dv::{KeyScope, MergeLayout, partition_runs, small_files_in_partitions_of};
 pub use keyed::rows_with_keys;
 pub use store::{LAYERS, Lake, LakeStoreError};
 pub use vacuum::{VacuumReport, delta_tables, vacuum, vacuum_horizon, vacuum_tables};

@@ -85,11 +85,7 @@ pub(crate) async fn backfilled(
 /// Returns how many of its files carry a deletion vector.
 async fn assert_key_ordered(lake: &Lake, root: &std::path::Path, rel: &str, merges: usize) -> usize {
     use deltalake::parquet::arrow::arrow_reader::ParquetRecordBatchReaderBuilder;
-    use futures::TryStreamExt;
-    let table = weir_lake::open_table(lake, rel).await.unwrap();
-    #[allow(deprecated)]
-    let files: Vec<deltalake::kernel::Add> =
-        table.get_active_add_actions_by_partitions(&[]).map_ok(|f| f.add_action()).try_collect().await.unwrap();
+    let files = common::active_files(lake, rel).await;
     // By partition (a make's rows): (first, last) key of each file, and every key.
     let mut ranges: std::collections::BTreeMap<String, Vec<(i64, i64)>> = Default::default();
     let mut every_key: std::collections::BTreeMap<String, Vec<i64>> = Default::default();
@@ -641,17 +637,18 @@ async fn one_make_derive_merges_its_partition() {
     let out = sync(&url, &lake_url, &[]);
     assert!(out.contains("applied"), "{out}");
 
-    let others = |files: Vec<deltalake::kernel::Add>| -> std::collections::BTreeSet<String> {
-        files
-            .into_iter()
-            .filter(|f| f.partition_values.get("make_id").cloned().flatten() != Some(vw.to_string()))
-            .map(|f| format!("{} {:?}", f.path, f.deletion_vector))
-            .collect()
+    let others = |rel: &'static str| {
+        let lake = lake.clone();
+        async move {
+            let mut by = common::files_by_partition(&lake, rel, "make_id").await;
+            by.remove(&Some(vw.to_string()));
+            by
+        }
     };
     let tables = ["silver/listing_price", "silver/ads_base"];
     let mut before = Vec::new();
     for t in tables {
-        before.push(others(active_files(&lake, t).await));
+        before.push(others(t).await);
     }
     let (ok, out, err) = derive(dir.path(), &["--make", "vw"]);
     assert!(ok, "{out}\n{err}");
@@ -659,7 +656,7 @@ async fn one_make_derive_merges_its_partition() {
     for (t, before) in tables.iter().zip(before) {
         let name = t.replace('/', ".");
         assert_eq!(o.get(&name).map(String::as_str), Some("incremental"), "{out}");
-        assert_eq!(others(active_files(&lake, t).await), before, "{t}: other makes' files: {out}");
+        assert_eq!(others(t).await, before, "{t}: other makes' files: {out}");
     }
     let mut pg = common::client(&url).await;
     let as_of = weir_core::parse_timestamp(crate::derive::AS_OF).unwrap();
@@ -674,14 +671,6 @@ async fn one_make_derive_merges_its_partition() {
     }
     let slugs = legacy_all(&url).await;
     assert_parity(&url, &lake, &slugs, "a whole derive after vw alone").await;
-}
-
-/// The active add actions of a Delta table.
-async fn active_files(lake: &Lake, rel: &str) -> Vec<deltalake::kernel::Add> {
-    use futures::TryStreamExt;
-    let table = weir_lake::open_table(lake, rel).await.unwrap();
-    #[allow(deprecated)]
-    table.get_active_add_actions_by_partitions(&[]).map_ok(|f| f.add_action()).try_collect().await.unwrap()
 }
 
 /// The LSN the backfill recorded (the same for every table).
@@ -982,7 +971,7 @@ async fn appended_small_files_are_folded_not_piled_up() {
 /// Active files of `rel` in `column=value` with fewer than 8,192 live rows (the default
 /// small_file_rows), from the Delta log's statistics.
 async fn small_files(lake: &Lake, rel: &str, column: &str, value: &str) -> usize {
-    active_files(lake, rel)
+    common::active_files(lake, rel)
         .await
         .iter()
         .filter(|f| f.partition_values.get(column).cloned().flatten().as_deref() == Some(value))

@@ -79,3 +79,26 @@ pub fn next_random(seed: &mut u64) -> u64 {
     *seed = seed.wrapping_mul(6_364_136_223_846_793_005).wrapping_add(1_442_695_040_888_963_407);
     *seed >> 33
 }
+
+/// The active add actions of a Delta table of `lake`.
+pub async fn active_files(lake: &weir_lake::Lake, rel: &str) -> Vec<deltalake::kernel::Add> {
+    use futures::TryStreamExt;
+    let table = weir_lake::open_table(lake, rel).await.unwrap();
+    #[allow(deprecated)]
+    table.get_active_add_actions_by_partitions(&[]).map_ok(|f| f.add_action()).try_collect().await.unwrap()
+}
+
+/// A table's active files by their value of the partition `column`, each as its path and
+/// deletion vector: what a merge that leaves a partition alone must not change.
+pub async fn files_by_partition(
+    lake: &weir_lake::Lake,
+    rel: &str,
+    column: &str,
+) -> std::collections::BTreeMap<Option<String>, std::collections::BTreeSet<String>> {
+    let mut by: std::collections::BTreeMap<_, std::collections::BTreeSet<_>> = Default::default();
+    for f in active_files(lake, rel).await {
+        let value = f.partition_values.get(column).cloned().flatten();
+        by.entry(value).or_default().insert(format!("{} {:?}", f.path, f.deletion_vector));
+    }
+    by
+}

@@ -13,7 +13,6 @@ use arrow::datatypes::{DataType, Field, Schema};
 use deltalake::kernel::transaction::CommitProperties;
 use deltalake::parquet::file::properties::WriterProperties;
 use deltalake::writer::{DeltaWriter, RecordBatchWriter};
-use futures::TryStreamExt;
 use weir_core::{LakeLocation, S3Settings};
 use weir_lake::{KEEP_PREFIX, Lake, OP_COLUMN};
 
@@ -182,10 +181,7 @@ async fn merges_mark_rows_and_every_read_sees_the_model() {
     }
 
     // The big file stays, with a deletion vector of the rows both merges replaced.
-    let table = weir_lake::open_table(&lake, REL).await.unwrap();
-    #[allow(deprecated)]
-    let adds: Vec<_> =
-        table.get_active_add_actions_by_partitions(&[]).map_ok(|f| f.add_action()).try_collect().await.unwrap();
+    let adds = crate::common::active_files(&lake, REL).await;
     let big: Vec<_> = adds.iter().filter(|a| a.get_stats().unwrap().unwrap().num_records == ROWS).collect();
     assert_eq!(big.len(), 1, "the first file stays, not rewritten: {adds:?}");
     let gone = (0..ROWS).filter(|k| touched.contains(k)).count() as i64;
@@ -373,10 +369,7 @@ async fn key_ordered_merges_stay_sorted_small_and_exact() {
             .sum();
         assert!(skipped > 0, "round {round}: the join's key range skipped no file:\n{plan}");
 
-        let table = weir_lake::open_table(&lake, KEYED).await.unwrap();
-        #[allow(deprecated)]
-        let active: Vec<deltalake::kernel::Add> =
-            table.get_active_add_actions_by_partitions(&[]).map_ok(|f| f.add_action()).try_collect().await.unwrap();
+        let active = crate::common::active_files(&lake, KEYED).await;
         let mut ranges = Vec::new();
         for a in &active {
             let file = std::fs::File::open(dir.path().join(KEYED).join(&a.path)).unwrap();
@@ -456,16 +449,9 @@ async fn a_merge_confined_to_a_partition_leaves_the_others() {
     weir_lake::commit_files(table, PARTS, &schema, &["p".to_string()], adds, Default::default(), None, None)
         .await
         .unwrap();
-    let files = |t: deltalake::DeltaTable| async move {
-        #[allow(deprecated)]
-        let adds: Vec<deltalake::kernel::Add> =
-            t.get_active_add_actions_by_partitions(&[]).map_ok(|f| f.add_action()).try_collect().await.unwrap();
-        adds.into_iter()
-            .filter(|a| a.partition_values.get("p").cloned().flatten().as_deref() == Some("2"))
-            .map(|a| format!("{} {:?}", a.path, a.deletion_vector))
-            .collect::<std::collections::BTreeSet<_>>()
-    };
-    let before = files(weir_lake::open_table(&lake, PARTS).await.unwrap()).await;
+    let partition_2 = || async { crate::common::files_by_partition(&lake, PARTS, "p").await.remove(&Some("2".into())) };
+    let before = partition_2().await;
+    assert!(before.is_some(), "partition 2 has files");
 
     let source = |p: i64, keys: &[i64]| {
         let mut fields = schema.fields().to_vec();
@@ -509,7 +495,7 @@ async fn a_merge_confined_to_a_partition_leaves_the_others() {
     model.remove(&(1, 70));
     let want: Vec<Vec<Option<i64>>> = model.iter().map(|((p, k), v)| vec![Some(*p), Some(*k), Some(*v)]).collect();
     assert_eq!(query_table(&lake, PARTS, "SELECT p, k, v FROM t ORDER BY p, k").await, want);
-    assert_eq!(files(weir_lake::open_table(&lake, PARTS).await.unwrap()).await, before, "partition 2's files");
+    assert_eq!(partition_2().await, before, "partition 2's files");
 
     let err = merge(source(2, &[60]), scope).await.unwrap_err().to_string();
     assert!(err.contains("p=1") && err.contains("outside"), "{err}");

@@ -19,16 +19,16 @@ use std::time::{Duration, Instant};
 use arrow_array::builder::BooleanBuilder;
 use arrow_array::{ArrayRef, RecordBatch, StringArray};
 use arrow_schema::{DataType, Field, Schema, SchemaRef};
-use bytes::Bytes;
 use deltalake::DeltaTable;
 use deltalake::kernel::Transaction;
 use deltalake::kernel::engine::arrow_conversion::TryIntoKernel;
 use deltalake::kernel::transaction::CommitProperties;
 use rustc_hash::FxHashMap;
 use serde_json::{Value as Json, json};
+use smallvec::SmallVec;
 use tokio_postgres::Client;
 use weir_lake::Lake;
-use weir_postgres::pgoutput::{self, Message, Relation, Value};
+use weir_postgres::pgoutput::{self, Message, Relation, Tuple, Value};
 use weir_postgres::{CopyDecoder, PgColumn, PgError, PgType, arrow_schema, connect};
 
 use crate::IngestError;
@@ -219,10 +219,9 @@ pub async fn sync(
         let mut oids: HashMap<u32, usize> = HashMap::new();
         let mut txn_lsn: Option<u64> = None;
         let mut end_lsn = None;
-        for row in &rows {
+        for (m, row) in rows.iter().enumerate() {
             let data: &[u8] = row.get(0);
-            let msg = pgoutput::decode(Bytes::copy_from_slice(data))
-                .map_err(|e| IngestError::Cdc { message: format!("slot {slot}: {e}") })?;
+            let msg = pgoutput::decode(data).map_err(|e| IngestError::Cdc { message: format!("slot {slot}: {e}") })?;
             match msg {
                 Message::Begin { final_lsn, .. } => txn_lsn = Some(final_lsn),
                 Message::Commit { end_lsn: end, commit_time, .. } => {
@@ -242,17 +241,17 @@ pub async fn sync(
                 }
                 Message::Insert { relation, new } => {
                     if let Some(st) = pick(&mut states, &oids, relation, txn_lsn, &mut batch.changes) {
-                        st.insert(new)?;
+                        st.insert(m, new)?;
                     }
                 }
                 Message::Update { relation, old, new } => {
                     if let Some(st) = pick(&mut states, &oids, relation, txn_lsn, &mut batch.changes) {
-                        st.update(old, new)?;
+                        st.update(m, old, new)?;
                     }
                 }
                 Message::Delete { relation, old } => {
                     if let Some(st) = pick(&mut states, &oids, relation, txn_lsn, &mut batch.changes) {
-                        st.delete(old)?;
+                        st.delete(m, old)?;
                     }
                 }
                 Message::Truncate { relations, .. } => {
@@ -270,10 +269,11 @@ pub async fn sync(
                 message: format!("slot {slot}: the batch ended inside a transaction; nothing was applied"),
             });
         };
-        // The rows are decoded (each message copied out of its row): freed before the merges,
-        // which then hold the batch's changes once, not twice.
+        // The changes are folded, each pointing at its tuple in the rows: every table builds
+        // its Arrow batch from them first thing in its task, and the rows are freed once the
+        // last one has, before the merges.
         let messages = rows.len();
-        drop(rows);
+        let rows: Arc<dyn Messages> = Arc::new(rows);
         let decoded = started.elapsed();
         // The tables at the same time, each in a task of its own (building a table's batch and
         // merging it are CPU work): each commit records its own table's applied LSN, so a
@@ -282,10 +282,10 @@ pub async fn sync(
         let tasks: Vec<_> = std::mem::take(&mut states)
             .into_iter()
             .map(|mut st| {
-                let (lake, slot) = (lake.clone(), slot.to_string());
+                let (lake, slot, rows) = (lake.clone(), slot.to_string(), rows.clone());
                 tokio::spawn(async move {
                     let clock = Instant::now();
-                    let result = st.apply(&lake, &slot, end).await;
+                    let result = st.apply(&lake, &slot, end, rows).await;
                     if result.is_ok() && st.changes.version.is_some() {
                         tracing::debug!(
                             table = st.source.name.as_str(),
@@ -297,6 +297,7 @@ pub async fn sync(
                 })
             })
             .collect();
+        drop(rows);
         let mut failed = None;
         for task in tasks {
             match task.await {
@@ -623,14 +624,60 @@ fn delta_err(rel: &str, e: deltalake::DeltaTableError) -> IngestError {
     IngestError::Delta(Box::new(weir_lake::DeltaError::Delta { table: rel.to_string(), source: e }))
 }
 
-/// One change folded per key: the row after it, or its removal. A key whose first change
-/// in the batch is an insert was not in PostgreSQL when the batch began, so it is not in the
-/// lake (in step with it at the applied LSN): its row is inserted without looking it up.
-enum Pending {
-    Insert(Vec<Value>),
-    Upsert(Vec<Value>),
-    Delete(Vec<Value>),
+/// A batch's messages as the slot returned them, one per row: the folded changes point into
+/// them until each table has built its Arrow batch.
+trait Messages: Send + Sync {
+    fn message(&self, i: usize) -> &[u8];
 }
+
+impl Messages for Vec<tokio_postgres::Row> {
+    fn message(&self, i: usize) -> &[u8] {
+        self[i].get(0)
+    }
+}
+
+/// What a key's last change in the batch does. A key whose first change in the batch is an
+/// insert was not in PostgreSQL when the batch began, so it is not in the lake (in step with
+/// it at the applied LSN): its row is inserted without looking it up.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Op {
+    Insert,
+    Upsert,
+    Delete,
+}
+
+impl Op {
+    fn code(self) -> &'static str {
+        match self {
+            Op::Insert => "I",
+            Op::Upsert => "U",
+            Op::Delete => "D",
+        }
+    }
+}
+
+/// One change folded per key: the operation and the tuple after it (the old key's for a delete).
+#[derive(Debug, Clone, Copy)]
+struct Pending {
+    op: Op,
+    /// Index into [`TableState::tuples`].
+    tuple: u32,
+}
+
+/// Where a tuple is: its message and its offset in it, and, for an update that left TOASTed
+/// values unsent, the key's previous tuple in the batch (an index into the same list), which
+/// holds them unless it left them unsent too.
+#[derive(Debug, Clone, Copy)]
+struct At {
+    message: u32,
+    offset: u32,
+    prev: u32,
+}
+
+const NO_PREV: u32 = u32::MAX;
+
+/// A key's binary values, each after its length: inline for the keys the source tables have.
+type Key = SmallVec<[u8; 24]>;
 
 struct TableState {
     source: SourceTable,
@@ -642,7 +689,8 @@ struct TableState {
     /// The source columns as the latest relation message describes them.
     columns: Vec<PgColumn>,
     key_positions: Vec<usize>,
-    pending: FxHashMap<Vec<u8>, Pending>,
+    pending: FxHashMap<Key, Pending>,
+    tuples: Vec<At>,
     /// Every pending change is an insert (no update, delete or truncate since the last
     /// apply): the keys are new to PostgreSQL, so they are new to the lake, and the batch is
     /// appended instead of merged.
@@ -681,6 +729,7 @@ impl TableState {
             columns: Vec::new(),
             key_positions: Vec::new(),
             pending: FxHashMap::default(),
+            tuples: Vec::new(),
             only_inserts: true,
             truncated: false,
             changes: TableChanges::default(),
@@ -725,8 +774,8 @@ impl TableState {
         Ok(())
     }
 
-    fn key(&self, tuple: &[Value]) -> Result<Vec<u8>, IngestError> {
-        let mut key = Vec::with_capacity(16);
+    fn key(&self, tuple: Tuple<'_>) -> Result<Key, IngestError> {
+        let mut key = Key::new();
         for &p in &self.key_positions {
             match tuple.get(p) {
                 Some(Value::Binary(b)) => {
@@ -746,24 +795,38 @@ impl TableState {
         Ok(key)
     }
 
-    fn insert(&mut self, new: Vec<Value>) -> Result<(), IngestError> {
-        let k = self.key(&new)?;
-        // After a delete in this batch the key was there when it began: a replacement.
-        let p = match self.pending.get(&k) {
-            Some(Pending::Delete(_) | Pending::Upsert(_)) => Pending::Upsert(new),
-            Some(Pending::Insert(_)) | None => Pending::Insert(new),
+    /// Records where a tuple is (message `message` of the batch).
+    fn at(&mut self, message: usize, tuple: Tuple<'_>, prev: u32) -> Result<u32, IngestError> {
+        let (Ok(message), Ok(offset), Ok(index)) =
+            (u32::try_from(message), u32::try_from(tuple.offset()), u32::try_from(self.tuples.len()))
+        else {
+            return Err(IngestError::Cdc {
+                message: format!("table {}: a batch of over 4 billion changes or bytes per message", self.source.name),
+            });
         };
-        self.pending.insert(k, p);
+        self.tuples.push(At { message, offset, prev });
+        Ok(index)
+    }
+
+    fn insert(&mut self, message: usize, new: Tuple<'_>) -> Result<(), IngestError> {
+        let k = self.key(new)?;
+        // After a delete in this batch the key was there when it began: a replacement.
+        let op = match self.pending.get(&k) {
+            Some(Pending { op: Op::Delete | Op::Upsert, .. }) => Op::Upsert,
+            Some(Pending { op: Op::Insert, .. }) | None => Op::Insert,
+        };
+        let tuple = self.at(message, new, NO_PREV)?;
+        self.pending.insert(k, Pending { op, tuple });
         self.changes.inserts += 1;
         Ok(())
     }
 
-    fn update(&mut self, old: Option<Vec<Value>>, mut new: Vec<Value>) -> Result<(), IngestError> {
+    fn update(&mut self, message: usize, old: Option<Tuple<'_>>, new: Tuple<'_>) -> Result<(), IngestError> {
         self.only_inserts = false;
-        let k = self.key(&new)?;
-        let unchanged = new.contains(&Value::Unchanged);
+        let k = self.key(new)?;
+        let unchanged = new.iter().any(|v| v == Value::Unchanged);
         if let Some(old) = old {
-            let ok = self.key(&old)?;
+            let ok = self.key(old)?;
             if ok != k {
                 if unchanged {
                     return Err(IngestError::Cdc {
@@ -773,58 +836,81 @@ impl TableState {
                         ),
                     });
                 }
-                self.remove(ok, old);
+                self.remove(ok, message, old)?;
             }
         }
-        if unchanged && let Some(Pending::Upsert(prev) | Pending::Insert(prev)) = self.pending.get(&k) {
-            for (i, v) in new.iter_mut().enumerate() {
-                if *v == Value::Unchanged
-                    && let Some(p) = prev.get(i)
-                {
-                    *v = p.clone();
-                }
-            }
-        }
-        let p = match self.pending.get(&k) {
-            Some(Pending::Insert(_)) => Pending::Insert(new),
-            _ => Pending::Upsert(new),
+        let before = self.pending.get(&k).copied();
+        // Unsent values come from the key's row earlier in the batch, if any, else the lake.
+        let prev = match before {
+            Some(Pending { op: Op::Insert | Op::Upsert, tuple }) if unchanged => tuple,
+            _ => NO_PREV,
         };
-        self.pending.insert(k, p);
+        let op = match before {
+            Some(Pending { op: Op::Insert, .. }) => Op::Insert,
+            _ => Op::Upsert,
+        };
+        let tuple = self.at(message, new, prev)?;
+        self.pending.insert(k, Pending { op, tuple });
         self.changes.updates += 1;
         Ok(())
     }
 
-    fn delete(&mut self, old: Vec<Value>) -> Result<(), IngestError> {
+    fn delete(&mut self, message: usize, old: Tuple<'_>) -> Result<(), IngestError> {
         self.only_inserts = false;
-        let k = self.key(&old)?;
-        self.remove(k, old);
+        let k = self.key(old)?;
+        self.remove(k, message, old)?;
         self.changes.deletes += 1;
         Ok(())
     }
 
     /// The row of `k` goes: a delete, or nothing at all for a key this batch inserted.
-    fn remove(&mut self, k: Vec<u8>, old: Vec<Value>) {
-        if let Some(Pending::Insert(_)) = self.pending.get(&k) {
+    fn remove(&mut self, k: Key, message: usize, old: Tuple<'_>) -> Result<(), IngestError> {
+        if let Some(Pending { op: Op::Insert, .. }) = self.pending.get(&k) {
             self.pending.remove(&k);
         } else {
-            self.pending.insert(k, Pending::Delete(old));
+            let tuple = self.at(message, old, NO_PREV)?;
+            self.pending.insert(k, Pending { op: Op::Delete, tuple });
         }
+        Ok(())
     }
 
     fn truncate(&mut self) {
         self.only_inserts = false;
         self.pending.clear();
+        self.tuples.clear();
         self.truncated = true;
         self.changes.truncates += 1;
     }
 
     /// Commits this batch's changes (if any) with `end` as the table's applied LSN.
-    async fn apply(&mut self, lake: &Lake, slot: &str, end: u64) -> Result<(), IngestError> {
+    async fn apply(
+        &mut self,
+        lake: &Lake,
+        slot: &str,
+        end: u64,
+        messages: Arc<dyn Messages>,
+    ) -> Result<(), IngestError> {
         if self.pending.is_empty() && !self.truncated {
             // Nothing to write (keys this batch inserted and deleted again leave nothing).
             self.only_inserts = true;
             return Ok(());
         }
+        // The batch first, so the messages are freed as soon as every table has built its own.
+        let batch = match self.pending.is_empty() {
+            true => None,
+            false => {
+                let clock = Instant::now();
+                let batch = self.source_batch(messages.as_ref())?;
+                tracing::trace!(
+                    table = self.rel.as_str(),
+                    rows = batch.num_rows(),
+                    seconds = clock.elapsed().as_secs_f64(),
+                    "sync: batch built"
+                );
+                Some(batch)
+            }
+        };
+        drop(messages);
         let rel = self.rel.clone();
         let name = self.source.name.clone();
         let props = || {
@@ -839,7 +925,7 @@ impl TableState {
         let mut table = weir_lake::open_table(lake, &rel).await?;
         if self.truncated {
             let mut delete = table.delete();
-            if !self.pending.is_empty() {
+            if batch.is_some() {
                 // The merge below carries the applied LSN; a crash in between replays the truncate.
                 delete = delete.with_commit_properties(weir_lake::without_maintenance(
                     CommitProperties::default().with_metadata([
@@ -857,11 +943,11 @@ impl TableState {
             table = t;
             self.truncated = false;
         }
-        if self.pending.is_empty() {
+        let Some(batch) = batch else {
             self.applied = end;
             self.only_inserts = true;
             return Ok(());
-        }
+        };
 
         // New source columns first, as their own commit (a crash after it is harmless).
         if self.columns.len() > self.lake_columns.len() {
@@ -882,14 +968,6 @@ impl TableState {
             self.lake_columns.extend(added.iter().map(|f| (f.name().clone(), f.data_type().clone())));
         }
 
-        let clock = Instant::now();
-        let batch = self.source_batch()?;
-        tracing::trace!(
-            table = rel.as_str(),
-            rows = batch.num_rows(),
-            seconds = clock.elapsed().as_secs_f64(),
-            "sync: batch built"
-        );
         let mut on = self.source.key.clone();
         // A month partition derived from a key column is equal on both sides: it prunes files.
         if let (Some(p), Some(pc)) = (&self.source.partition, self.source.partition_column())
@@ -945,22 +1023,45 @@ impl TableState {
     }
 
     /// The folded changes as one Arrow batch in the lake's column types (decoded by the same
-    /// decoder as the backfill's COPY BINARY, value by value), plus the operation and
-    /// keep-current flags.
-    fn source_batch(&mut self) -> Result<RecordBatch, IngestError> {
+    /// decoder as the backfill's COPY BINARY, value by value, from the messages in place),
+    /// plus the operation and keep-current flags.
+    fn source_batch(&mut self, messages: &dyn Messages) -> Result<RecordBatch, IngestError> {
         let n = self.columns.len();
         let rows = self.pending.len();
+        let tuples = std::mem::take(&mut self.tuples);
+        let mut pending: Vec<Pending> = std::mem::take(&mut self.pending).into_values().collect();
+        // In the order the changes arrived: the tuples are then read front to back through the
+        // batch's messages instead of in hash order.
+        pending.sort_unstable_by_key(|p| p.tuple);
+        let corrupt = |e: pgoutput::ProtocolError| IngestError::Cdc {
+            message: format!("table {}: a folded change no longer reads: {e}", self.source.name),
+        };
+        let tuple = |at: &At| pgoutput::tuple_at(messages.message(at.message as usize), at.offset as usize);
         let mut ops: Vec<&'static str> = Vec::with_capacity(rows);
         let mut keep: Vec<Option<BooleanBuilder>> = (0..n).map(|_| None).collect();
         let mut decoder = CopyDecoder::new(format!("{} (CDC)", self.source.name), self.columns.clone(), rows.max(1));
         let mut out = Vec::new();
-        for (r, (_, p)) in self.pending.drain().enumerate() {
-            let (values, op) = match p {
-                Pending::Insert(v) => (v, "I"),
-                Pending::Upsert(v) => (v, "U"),
-                Pending::Delete(v) => (v, "D"),
-            };
-            ops.push(op);
+        let mut values: Vec<Value<'_>> = Vec::with_capacity(n);
+        for (r, p) in pending.into_iter().enumerate() {
+            ops.push(p.op.code());
+            let at = &tuples[p.tuple as usize];
+            values.clear();
+            values.extend(tuple(at).map_err(corrupt)?.iter());
+            if at.prev != NO_PREV {
+                // An update that left TOASTed values unsent: they are the key's earlier row's in
+                // this batch (or, where that one left them unsent too, the one before it).
+                for (i, v) in values.iter_mut().enumerate() {
+                    let mut prev = at.prev;
+                    while *v == Value::Unchanged && prev != NO_PREV {
+                        let earlier = &tuples[prev as usize];
+                        match tuple(earlier).map_err(corrupt)?.get(i) {
+                            Some(e) => *v = e,
+                            None => break,
+                        }
+                        prev = earlier.prev;
+                    }
+                }
+            }
             for (i, kb) in keep.iter_mut().enumerate() {
                 let unchanged = values.get(i) == Some(&Value::Unchanged);
                 if unchanged && kb.is_none() {
@@ -972,17 +1073,7 @@ impl TableState {
                     b.append_value(unchanged);
                 }
             }
-            let mut text = None;
-            let fields = (0..n).map(|i| match values.get(i) {
-                Some(Value::Binary(b)) => Some(b.as_ref()),
-                Some(Value::Text(_)) => {
-                    text.get_or_insert(i);
-                    None
-                }
-                Some(Value::Null | Value::Unchanged) | None => None,
-            });
-            decoder.push_row(fields, &mut out)?;
-            if let Some(i) = text {
+            if let Some(i) = values.iter().position(|v| matches!(v, Value::Text(_))) {
                 return Err(IngestError::Cdc {
                     message: format!(
                         "table {}: column {} arrived in text form; the slot must be read with binary 'true'",
@@ -990,6 +1081,11 @@ impl TableState {
                     ),
                 });
             }
+            let fields = (0..n).map(|i| match values.get(i) {
+                Some(Value::Binary(b)) => Some(*b),
+                _ => None,
+            });
+            decoder.push_row(fields, &mut out)?;
         }
         decoder.flush(&mut out);
         let decoded = arrow_schema(&self.columns);
@@ -1042,6 +1138,7 @@ mod tests {
             columns: Vec::new(),
             key_positions: Vec::new(),
             pending: FxHashMap::default(),
+            tuples: Vec::new(),
             only_inserts: true,
             truncated: false,
             changes: TableChanges::default(),
@@ -1068,18 +1165,72 @@ mod tests {
         }
     }
 
-    fn row(id: i64, v: Option<&str>) -> Vec<Value> {
-        vec![
-            Value::Binary(Bytes::copy_from_slice(&id.to_be_bytes())),
-            match v {
-                Some(s) => Value::Binary(Bytes::copy_from_slice(s.as_bytes())),
-                None => Value::Unchanged,
-            },
-        ]
+    impl Messages for Vec<Vec<u8>> {
+        fn message(&self, i: usize) -> &[u8] {
+            &self[i]
+        }
     }
 
-    fn folded(st: &mut TableState) -> Vec<(i64, String, Option<String>, bool)> {
-        let b = st.source_batch().unwrap();
+    /// A tuple `(id, v)` as pgoutput sends it (`v` unsent when None).
+    fn row(id: i64, v: Option<&str>) -> Vec<u8> {
+        let mut b = 2i16.to_be_bytes().to_vec();
+        b.push(b'b');
+        b.extend_from_slice(&8i32.to_be_bytes());
+        b.extend_from_slice(&id.to_be_bytes());
+        match v {
+            Some(s) => {
+                b.push(b'b');
+                b.extend_from_slice(&(s.len() as i32).to_be_bytes());
+                b.extend_from_slice(s.as_bytes());
+            }
+            None => b.push(b'u'),
+        }
+        b
+    }
+
+    /// The batch's messages, each one tuple (or an old tuple then a new one: [`old_new`]).
+    struct Batch(Vec<Vec<u8>>);
+
+    impl Batch {
+        fn new() -> Self {
+            Self(Vec::new())
+        }
+        /// Adds a message; its index and tuple.
+        fn push(&mut self, data: Vec<u8>) -> usize {
+            self.0.push(data);
+            self.0.len() - 1
+        }
+        fn tuple(&self, m: usize, offset: usize) -> Tuple<'_> {
+            pgoutput::tuple_at(&self.0[m], offset).unwrap()
+        }
+        fn insert(&mut self, st: &mut TableState, id: i64, v: Option<&str>) -> Result<(), IngestError> {
+            let m = self.push(row(id, v));
+            st.insert(m, self.tuple(m, 0))
+        }
+        fn update(&mut self, st: &mut TableState, id: i64, v: Option<&str>) -> Result<(), IngestError> {
+            let m = self.push(row(id, v));
+            st.update(m, None, self.tuple(m, 0))
+        }
+        /// An update sending the old row too (a key change when the ids differ).
+        fn old_new(
+            &mut self,
+            st: &mut TableState,
+            old: (i64, Option<&str>),
+            new: (i64, Option<&str>),
+        ) -> Result<(), IngestError> {
+            let first = row(old.0, old.1);
+            let at = first.len();
+            let m = self.push([first, row(new.0, new.1)].concat());
+            st.update(m, Some(self.tuple(m, 0)), self.tuple(m, at))
+        }
+        fn delete(&mut self, st: &mut TableState, id: i64, v: Option<&str>) -> Result<(), IngestError> {
+            let m = self.push(row(id, v));
+            st.delete(m, self.tuple(m, 0))
+        }
+    }
+
+    fn folded(st: &mut TableState, batch: &Batch) -> Vec<(i64, String, Option<String>, bool)> {
+        let b = st.source_batch(&batch.0).unwrap();
         let ids = b.column(0).as_any().downcast_ref::<arrow_array::Int64Array>().unwrap();
         let vs = b.column(1).as_any().downcast_ref::<StringArray>().unwrap();
         let ops = b.column_by_name(OP).unwrap().as_any().downcast_ref::<StringArray>().unwrap();
@@ -1102,36 +1253,36 @@ mod tests {
 
     #[test]
     fn only_a_batch_of_inserts_is_appended() {
-        let mut st = table();
-        st.insert(row(1, Some("a"))).unwrap();
-        st.insert(row(2, Some("b"))).unwrap();
+        let (mut st, mut b) = (table(), Batch::new());
+        b.insert(&mut st, 1, Some("a")).unwrap();
+        b.insert(&mut st, 2, Some("b")).unwrap();
         assert!(st.only_inserts, "new keys only");
         for change in [
-            |st: &mut TableState| st.update(None, row(1, Some("c"))).unwrap(),
-            |st: &mut TableState| st.delete(row(2, Some("b"))).unwrap(),
-            |st: &mut TableState| st.truncate(),
+            |st: &mut TableState, b: &mut Batch| b.update(st, 1, Some("c")).unwrap(),
+            |st: &mut TableState, b: &mut Batch| b.delete(st, 2, Some("b")).unwrap(),
+            |st: &mut TableState, _: &mut Batch| st.truncate(),
         ] {
-            let mut st = table();
-            st.insert(row(3, Some("x"))).unwrap();
-            change(&mut st);
-            st.insert(row(4, Some("y"))).unwrap();
+            let (mut st, mut b) = (table(), Batch::new());
+            b.insert(&mut st, 3, Some("x")).unwrap();
+            change(&mut st, &mut b);
+            b.insert(&mut st, 4, Some("y")).unwrap();
             assert!(!st.only_inserts, "an update, delete or truncate in the batch means a merge");
         }
     }
 
     #[test]
     fn the_last_change_of_a_key_wins_and_keys_the_batch_inserted_are_new() {
-        let mut st = table();
-        st.insert(row(1, Some("a"))).unwrap();
-        st.update(None, row(1, Some("b"))).unwrap();
-        st.insert(row(2, Some("x"))).unwrap();
-        st.delete(row(2, Some("x"))).unwrap();
-        st.update(None, row(3, Some("c"))).unwrap();
-        st.delete(row(4, Some("d"))).unwrap();
-        st.insert(row(4, Some("e"))).unwrap();
-        st.delete(row(6, Some("f"))).unwrap();
+        let (mut st, mut b) = (table(), Batch::new());
+        b.insert(&mut st, 1, Some("a")).unwrap();
+        b.update(&mut st, 1, Some("b")).unwrap();
+        b.insert(&mut st, 2, Some("x")).unwrap();
+        b.delete(&mut st, 2, Some("x")).unwrap();
+        b.update(&mut st, 3, Some("c")).unwrap();
+        b.delete(&mut st, 4, Some("d")).unwrap();
+        b.insert(&mut st, 4, Some("e")).unwrap();
+        b.delete(&mut st, 6, Some("f")).unwrap();
         assert_eq!(
-            folded(&mut st),
+            folded(&mut st, &b),
             vec![
                 // inserted, then updated: still new to the lake
                 (1, "I".into(), Some("b".into()), false),
@@ -1147,34 +1298,39 @@ mod tests {
 
     #[test]
     fn a_key_change_deletes_the_old_key_and_unchanged_values_come_from_the_batch_or_the_lake() {
-        let mut st = table();
-        st.update(Some(row(1, Some("a"))), row(5, Some("a"))).unwrap();
-        st.insert(row(7, Some("seven"))).unwrap();
-        st.update(None, row(7, None)).unwrap();
-        st.update(None, row(8, None)).unwrap();
+        let (mut st, mut b) = (table(), Batch::new());
+        b.old_new(&mut st, (1, Some("a")), (5, Some("a"))).unwrap();
+        b.insert(&mut st, 7, Some("seven")).unwrap();
+        b.update(&mut st, 7, None).unwrap();
+        b.update(&mut st, 8, None).unwrap();
+        // Unsent twice in a row: the value comes from two changes back.
+        b.update(&mut st, 10, Some("ten")).unwrap();
+        b.update(&mut st, 10, None).unwrap();
+        b.update(&mut st, 10, None).unwrap();
         assert_eq!(
-            folded(&mut st),
+            folded(&mut st, &b),
             vec![
                 (1, "D".into(), Some("a".into()), false),
                 (5, "U".into(), Some("a".into()), false),
                 (7, "I".into(), Some("seven".into()), false),
-                (8, "U".into(), None, true)
+                (8, "U".into(), None, true),
+                (10, "U".into(), Some("ten".into()), false)
             ]
         );
-        assert!(st.update(Some(row(8, Some("x"))), row(9, None)).is_err(), "key change with an unsent TOAST value");
+        assert!(b.old_new(&mut st, (8, Some("x")), (9, None)).is_err(), "key change with an unsent TOAST value");
     }
 
     #[tokio::test]
     async fn a_batch_whose_inserts_were_deleted_again_writes_nothing_and_the_next_appends() {
-        let mut st = table();
-        st.insert(row(1, Some("a"))).unwrap();
-        st.delete(row(1, Some("a"))).unwrap();
+        let (mut st, mut b) = (table(), Batch::new());
+        b.insert(&mut st, 1, Some("a")).unwrap();
+        b.delete(&mut st, 1, Some("a")).unwrap();
         assert!(st.pending.is_empty() && !st.only_inserts);
         let dir = tempfile::tempdir().unwrap();
         let root = dir.path().join("lake");
         let location = weir_core::LakeLocation::Local { root: root.clone() };
         let lake = Lake::open(location, &weir_core::S3Settings::default(), false).unwrap();
-        st.apply(&lake, "slot", 42).await.unwrap();
+        st.apply(&lake, "slot", 42, Arc::new(b.0)).await.unwrap();
         assert!(st.only_inserts, "the next batch of inserts is appended, not merged");
         assert!(!root.join("bronze").exists(), "nothing was written");
     }
@@ -1189,12 +1345,12 @@ mod tests {
 
     #[test]
     fn a_truncate_drops_earlier_changes() {
-        let mut st = table();
-        st.insert(row(1, Some("a"))).unwrap();
+        let (mut st, mut b) = (table(), Batch::new());
+        b.insert(&mut st, 1, Some("a")).unwrap();
         st.truncate();
-        st.insert(row(2, Some("b"))).unwrap();
+        b.insert(&mut st, 2, Some("b")).unwrap();
         assert!(st.truncated);
-        assert_eq!(folded(&mut st), vec![(2, "I".into(), Some("b".into()), false)], "new to the emptied table");
+        assert_eq!(folded(&mut st, &b), vec![(2, "I".into(), Some("b".into()), false)], "new to the emptied table");
     }
 
     #[test]
@@ -1209,8 +1365,9 @@ mod tests {
         st.relation(&rel(&[("id", 20), ("v", 25), ("extra", 23)])).unwrap();
         assert_eq!(st.columns.len(), 3);
         // A tuple from before the ADD COLUMN is padded with NULL.
-        st.insert(row(4, Some("d"))).unwrap();
-        let b = st.source_batch().unwrap();
+        let mut b = Batch::new();
+        b.insert(&mut st, 4, Some("d")).unwrap();
+        let b = st.source_batch(&b.0).unwrap();
         assert_eq!(b.column_by_name("extra").unwrap().null_count(), 1);
     }
 }

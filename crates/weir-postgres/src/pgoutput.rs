@@ -1,9 +1,7 @@
 //! The `pgoutput` logical replication protocol (version 1): the messages a logical slot
 //! emits, decoded from their wire form. Column values are kept as the raw bytes PostgreSQL
 //! sent (with `binary 'true'`, each type's binary send format, the same bytes COPY BINARY
-//! carries), so one decoder turns both into Arrow.
-
-use bytes::{Buf, Bytes};
+//! carries), read in place from the message, so one decoder turns both into Arrow.
 
 /// A LSN as PostgreSQL prints it: `16/B374D848`.
 pub fn format_lsn(lsn: u64) -> String {
@@ -18,16 +16,103 @@ pub fn parse_lsn(text: &str) -> Option<u64> {
     (hi <= 0xffff_ffff && lo <= 0xffff_ffff).then_some((hi << 32) | lo)
 }
 
-/// One column value in a tuple.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub enum Value {
+/// One column value in a tuple, borrowed from the message.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Value<'a> {
     Null,
     /// A TOASTed value the update did not change: not sent; the current value stands.
     Unchanged,
     /// The value in text form (`binary 'false'`).
-    Text(Bytes),
+    Text(&'a [u8]),
     /// The value in its type's binary send format.
-    Binary(Bytes),
+    Binary(&'a [u8]),
+}
+
+/// A tuple as the message carries it: validated when the message is decoded, its values read
+/// in place (no copy, no allocation).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Tuple<'a> {
+    /// The values, from the first one's kind byte to the end of the last one.
+    values: &'a [u8],
+    len: usize,
+    /// Where the tuple (its column count) starts in its message.
+    offset: usize,
+}
+
+impl<'a> Tuple<'a> {
+    /// The number of columns sent.
+    pub fn len(&self) -> usize {
+        self.len
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len == 0
+    }
+
+    /// Where the tuple starts in its message: [`tuple_at`] reads it again from there.
+    pub fn offset(&self) -> usize {
+        self.offset
+    }
+
+    pub fn iter(&self) -> TupleValues<'a> {
+        TupleValues { rest: self.values, left: self.len }
+    }
+
+    /// The value of column `i` (a scan from the first column).
+    pub fn get(&self, i: usize) -> Option<Value<'a>> {
+        self.iter().nth(i)
+    }
+}
+
+impl<'a> IntoIterator for Tuple<'a> {
+    type Item = Value<'a>;
+    type IntoIter = TupleValues<'a>;
+    fn into_iter(self) -> TupleValues<'a> {
+        self.iter()
+    }
+}
+
+/// The values of a [`Tuple`], in column order.
+#[derive(Debug, Clone)]
+pub struct TupleValues<'a> {
+    rest: &'a [u8],
+    left: usize,
+}
+
+impl<'a> Iterator for TupleValues<'a> {
+    type Item = Value<'a>;
+
+    fn next(&mut self) -> Option<Value<'a>> {
+        // The tuple was validated when its message was decoded: every read below is in bounds
+        // (a short read ends the iteration rather than panicking).
+        if self.left == 0 {
+            return None;
+        }
+        let (&kind, rest) = self.rest.split_first()?;
+        self.left -= 1;
+        let value = match kind {
+            b'n' => {
+                self.rest = rest;
+                Value::Null
+            }
+            b'u' => {
+                self.rest = rest;
+                Value::Unchanged
+            }
+            _ => {
+                let (len, rest) = rest.split_first_chunk::<4>()?;
+                let len = i32::from_be_bytes(*len) as usize;
+                let (v, rest) = rest.split_at_checked(len)?;
+                self.rest = rest;
+                if kind == b't' { Value::Text(v) } else { Value::Binary(v) }
+            }
+        };
+        Some(value)
+    }
+
+    fn size_hint(&self) -> (usize, Option<usize>) {
+        (self.left, Some(self.left))
+    }
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -49,8 +134,9 @@ pub struct Relation {
     pub columns: Vec<RelationColumn>,
 }
 
+/// One message; the tuples of data messages borrow from its bytes.
 #[derive(Debug, Clone, PartialEq, Eq)]
-pub enum Message {
+pub enum Message<'a> {
     Begin {
         /// The LSN of the commit record.
         final_lsn: u64,
@@ -73,17 +159,17 @@ pub enum Message {
     },
     Insert {
         relation: u32,
-        new: Vec<Value>,
+        new: Tuple<'a>,
     },
     Update {
         relation: u32,
         /// The old key (`K`, replica identity default/index) or old row (`O`, full), when sent.
-        old: Option<Vec<Value>>,
-        new: Vec<Value>,
+        old: Option<Tuple<'a>>,
+        new: Tuple<'a>,
     },
     Delete {
         relation: u32,
-        old: Vec<Value>,
+        old: Tuple<'a>,
     },
     Truncate {
         relations: Vec<u32>,
@@ -101,88 +187,98 @@ pub struct ProtocolError {
     pub reason: String,
 }
 
-struct Reader {
-    buf: Bytes,
+struct Reader<'a> {
+    data: &'a [u8],
+    at: usize,
     kind: char,
 }
 
-impl Reader {
-    fn need(&self, n: usize) -> Result<(), ProtocolError> {
-        if self.buf.remaining() < n {
-            return Err(self.err(format!("needs {n} more bytes, {} left", self.buf.remaining())));
-        }
-        Ok(())
-    }
+impl<'a> Reader<'a> {
     fn err(&self, reason: impl Into<String>) -> ProtocolError {
         ProtocolError { kind: self.kind, reason: reason.into() }
     }
-    fn u8(&mut self) -> Result<u8, ProtocolError> {
-        self.need(1)?;
-        Ok(self.buf.get_u8())
-    }
-    fn i16(&mut self) -> Result<i16, ProtocolError> {
-        self.need(2)?;
-        Ok(self.buf.get_i16())
-    }
-    fn i32(&mut self) -> Result<i32, ProtocolError> {
-        self.need(4)?;
-        Ok(self.buf.get_i32())
-    }
-    fn u32(&mut self) -> Result<u32, ProtocolError> {
-        self.need(4)?;
-        Ok(self.buf.get_u32())
-    }
-    fn u64(&mut self) -> Result<u64, ProtocolError> {
-        self.need(8)?;
-        Ok(self.buf.get_u64())
-    }
-    fn i64(&mut self) -> Result<i64, ProtocolError> {
-        self.need(8)?;
-        Ok(self.buf.get_i64())
-    }
-    fn string(&mut self) -> Result<String, ProtocolError> {
-        let Some(end) = self.buf.iter().position(|b| *b == 0) else {
-            return Err(self.err("unterminated string"));
-        };
-        let s = String::from_utf8(self.buf[..end].to_vec()).map_err(|_| self.err("string is not UTF-8"))?;
-        self.buf.advance(end + 1);
+    fn take(&mut self, n: usize) -> Result<&'a [u8], ProtocolError> {
+        let left = self.data.len() - self.at;
+        if left < n {
+            return Err(self.err(format!("needs {n} more bytes, {left} left")));
+        }
+        let s = &self.data[self.at..self.at + n];
+        self.at += n;
         Ok(s)
     }
-    fn bytes(&mut self, n: usize) -> Result<Bytes, ProtocolError> {
-        self.need(n)?;
-        Ok(self.buf.split_to(n))
+    fn array<const N: usize>(&mut self) -> Result<[u8; N], ProtocolError> {
+        let mut a = [0; N];
+        a.copy_from_slice(self.take(N)?);
+        Ok(a)
     }
-    fn tuple(&mut self) -> Result<Vec<Value>, ProtocolError> {
+    fn u8(&mut self) -> Result<u8, ProtocolError> {
+        Ok(self.take(1)?[0])
+    }
+    fn i16(&mut self) -> Result<i16, ProtocolError> {
+        Ok(i16::from_be_bytes(self.array()?))
+    }
+    fn i32(&mut self) -> Result<i32, ProtocolError> {
+        Ok(i32::from_be_bytes(self.array()?))
+    }
+    fn u32(&mut self) -> Result<u32, ProtocolError> {
+        Ok(u32::from_be_bytes(self.array()?))
+    }
+    fn u64(&mut self) -> Result<u64, ProtocolError> {
+        Ok(u64::from_be_bytes(self.array()?))
+    }
+    fn i64(&mut self) -> Result<i64, ProtocolError> {
+        Ok(i64::from_be_bytes(self.array()?))
+    }
+    fn string(&mut self) -> Result<String, ProtocolError> {
+        let rest = &self.data[self.at..];
+        let Some(end) = rest.iter().position(|b| *b == 0) else {
+            return Err(self.err("unterminated string"));
+        };
+        let s = std::str::from_utf8(&rest[..end]).map_err(|_| self.err("string is not UTF-8"))?.to_string();
+        self.at += end + 1;
+        Ok(s)
+    }
+    /// Walks a tuple once, checking every length, so its values can be read in place later.
+    fn tuple(&mut self) -> Result<Tuple<'a>, ProtocolError> {
+        let offset = self.at;
         let n = self.i16()?;
         if n < 0 {
             return Err(self.err(format!("negative column count {n}")));
         }
-        let mut values = Vec::with_capacity(n as usize);
+        let start = self.at;
         for _ in 0..n {
-            values.push(match self.u8()? {
-                b'n' => Value::Null,
-                b'u' => Value::Unchanged,
-                kind @ (b't' | b'b') => {
+            match self.u8()? {
+                b'n' | b'u' => {}
+                b't' | b'b' => {
                     let len = self.i32()?;
                     if len < 0 {
                         return Err(self.err(format!("negative value length {len}")));
                     }
-                    let v = self.bytes(len as usize)?;
-                    if kind == b't' { Value::Text(v) } else { Value::Binary(v) }
+                    self.take(len as usize)?;
                 }
                 other => return Err(self.err(format!("unknown tuple value kind {:?}", other as char))),
-            });
+            }
         }
-        Ok(values)
+        Ok(Tuple { values: &self.data[start..self.at], len: n as usize, offset })
     }
 }
 
-/// Decodes one message (one row of `pg_logical_slot_peek_binary_changes`).
-pub fn decode(data: Bytes) -> Result<Message, ProtocolError> {
+/// The tuple starting at `offset` of `message` (a [`Tuple::offset`] of the same bytes).
+pub fn tuple_at(message: &[u8], offset: usize) -> Result<Tuple<'_>, ProtocolError> {
+    let kind = message.first().map_or('?', |&b| b as char);
+    if offset > message.len() {
+        return Err(ProtocolError { kind, reason: format!("no tuple at byte {offset} of {}", message.len()) });
+    }
+    Reader { data: message, at: offset, kind }.tuple()
+}
+
+/// Decodes one message (one row of `pg_logical_slot_peek_binary_changes`); its tuples borrow
+/// from `data`.
+pub fn decode(data: &[u8]) -> Result<Message<'_>, ProtocolError> {
     let Some(&first) = data.first() else {
         return Err(ProtocolError { kind: '?', reason: "empty message".into() });
     };
-    let mut r = Reader { buf: data.slice(1..), kind: first as char };
+    let mut r = Reader { data, at: 1, kind: first as char };
     let msg = match first {
         b'B' => Message::Begin { final_lsn: r.u64()?, commit_time: r.i64()?, xid: r.u32()? },
         b'C' => {
@@ -316,17 +412,14 @@ mod tests {
         b.put_u64(0x100);
         b.put_i64(42);
         b.put_u32(7);
-        assert_eq!(decode(b.split().freeze()).unwrap(), Message::Begin { final_lsn: 0x100, commit_time: 42, xid: 7 });
+        assert_eq!(decode(&b.split()).unwrap(), Message::Begin { final_lsn: 0x100, commit_time: 42, xid: 7 });
 
         b.put_u8(b'C');
         b.put_u8(0);
         b.put_u64(0x100);
         b.put_u64(0x128);
         b.put_i64(42);
-        assert_eq!(
-            decode(b.split().freeze()).unwrap(),
-            Message::Commit { commit_lsn: 0x100, end_lsn: 0x128, commit_time: 42 }
-        );
+        assert_eq!(decode(&b.split()).unwrap(), Message::Commit { commit_lsn: 0x100, end_lsn: 0x128, commit_time: 42 });
 
         b.put_u8(b'R');
         b.put_u32(16_384);
@@ -341,7 +434,7 @@ mod tests {
         b.put_slice(b"price\0");
         b.put_u32(1700);
         b.put_i32((12 << 16 | 2) + 4);
-        let Message::Relation(rel) = decode(b.split().freeze()).unwrap() else { panic!("not a relation") };
+        let Message::Relation(rel) = decode(&b.split()).unwrap() else { panic!("not a relation") };
         assert_eq!(rel.name, "listings");
         assert_eq!(rel.namespace, "public");
         assert_eq!(rel.columns.len(), 2);
@@ -366,12 +459,21 @@ mod tests {
         b.put_u8(b't');
         b.put_i32(2);
         b.put_slice(b"hi");
-        let m = decode(b.freeze()).unwrap();
+        let m = decode(&b).unwrap();
         let Message::Update { relation, old: Some(old), new } = m else { panic!("not an update with a key: {m:?}") };
         assert_eq!(relation, 5);
-        assert_eq!(old, vec![Value::Binary(Bytes::copy_from_slice(&1i64.to_be_bytes())), Value::Null]);
-        assert_eq!(new[1], Value::Unchanged);
-        assert_eq!(new[2], Value::Text(Bytes::from_static(b"hi")));
+        assert_eq!(old.iter().collect::<Vec<_>>(), vec![Value::Binary(&1i64.to_be_bytes()), Value::Null]);
+        assert_eq!(new.len(), 3);
+        assert_eq!(
+            new.iter().collect::<Vec<_>>(),
+            vec![Value::Binary(&2i64.to_be_bytes()), Value::Unchanged, Value::Text(b"hi")]
+        );
+        assert_eq!(new.get(1), Some(Value::Unchanged));
+        assert_eq!(new.get(3), None);
+        // Found again from its offset, as a folded change refers to it.
+        assert_eq!(tuple_at(&b, new.offset()).unwrap(), new);
+        assert_eq!(tuple_at(&b, old.offset()).unwrap(), old);
+        assert!(tuple_at(&b, b.len() + 1).is_err());
     }
 
     #[test]
@@ -381,13 +483,15 @@ mod tests {
         b.put_u32(9);
         b.put_u8(b'N');
         tuple(&mut b, &[Some(b"abc")]);
-        assert!(matches!(decode(b.split().freeze()).unwrap(), Message::Insert { relation: 9, .. }));
+        assert!(matches!(decode(&b.split()).unwrap(), Message::Insert { relation: 9, .. }));
 
         b.put_u8(b'D');
         b.put_u32(9);
         b.put_u8(b'O');
         tuple(&mut b, &[None]);
-        assert_eq!(decode(b.split().freeze()).unwrap(), Message::Delete { relation: 9, old: vec![Value::Null] });
+        let data = b.split();
+        let Message::Delete { relation: 9, old } = decode(&data).unwrap() else { panic!("not a delete") };
+        assert_eq!(old.iter().collect::<Vec<_>>(), vec![Value::Null]);
 
         b.put_u8(b'T');
         b.put_i32(2);
@@ -395,16 +499,16 @@ mod tests {
         b.put_u32(9);
         b.put_u32(10);
         assert_eq!(
-            decode(b.split().freeze()).unwrap(),
+            decode(&b.split()).unwrap(),
             Message::Truncate { relations: vec![9, 10], cascade: true, restart_identity: false }
         );
     }
 
     #[test]
     fn malformed_messages_are_errors_not_panics() {
-        assert!(decode(Bytes::new()).is_err());
-        assert!(decode(Bytes::from_static(b"B\0\0")).is_err());
-        assert!(decode(Bytes::from_static(b"Z")).is_err());
+        assert!(decode(b"").is_err());
+        assert!(decode(b"B\0\0").is_err());
+        assert!(decode(b"Z").is_err());
         let mut b = BytesMut::new();
         b.put_u8(b'I');
         b.put_u32(9);
@@ -413,7 +517,7 @@ mod tests {
         b.put_u8(b'b');
         b.put_i32(100);
         b.put_slice(b"short");
-        let e = decode(b.freeze()).unwrap_err();
+        let e = decode(&b).unwrap_err();
         assert_eq!(e.kind, 'I');
         assert!(e.reason.contains("needs 100 more bytes"), "{e}");
     }

@@ -356,33 +356,55 @@ async fn run_weir(url: &str, lake: &Lake, extra: &[&str]) -> std::process::Outpu
 /// no row is lost or doubled.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn sigkill_and_resume() {
-    let (lakes, _server, _dir) = lakes().await;
+    let (lakes, _server, dir) = lakes().await;
     let (_pg, url) = common::marketplace(0.3, 8).await;
     let lake = &lakes[0];
+    let backfill = |lake: &Lake| {
+        let mut c = std::process::Command::new(common::weir_bin());
+        c.args(["backfill", "--pg", &url, "--lake", lake.url().as_str(), "--no-slot", "--chunk-rows", "4000"]);
+        c
+    };
+    // How long a whole backfill takes here (into a lake of its own), so the kills land inside
+    // one whatever the speed of the machine and the build: fixed windows let a fast build
+    // finish before every kill.
+    let timing =
+        Lake::open(LakeLocation::Local { root: dir.path().join("timing") }, &S3Settings::default(), false).unwrap();
+    let clock = std::time::Instant::now();
+    let out = backfill(&timing).output().unwrap();
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let whole = clock.elapsed().as_millis() as u64;
+    let root = dir.path().join("local");
     let mut seed = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap().as_nanos() as u64;
     let mut killed_mid_run = 0;
     for round in 0..3 {
         seed = seed.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);
-        let wait = 700 + (seed >> 33) % 1200;
-        let mut child = std::process::Command::new(common::weir_bin())
-            .args(["backfill", "--pg", &url, "--lake", lake.url().as_str(), "--no-slot", "--chunk-rows", "4000"])
-            .stdout(std::process::Stdio::piped())
-            .stderr(std::process::Stdio::piped())
-            .spawn()
-            .unwrap();
-        tokio::time::sleep(Duration::from_millis(wait)).await;
+        let before = landed_marks(&root);
+        let mut child =
+            backfill(lake).stdout(std::process::Stdio::piped()).stderr(std::process::Stdio::piped()).spawn().unwrap();
+        // Killed once this run has landed something durable (a chunk manifest or a commit),
+        // a random moment later: killed before that, the rerun would have nothing to resume.
+        let clock = std::time::Instant::now();
+        while child.try_wait().unwrap().is_none()
+            && clock.elapsed() < Duration::from_millis(3 * whole)
+            && landed_marks(&root).is_subset(&before)
+        {
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+        let landed = clock.elapsed().as_millis();
+        tokio::time::sleep(Duration::from_millis((seed >> 33) % (whole / 3).max(1))).await;
         if child.try_wait().unwrap().is_none() {
             child.kill().unwrap(); // SIGKILL
             killed_mid_run += 1;
         }
         let out = child.wait_with_output().unwrap();
-        eprintln!("round {round}: killed after {wait} ms: {:?}", out.status);
+        eprintln!(
+            "round {round}: first landing after {landed} ms, killed after {} ms (a whole run {whole} ms): {:?}",
+            clock.elapsed().as_millis(),
+            out.status
+        );
     }
     assert!(killed_mid_run > 0, "no run was interrupted; the test proves nothing");
-    let out = std::process::Command::new(common::weir_bin())
-        .args(["backfill", "--pg", &url, "--lake", lake.url().as_str(), "--no-slot", "--chunk-rows", "4000"])
-        .output()
-        .unwrap();
+    let out = backfill(lake).output().unwrap();
     let stdout = String::from_utf8_lossy(&out.stdout);
     assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
     assert!(stdout.contains("resumed") || stdout.contains("already landed"), "{stdout}");
@@ -401,6 +423,28 @@ async fn sigkill_and_resume() {
         "{}",
         String::from_utf8_lossy(&out.stdout)
     );
+}
+
+/// A local lake's chunk manifests and Delta commits: what a backfill has made durable.
+fn landed_marks(root: &std::path::Path) -> std::collections::HashSet<std::path::PathBuf> {
+    let mut marks = std::collections::HashSet::new();
+    let mut dirs = vec![root.to_path_buf()];
+    while let Some(d) = dirs.pop() {
+        let Ok(entries) = std::fs::read_dir(&d) else { continue };
+        for path in entries.flatten().map(|e| e.path()) {
+            if path.is_dir() {
+                dirs.push(path);
+                continue;
+            }
+            let s = path.to_string_lossy();
+            if (s.contains("/_weir/backfill/") && !s.ends_with("/run.json"))
+                || (s.contains("/_delta_log/") && s.ends_with(".json"))
+            {
+                marks.insert(path);
+            }
+        }
+    }
+    marks
 }
 
 /// The COPY workers speak the protocol themselves (weir_postgres::RawConnection), so their

@@ -97,6 +97,8 @@ struct Work {
     columns: Vec<PgColumn>,
     schema: SchemaRef,
     run: RunState,
+    /// Chunks an interrupted run had landed when this one took it over.
+    resumed: usize,
     counters: Arc<TableCounters>,
     first_start: Mutex<Option<Instant>>,
     last_end: Mutex<Option<Instant>>,
@@ -272,6 +274,7 @@ pub async fn backfill(
             columns: cols,
             schema,
             run,
+            resumed: done.len(),
             counters,
             first_start: Mutex::new(None),
             last_end: Mutex::new(None),
@@ -344,7 +347,6 @@ pub async fn backfill(
         let mut lsns: Vec<String> = manifests.iter().map(|m| m.snapshot_lsn.clone()).collect();
         lsns.sort();
         lsns.dedup();
-        let resumed = manifests.iter().filter(|m| m.snapshot_lsn != lsn).count();
         let metadata: HashMap<String, Value> = [
             ("weir.backfill.run_id", json!(work.run.run_id)),
             ("weir.source_table", json!(t.name)),
@@ -382,7 +384,7 @@ pub async fn backfill(
             bytes,
             files,
             seconds,
-            resumed_chunks: resumed,
+            resumed_chunks: work.resumed,
             chunks: work.run.chunks.len(),
             snapshot_lsn: work.run.snapshot_lsn.clone(),
         });

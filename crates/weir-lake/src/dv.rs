@@ -842,11 +842,14 @@ pub(crate) async fn merge_on_read(
     };
     let data_pieces = file_pieces(data, &partition_columns, layout.key_files.map(|rows| (on[0].as_str(), rows)))
         .map_err(|e| generic(rel, e))?;
+    let gathered = clock.elapsed();
     // Both are awaited even when one fails: no file is left being written behind the error.
     let (written, changed) = futures::join!(
         write_pieces(Target::Table(Arc::new(table.clone())), rel, &writer, data_pieces),
         write_pieces(change_target, rel, &writer, change_pieces),
     );
+    let new_files = written.as_ref().map_or(0, Vec::len);
+    let encoded = clock.elapsed();
     actions.extend(written?.into_iter().map(Action::Add));
     for a in changed? {
         actions.push(Action::Cdc(AddCDCFile {
@@ -918,8 +921,12 @@ pub(crate) async fn merge_on_read(
         inserted = stats.inserted,
         updated = stats.updated,
         deleted = stats.deleted,
+        new_files,
         scan_ms = scanned.as_millis() as u64,
         write_ms = (written - scanned).as_millis() as u64,
+        gather_ms = (gathered - scanned).as_millis() as u64,
+        files_ms = (encoded - gathered).as_millis() as u64,
+        retire_ms = (written - encoded).as_millis() as u64,
         total_ms = clock.elapsed().as_millis() as u64,
         "merged on read"
     );

@@ -377,7 +377,6 @@ async fn sigkill_and_resume() {
     let mut seed = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap().as_nanos() as u64;
     let mut killed_mid_run = 0;
     for round in 0..3 {
-        seed = seed.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);
         let before = landed_marks(&root);
         let mut child =
             backfill(lake).stdout(std::process::Stdio::piped()).stderr(std::process::Stdio::piped()).spawn().unwrap();
@@ -391,7 +390,7 @@ async fn sigkill_and_resume() {
             tokio::time::sleep(Duration::from_millis(5)).await;
         }
         let landed = clock.elapsed().as_millis();
-        tokio::time::sleep(Duration::from_millis((seed >> 33) % (whole / 3).max(1))).await;
+        tokio::time::sleep(Duration::from_millis(common::next_random(&mut seed) % (whole / 3).max(1))).await;
         if child.try_wait().unwrap().is_none() {
             child.kill().unwrap(); // SIGKILL
             killed_mid_run += 1;
@@ -427,24 +426,14 @@ async fn sigkill_and_resume() {
 
 /// A local lake's chunk manifests and Delta commits: what a backfill has made durable.
 fn landed_marks(root: &std::path::Path) -> std::collections::HashSet<std::path::PathBuf> {
-    let mut marks = std::collections::HashSet::new();
-    let mut dirs = vec![root.to_path_buf()];
-    while let Some(d) = dirs.pop() {
-        let Ok(entries) = std::fs::read_dir(&d) else { continue };
-        for path in entries.flatten().map(|e| e.path()) {
-            if path.is_dir() {
-                dirs.push(path);
-                continue;
-            }
+    common::files_under(root)
+        .into_iter()
+        .filter(|path| {
             let s = path.to_string_lossy();
-            if (s.contains("/_weir/backfill/") && !s.ends_with("/run.json"))
+            (s.contains("/_weir/backfill/") && !s.ends_with("/run.json"))
                 || (s.contains("/_delta_log/") && s.ends_with(".json"))
-            {
-                marks.insert(path);
-            }
-        }
-    }
-    marks
+        })
+        .collect()
 }
 
 /// The COPY workers speak the protocol themselves (weir_postgres::RawConnection), so their

@@ -121,21 +121,14 @@ async fn assert_key_ordered(lake: &Lake, root: &std::path::Path, rel: &str, merg
 
 /// The files under each Delta table of a local lake (not its log), relative to the table.
 fn files_on_disk(root: &std::path::Path, rel: &str) -> std::collections::BTreeSet<String> {
-    fn walk(dir: &std::path::Path, base: &std::path::Path, out: &mut std::collections::BTreeSet<String>) {
-        for e in std::fs::read_dir(dir).unwrap() {
-            let p = e.unwrap().path();
-            if p.is_dir() {
-                if !p.ends_with("_delta_log") {
-                    walk(&p, base, out);
-                }
-            } else {
-                out.insert(p.strip_prefix(base).unwrap().to_string_lossy().into_owned());
-            }
-        }
-    }
-    let mut out = std::collections::BTreeSet::new();
-    walk(&root.join(rel), &root.join(rel), &mut out);
-    out
+    let base = root.join(rel);
+    assert!(base.is_dir(), "{} is not a table folder", base.display());
+    common::files_under(&base)
+        .iter()
+        .map(|p| p.strip_prefix(&base).unwrap())
+        .filter(|p| !p.starts_with("_delta_log"))
+        .map(|p| p.to_string_lossy().into_owned())
+        .collect()
 }
 
 /// The number in "`verb` N file(s)" of `weir vacuum`'s summary line.

@@ -80,6 +80,22 @@ pub fn next_random(seed: &mut u64) -> u64 {
     *seed >> 33
 }
 
+/// Every file under `dir`, at any depth (none when it does not exist).
+pub fn files_under(dir: &std::path::Path) -> Vec<PathBuf> {
+    let mut files = Vec::new();
+    let mut dirs = vec![dir.to_path_buf()];
+    while let Some(d) = dirs.pop() {
+        for path in std::fs::read_dir(&d).into_iter().flatten().flatten().map(|e| e.path()) {
+            if path.is_dir() {
+                dirs.push(path);
+            } else {
+                files.push(path);
+            }
+        }
+    }
+    files
+}
+
 /// The active add actions of a Delta table of `lake`.
 pub async fn active_files(lake: &weir_lake::Lake, rel: &str) -> Vec<deltalake::kernel::Add> {
     use futures::TryStreamExt;

@@ -219,8 +219,8 @@ pub async fn sync(
         let mut oids: HashMap<u32, usize> = HashMap::new();
         let mut txn_lsn: Option<u64> = None;
         let mut end_lsn = None;
-        for (m, row) in rows.iter().enumerate() {
-            let data: &[u8] = row.get(0);
+        for m in 0..rows.len() {
+            let data = rows.message(m);
             let msg = pgoutput::decode(data).map_err(|e| IngestError::Cdc { message: format!("slot {slot}: {e}") })?;
             match msg {
                 Message::Begin { final_lsn, .. } => txn_lsn = Some(final_lsn),

@@ -14,6 +14,7 @@ use weir_synth::{GenerateOptions, NoProgress};
 use weir_testkit::PgCluster;
 
 mod floor;
+mod merge;
 
 #[derive(Debug, Parser)]
 #[command(name = "weir-bench", about = "Weir benchmarks, each against its peer in the same run")]
@@ -84,6 +85,18 @@ enum Bench {
         #[arg(long, default_value_t = 2)]
         runs: u32,
     },
+    /// A merge by key into a partitioned table (a CDC day's shape: a tenth of the rows updated
+    /// across every file, new keys, a few deletes): Weir's merge-on-read vs delta-rs's MERGE,
+    /// on copies of the same table, results compared.
+    Merge {
+        #[arg(long, default_value_t = 2_000_000)]
+        rows: i64,
+        /// Distinct existing keys changed (1 in 20 of them deleted); a tenth as many are inserted.
+        #[arg(long, default_value_t = 200_000)]
+        changes: usize,
+        #[arg(long, default_value_t = 3)]
+        runs: u32,
+    },
     /// Freshness lag of `weir run` (the release binary next to this one) under a steady write
     /// load: a writer commits price changes at --rate transactions/s for --seconds; the lag
     /// (source commit → marts committed) p50/p95 is read from `weir run`'s /metrics. The loop vacuums every 30 s (30 s retention), so that long runs fit on the disk.
@@ -145,6 +158,7 @@ fn main() -> Result<()> {
         }
         Bench::Serve { scale, make, runs, lookups } => rt.block_on(serve(scale, &make, runs, lookups)),
         Bench::Cdc { scale, runs } => rt.block_on(cdc(scale, runs)),
+        Bench::Merge { rows, changes, runs } => rt.block_on(merge::merge(rows, changes, runs)),
         Bench::Lag { scale, seconds, rate, make, run_log } => rt.block_on(lag(scale, seconds, rate, make, run_log)),
         Bench::Ml { scale, queries, exact, pit_rows } => rt.block_on(ml(scale, queries, exact, pit_rows)),
         Bench::Query { lake_dir, sql, runs, explain } => rt.block_on(query(&lake_dir, &sql, runs, explain)),

@@ -725,87 +725,65 @@ pub(crate) async fn merge_on_read(
             old_of[*s as usize] = Some((b, r));
         }
     }
-    // interleave() sources: 0 = the new rows, 1 + b = matched[b].old.
-    let olds: Vec<&RecordBatch> = matched.iter().map(|m| &m.old).collect();
-    // Column `c` of every interleave() source.
-    let sources = |c: usize| -> Vec<&dyn Array> {
-        std::iter::once(new_rows.column(c).as_ref()).chain(olds.iter().map(|o| o.column(c).as_ref())).collect()
-    };
     let mut stats = MergeStats::default();
-    let (mut pre_idx, mut insert_idx, mut delete_idx) = (Vec::new(), Vec::new(), Vec::new());
-    let mut post_rows: Vec<usize> = Vec::new();
+    // What the merge writes, by where each row's values are: inserts and updates (the data
+    // files), and with the change data feed the updates' old rows and the deleted rows.
+    let (mut inserts, mut posts, mut pres, mut deletes) = (Vec::new(), Vec::new(), Vec::new(), Vec::new());
     for (i, old) in old_of.iter().enumerate() {
         let upsert = ops.value(i) != "D";
         match (upsert, *old) {
             (true, Some((b, r))) => {
                 stats.updated += 1;
-                pre_idx.push((1 + b, r));
-                post_rows.push(i);
+                pres.push(RowRef::Old(b as u32, r as u32));
+                posts.push(RowRef::Post(i as u32));
             }
             (true, None) => {
                 stats.inserted += 1;
-                insert_idx.push((0, i));
+                inserts.push(RowRef::New(i as u32));
             }
             (false, Some((b, r))) => {
                 stats.deleted += 1;
-                delete_idx.push((1 + b, r));
+                deletes.push(RowRef::Old(b as u32, r as u32));
             }
             (false, None) => {}
         }
     }
-    // An updated row: the source's values, but the table's where it keeps them.
-    let mut post_cols = Vec::with_capacity(schema.fields().len());
-    for (c, k) in keep.iter().enumerate() {
-        let idx: Vec<(usize, usize)> = post_rows
-            .iter()
-            .map(|&i| match (k, old_of[i]) {
-                (Some(k), Some((b, r))) if k.is_valid(i) && k.value(i) => (1 + b, r),
-                _ => (0, i),
-            })
-            .collect();
-        post_cols.push(interleave(&sources(c), &idx).map_err(|e| generic(rel, e))?);
-    }
-    let post = RecordBatch::try_new_with_options(
-        schema.clone(),
-        post_cols,
-        &arrow::array::RecordBatchOptions::new().with_row_count(Some(post_rows.len())),
-    )
-    .map_err(|e| generic(rel, e))?;
-    let pick = |idx: &[(usize, usize)]| -> Result<RecordBatch, DeltaError> {
-        let cols = (0..schema.fields().len())
-            .map(|c| interleave(&sources(c), idx).map_err(|e| generic(rel, e)))
-            .collect::<Result<Vec<_>, _>>()?;
-        RecordBatch::try_new_with_options(
-            schema.clone(),
-            cols,
-            &arrow::array::RecordBatchOptions::new().with_row_count(Some(idx.len())),
-        )
-        .map_err(|e| generic(rel, e))
-    };
-    let inserts = pick(&insert_idx)?;
-    let (pre, deletes) = if layout.no_change_data {
-        (RecordBatch::new_empty(schema.clone()), RecordBatch::new_empty(schema.clone()))
-    } else {
-        (pick(&pre_idx)?, pick(&delete_idx)?)
-    };
-
     stats.deleted += matched.iter().map(|m| m.absent.len() as u64).sum::<u64>();
     // Nothing matched and nothing new (deletes of keys the table does not hold): a commit
     // with the transaction alone. Rewriting small files then would read as changed rows to
     // a change-feed reader (a commit without change files is read from its adds and removes).
     let changed = stats.inserted + stats.updated + stats.deleted > 0;
     let matched: Vec<Matched> = if changed { matched } else { Vec::new() };
-
-    // The new files: inserted and updated rows, and the live rows of rewritten files.
-    let mut to_write = vec![inserts.clone(), post.clone()];
-    to_write.extend(matched.iter().filter_map(|m| m.kept.clone()));
-    let data = concat_batches(&schema, &to_write).map_err(|e| generic(rel, e))?;
     let mut actions: Vec<Action> = Vec::new();
     if !has_deletion_vectors(&table) {
         actions.extend(upgrade_actions(&table, rel)?);
     }
 
-    // The change data feed.
+    // Each column of the new files is copied once, from where its values are, in the
+    // files' order (by partition, then by key with `key_files`).
+    let empty = RecordBatch::new_empty(schema.clone());
+    let gather = Gather {
+        batches: std::iter::once(&new_rows)
+            .chain(matched.iter().map(|m| &m.old))
+            .chain(matched.iter().map(|m| m.kept.as_ref().unwrap_or(&empty)))
+            .collect(),
+        matched: matched.len(),
+        keep: &keep,
+        old_of: &old_of,
+    };
+    let mut rows: Vec<RowRef> = inserts.iter().chain(&posts).copied().collect();
+    for (k, m) in matched.iter().enumerate() {
+        rows.extend((0..m.kept.as_ref().map_or(0, RecordBatch::num_rows)).map(|r| RowRef::Kept(k as u32, r as u32)));
+    }
+    let key_files = layout.key_files.map(|rows| (on[0].as_str(), rows));
+    let parts: Vec<&str> = partition_columns.iter().map(String::as_str).collect();
+    let rows = gather.ordered(&schema, rows, &parts, key_files.map(|(key, _)| key)).map_err(|e| generic(rel, e))?.0;
+    let data = gather.batch(&schema, &rows, None).map_err(|e| generic(rel, e))?;
+    let data_pieces = file_pieces(&data, &partition_columns, key_files).map_err(|e| generic(rel, e))?;
+
+    // The change data feed: its files one per partition like the new files, all encoded at
+    // the same time as those (one writer for every change row was the longest task of a
+    // merge).
     let change_schema = Arc::new(Schema::new(
         schema
             .fields()
@@ -814,34 +792,31 @@ pub(crate) async fn merge_on_read(
             .chain([Arc::new(Field::new(CHANGE_TYPE, DataType::Utf8, true))])
             .collect::<Vec<_>>(),
     ));
-    let mut changes = Vec::new();
-    for (kind, b) in
-        [("insert", &inserts), ("update_preimage", &pre), ("update_postimage", &post), ("delete", &deletes)]
-    {
-        if b.num_rows() == 0 || layout.no_change_data {
-            continue;
-        }
-        let mut cols = b.columns().to_vec();
-        cols.push(Arc::new(StringArray::from(vec![kind; b.num_rows()])));
-        changes.push(RecordBatch::try_new(change_schema.clone(), cols).map_err(|e| generic(rel, e))?);
-    }
-    // The change data files, one per partition like the new files, all encoded at the same
-    // time as those (one writer for every change row was the longest task of a merge).
     let change_target = Target::ChangeData {
         url: format!("{}/_change_data", lake.table_url(rel).as_str().trim_end_matches('/')),
         schema: change_schema.clone(),
         partition_columns: partition_columns.clone(),
         options: lake.storage_options().clone(),
     };
-    let change_pieces = match changes.is_empty() {
-        true => Vec::new(),
-        false => {
-            let all = concat_batches(&change_schema, &changes).map_err(|e| generic(rel, e))?;
-            file_pieces(all, &partition_columns, None).map_err(|e| generic(rel, e))?
+    let change_pieces = if layout.no_change_data {
+        Vec::new()
+    } else {
+        let mut rows = Vec::new();
+        let mut kinds = Vec::new();
+        for (kind, of) in
+            [("insert", &inserts), ("update_preimage", &pres), ("update_postimage", &posts), ("delete", &deletes)]
+        {
+            rows.extend(of.iter().copied());
+            kinds.extend(std::iter::repeat_n(kind, of.len()));
         }
+        let (rows, order) = gather.ordered(&schema, rows, &parts, None).map_err(|e| generic(rel, e))?;
+        let kinds: StringArray = match order {
+            Some(order) => order.iter().map(|&i| Some(kinds[i])).collect(),
+            None => kinds.into_iter().map(Some).collect(),
+        };
+        let all = gather.batch(&change_schema, &rows, Some(Arc::new(kinds))).map_err(|e| generic(rel, e))?;
+        file_pieces(&all, &partition_columns, None).map_err(|e| generic(rel, e))?
     };
-    let data_pieces = file_pieces(data, &partition_columns, layout.key_files.map(|rows| (on[0].as_str(), rows)))
-        .map_err(|e| generic(rel, e))?;
     let gathered = clock.elapsed();
     // Both are awaited even when one fails: no file is left being written behind the error.
     let (written, changed) = futures::join!(
@@ -933,37 +908,19 @@ pub(crate) async fn merge_on_read(
     Ok((after, stats))
 }
 
-/// The new rows cut into the files a merge writes: one per partition (rows grouped by the
-/// partition columns), or with `key_files` = (key, rows) each partition's rows sorted by the
-/// key and cut evenly into files of at most `rows` rows.
+/// The new rows (sorted by the partition columns, then by the key with `key_files`) cut
+/// into the files a merge writes: one per partition, or with `key_files` = (key, rows) each
+/// partition's rows cut evenly into files of at most `rows` rows.
 fn file_pieces(
-    data: RecordBatch,
+    sorted: &RecordBatch,
     partition_columns: &[String],
     key_files: Option<(&str, usize)>,
 ) -> Result<Vec<RecordBatch>, arrow::error::ArrowError> {
-    if data.num_rows() == 0 {
+    if sorted.num_rows() == 0 {
         return Ok(Vec::new());
     }
-    let column = |b: &RecordBatch, c: &str| {
-        b.column_by_name(c)
-            .cloned()
-            .ok_or_else(|| arrow::error::ArrowError::SchemaError(format!("no column {c} in the merge's rows")))
-    };
-    let mut by: Vec<ArrayRef> = partition_columns.iter().map(|p| column(&data, p)).collect::<Result<_, _>>()?;
-    if let Some((key, _)) = key_files {
-        by.push(column(&data, key)?);
-    }
-    let sorted = match by.len() {
-        0 => data,
-        _ => {
-            let by: Vec<arrow::compute::SortColumn> =
-                by.into_iter().map(|values| arrow::compute::SortColumn { values, options: None }).collect();
-            let order = arrow::compute::lexsort_to_indices(&by, None)?;
-            arrow::compute::take_record_batch(&data, &order)?
-        }
-    };
     let mut pieces = Vec::new();
-    for run in partition_runs(&sorted, partition_columns)? {
+    for run in partition_runs(sorted, partition_columns)? {
         let rows = sorted.slice(run.start, run.end - run.start);
         let Some((_, file_rows)) = key_files else {
             pieces.push(rows);
@@ -980,6 +937,175 @@ fn file_pieces(
         }
     }
     Ok(pieces)
+}
+
+/// A row a merge writes, by where its values are.
+#[derive(Debug, Clone, Copy)]
+enum RowRef {
+    /// Source row `i` as it is (an insert).
+    New(u32),
+    /// Row `r` of `matched[b].old` (an update's old row, a deleted row).
+    Old(u32, u32),
+    /// Source row `i` over the table's row it replaces: the table's value in a column the
+    /// source row keeps (an update).
+    Post(u32),
+    /// Row `r` of `matched[b].kept` (a live row of a rewritten file).
+    Kept(u32, u32),
+}
+
+/// Where a merge's rows are, for `interleave`: batch 0 the source's rows, 1 + b
+/// `matched[b].old`, 1 + matched + b `matched[b].kept` (empty when the file is not
+/// rewritten).
+struct Gather<'a> {
+    batches: Vec<&'a RecordBatch>,
+    matched: usize,
+    keep: &'a [Option<BooleanArray>],
+    old_of: &'a [Option<(usize, usize)>],
+}
+
+/// Where each of a set of rows is for [`interleave`]: (batch, row) in every column but those
+/// an updated row keeps, and the updated rows (their place in the set, their source row),
+/// looked up again in those columns only.
+struct Placed {
+    idx: Vec<(usize, usize)>,
+    posts: Vec<(usize, usize)>,
+}
+
+impl Gather<'_> {
+    /// Where `rows` are (one pass; a pass per column was most of a gather's time).
+    fn place(&self, rows: &[RowRef]) -> Placed {
+        let mut posts = Vec::new();
+        let idx = rows
+            .iter()
+            .enumerate()
+            .map(|(p, row)| match *row {
+                RowRef::New(i) => (0, i as usize),
+                RowRef::Old(b, r) => (1 + b as usize, r as usize),
+                RowRef::Post(i) => {
+                    posts.push((p, i as usize));
+                    (0, i as usize)
+                }
+                RowRef::Kept(b, r) => (1 + self.matched + b as usize, r as usize),
+            })
+            .collect();
+        Placed { idx, posts }
+    }
+
+    /// Column `c` of the rows `at`, one copy.
+    fn column(&self, c: usize, at: &Placed) -> Result<ArrayRef, arrow::error::ArrowError> {
+        let arrays: Vec<&dyn Array> = self.batches.iter().map(|b| b.column(c).as_ref()).collect();
+        match &self.keep[c] {
+            Some(k) if !at.posts.is_empty() => {
+                let mut idx = at.idx.clone();
+                for &(p, i) in &at.posts {
+                    if let Some((b, r)) = self.old_of[i]
+                        && k.is_valid(i)
+                        && k.value(i)
+                    {
+                        idx[p] = (1 + b, r);
+                    }
+                }
+                interleave(&arrays, &idx)
+            }
+            _ => interleave(&arrays, &at.idx),
+        }
+    }
+
+    /// `rows` in the order of the files they go to: grouped by the `partitions` columns of
+    /// `schema`, by the integer `key` within a partition when given (as they are when there
+    /// is neither), and the order they were put in (each sorted row's place in `rows`).
+    fn ordered(
+        &self,
+        schema: &Schema,
+        rows: Vec<RowRef>,
+        partitions: &[&str],
+        key: Option<&str>,
+    ) -> Result<(Vec<RowRef>, Option<Vec<usize>>), arrow::error::ArrowError> {
+        if (partitions.is_empty() && key.is_none()) || rows.len() < 2 {
+            return Ok((rows, None));
+        }
+        let at = self.place(&rows);
+        let column = |name: &&str| self.column(schema.index_of(name)?, &at);
+        let parts = partitions.iter().map(column).collect::<Result<Vec<_>, _>>()?;
+        let key = key.as_ref().map(column).transpose()?;
+        let order = file_order(&parts, key.as_ref(), rows.len())?;
+        Ok((order.iter().map(|&i| rows[i]).collect(), Some(order)))
+    }
+
+    /// `rows` in `schema`'s columns (the table's, then `last` when given).
+    fn batch(
+        &self,
+        schema: &SchemaRef,
+        rows: &[RowRef],
+        last: Option<ArrayRef>,
+    ) -> Result<RecordBatch, arrow::error::ArrowError> {
+        let table_columns = schema.fields().len() - usize::from(last.is_some());
+        let at = self.place(rows);
+        let mut cols = (0..table_columns).map(|c| self.column(c, &at)).collect::<Result<Vec<_>, _>>()?;
+        cols.extend(last);
+        RecordBatch::try_new_with_options(
+            schema.clone(),
+            cols,
+            &arrow::array::RecordBatchOptions::new().with_row_count(Some(rows.len())),
+        )
+    }
+}
+
+/// The order of `n` rows by their values of `parts` (a few distinct ones: the partitions),
+/// then by `key` (an integer column; NULL first) within each: each partition's rows keep
+/// their order when there is no key. A comparison sort of the rows by the partitions' text
+/// was most of a merge's gather; here each row's partition is looked up once, and the rows
+/// are bucketed (or sorted by a pair of integers with a key).
+fn file_order(parts: &[ArrayRef], key: Option<&ArrayRef>, n: usize) -> Result<Vec<usize>, arrow::error::ArrowError> {
+    // Each row's partition, ranked in the partitions' value order.
+    let mut group = vec![0u32; n];
+    let mut groups = 1usize;
+    if !parts.is_empty() {
+        let converter = RowConverter::new(parts.iter().map(|p| SortField::new(p.data_type().clone())).collect())?;
+        let values = converter.convert_columns(parts)?;
+        let mut ids: FxHashMap<&[u8], u32> = FxHashMap::default();
+        for (i, row) in values.iter().enumerate() {
+            let next = ids.len() as u32;
+            group[i] = *ids.entry(row.data()).or_insert(next);
+        }
+        let mut distinct: Vec<(&[u8], u32)> = ids.into_iter().collect();
+        distinct.sort_unstable();
+        let mut rank = vec![0u32; distinct.len()];
+        for (r, (_, id)) in distinct.iter().enumerate() {
+            rank[*id as usize] = r as u32;
+        }
+        for g in &mut group {
+            *g = rank[*g as usize];
+        }
+        groups = distinct.len();
+    }
+    let Some(key) = key else {
+        let mut start = vec![0usize; groups + 1];
+        for &g in &group {
+            start[g as usize + 1] += 1;
+        }
+        for g in 0..groups {
+            start[g + 1] += start[g];
+        }
+        let mut order = vec![0usize; n];
+        for (i, &g) in group.iter().enumerate() {
+            order[start[g as usize]] = i;
+            start[g as usize] += 1;
+        }
+        return Ok(order);
+    };
+    if !key.data_type().is_integer() {
+        return Err(arrow::error::ArrowError::InvalidArgumentError(format!(
+            "files in key order need an integer key, not {}",
+            key.data_type()
+        )));
+    }
+    let key = cast(key, &DataType::Int64)?;
+    let key = key.as_any().downcast_ref::<arrow::array::Int64Array>().expect("cast to Int64");
+    let mut sorted: Vec<(u32, Option<i64>, u32)> =
+        (0..n).map(|i| (group[i], key.is_valid(i).then(|| key.value(i)), i as u32)).collect();
+    sorted.sort_unstable();
+    Ok(sorted.into_iter().map(|(_, _, i)| i as usize).collect())
 }
 
 /// The ranges of `batch`'s rows (sorted by `columns`) over which those columns keep one

@@ -238,7 +238,11 @@ async fn sync_applies_days_ddl_and_truncates_exactly() {
     .unwrap();
     let out = sync(&url, &lake_url, &["--batch-changes", "150"]);
     let batches = out.lines().filter(|l| l.contains(" → ") && l.contains("transactions")).count();
-    assert!(batches >= 2, "small batches (whole transactions each): {out}");
+    assert!(batches >= 2, "small batches: {out}");
+    // The day is one transaction of more changes than a batch: applied in parts, each
+    // recorded with the transaction's commit LSN and its count of changes in.
+    assert!(out.contains("inside the transaction"), "the day's transaction applied in parts: {out}");
+    assert!(commits_inside_a_transaction(&lake).await > 0, "{out}");
     assert!(out.contains("truncate"), "{out}");
     assert_lake_equals_postgres(&url, &lake, "after day 1 and the DDL").await;
     let out = sync(&url, &lake_url, &[]);
@@ -429,6 +433,8 @@ async fn sync_applies_days_ddl_and_truncates_exactly() {
 /// `weir sync` killed with SIGKILL at random points, again and again, then run to the end:
 /// every table equals PostgreSQL (nothing lost, nothing doubled: the keys are PostgreSQL's
 /// primary keys), and after every kill the slot stands at or before what the lake records (or the lake holds everything).
+/// A day is one transaction of more changes than a batch here, so it is applied in parts and
+/// most kills land inside one; a last kill is made to.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn sigkill_at_random_points_loses_and_doubles_nothing() {
     let (_pg, url, dir, lake_url, lake) = backfilled(0.05, 32).await;
@@ -441,7 +447,16 @@ async fn sigkill_at_random_points_loses_and_doubles_nothing() {
     // Runs until four kills have landed (at most twelve runs). A run that catches up before its
     // kill point leaves nothing for the next one, so it is followed by another generated day
     // and a kill window half as long: a faster sync cannot make the test run out of kill points.
+    let spawn_sync = |batch: u32| {
+        Command::new(weir_bin())
+            .args(["sync", "--pg", &url, "--lake", &lake_url, "--batch-changes", &batch.to_string()])
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .unwrap()
+    };
     let mut kills = 0;
+    let mut kills_inside = 0;
     let mut next_day = 4;
     let mut window = 1500;
     let mut seen_whole = 0;
@@ -450,12 +465,7 @@ async fn sigkill_at_random_points_loses_and_doubles_nothing() {
             break;
         }
         let delay = Duration::from_millis(100 + common::next_random(&mut seed) % window);
-        let mut child = Command::new(weir_bin())
-            .args(["sync", "--pg", &url, "--lake", &lake_url, "--batch-changes", "60"])
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .spawn()
-            .unwrap();
+        let mut child = spawn_sync(60);
         let started = Instant::now();
         while started.elapsed() < delay {
             if child.try_wait().unwrap().is_some() {
@@ -470,12 +480,12 @@ async fn sigkill_at_random_points_loses_and_doubles_nothing() {
         }
         child.wait().unwrap();
         // The slot never passes what is committed to the lake.
-        let confirmed: String = c
-            .query_one("SELECT confirmed_flush_lsn::text FROM pg_replication_slots WHERE slot_name = $1", &[&slot])
-            .await
-            .unwrap()
-            .get(0);
-        let confirmed = parse_lsn(&confirmed).unwrap();
+        let confirmed = slot_confirmed(&c, &slot).await;
+        // A day is one transaction of more changes than a batch here: a kill inside it leaves
+        // tables holding its first changes.
+        if !caught_up && tables_inside_a_transaction(&lake, confirmed).await > 0 {
+            kills_inside += 1;
+        }
         let mut newest = 0;
         for t in common::repo_bronze() {
             let rel = format!("bronze/{t}");
@@ -495,8 +505,28 @@ async fn sigkill_at_random_points_loses_and_doubles_nothing() {
             window = (window / 2).max(100);
         }
     }
-    eprintln!("sync: {kills} runs killed, {} caught up before their kill point", next_day - 4);
+    eprintln!(
+        "sync: {kills} runs killed ({kills_inside} inside a transaction applied in parts), {} caught up before their kill point",
+        next_day - 4
+    );
     assert!(kills > 0, "no run was killed: the kill points are too late");
+    // And a kill certain to land inside a transaction: as soon as a table holds part of one.
+    day(&url, next_day, 70 + u64::from(next_day), 0.5).await;
+    next_day += 1;
+    let confirmed = slot_confirmed(&c, &slot).await;
+    let mut child = spawn_sync(20);
+    loop {
+        if child.try_wait().unwrap().is_some() {
+            panic!("weir sync caught up before any table held part of the day's transaction");
+        }
+        if tables_inside_a_transaction(&lake, confirmed).await > 0 {
+            child.kill().unwrap();
+            child.wait().unwrap();
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+    assert_eq!(slot_confirmed(&c, &slot).await, confirmed, "the slot moved inside a transaction");
     let out = sync(&url, &lake_url, &[]);
     assert!(out.contains("applied") || out.contains("nothing new"), "{out}");
     assert_lake_equals_postgres(&url, &lake, &format!("after {kills} kills")).await;
@@ -667,6 +697,49 @@ async fn one_make_derive_merges_its_partition() {
 }
 
 /// The LSN the backfill recorded (the same for every table).
+/// Commits of the bronze tables made inside a transaction larger than a batch.
+async fn commits_inside_a_transaction(lake: &Lake) -> usize {
+    let mut n = 0;
+    for t in common::repo_bronze() {
+        let table = weir_lake::open_table(lake, &format!("bronze/{t}")).await.unwrap();
+        n += table
+            .history(None)
+            .await
+            .unwrap()
+            .filter(|c| c.info.get("weir.cdc.inside_transaction").and_then(|v| v.as_bool()) == Some(true))
+            .count();
+    }
+    n
+}
+
+/// The bronze tables whose log says they hold part of a transaction the slot has not passed
+/// (the first changes of one larger than a batch).
+async fn tables_inside_a_transaction(lake: &Lake, confirmed: u64) -> usize {
+    let mut n = 0;
+    for t in common::repo_bronze() {
+        let rel = format!("bronze/{t}");
+        let table = weir_lake::open_table(lake, &rel).await.unwrap();
+        let partial = table
+            .snapshot()
+            .unwrap()
+            .transaction_version(table.log_store().as_ref(), weir_ingest::cdc::PARTIAL_APP_ID)
+            .await
+            .unwrap();
+        let applied = weir_ingest::cdc::applied_lsn(&table, &rel).await.unwrap().unwrap_or(0);
+        n += usize::from(partial.is_some_and(|k| k > 0) && applied > confirmed);
+    }
+    n
+}
+
+async fn slot_confirmed(c: &tokio_postgres::Client, slot: &str) -> u64 {
+    let confirmed: String = c
+        .query_one("SELECT confirmed_flush_lsn::text FROM pg_replication_slots WHERE slot_name = $1", &[&slot])
+        .await
+        .unwrap()
+        .get(0);
+    parse_lsn(&confirmed).unwrap()
+}
+
 async fn backfill_lsn(lake: &Lake) -> u64 {
     let table = weir_lake::open_table(lake, "bronze/makes").await.unwrap();
     let mut history = table.history(None).await.unwrap().collect::<Vec<_>>();

@@ -294,7 +294,7 @@ pub struct RunArgs {
     /// The replication slot the backfill created (default: weir_<hash of the lake URL>).
     #[arg(long)]
     pub slot: Option<String>,
-    /// Changes per CDC batch.
+    /// Changes per CDC batch (a larger transaction is applied in parts of this many).
     #[arg(long, default_value_t = 200_000)]
     pub batch_changes: u32,
     /// Per-query memory limit of the Flight server in MiB (default: serve.memory_limit_mb, else 1024).
@@ -327,7 +327,8 @@ pub struct SyncArgs {
     /// The replication slot (and publication) the backfill created (default: weir_<hash of the lake URL>).
     #[arg(long)]
     pub slot: Option<String>,
-    /// Changes per batch: one Delta commit per changed table per batch.
+    /// Changes per batch: one Delta commit per changed table per batch (a larger transaction
+    /// is applied in parts of this many, so memory stays bounded).
     #[arg(long, default_value_t = 200_000)]
     pub batch_changes: u32,
     /// With --follow, how often to look for new changes, in milliseconds.

@@ -10,6 +10,12 @@
 //! crash anywhere is recovered by reading from the slot again: each table skips the
 //! transactions that committed before the LSN its own Delta log records, so nothing is lost
 //! and nothing is applied twice, and the slot never passes what the lake holds.
+//!
+//! A transaction of more changes than a batch is applied in parts as its rows stream in: each
+//! part's commits record the transaction's commit LSN under [`APP_ID`] and, under
+//! [`PARTIAL_APP_ID`], how many of its changes to the table are in; a replay skips those
+//! (pgoutput sends a transaction's changes in the same order every time). The slot moves only
+//! past whole transactions.
 
 use std::collections::HashMap;
 use std::sync::Arc;
@@ -23,6 +29,7 @@ use deltalake::DeltaTable;
 use deltalake::kernel::Transaction;
 use deltalake::kernel::engine::arrow_conversion::TryIntoKernel;
 use deltalake::kernel::transaction::CommitProperties;
+use futures::TryStreamExt;
 use rustc_hash::FxHashMap;
 use serde_json::{Value as Json, json};
 use smallvec::SmallVec;
@@ -37,6 +44,11 @@ use crate::sources::SourceTable;
 
 /// The Delta application-transaction id under which CDC records the applied LSN.
 pub const APP_ID: &str = "weir.cdc";
+
+/// The application-transaction id under which a table records, when [`APP_ID`] holds the
+/// commit LSN of a transaction larger than a batch, how many of that transaction's changes to
+/// the table it holds (0: none, or [`APP_ID`] holds an end LSN).
+pub const PARTIAL_APP_ID: &str = "weir.cdc.partial";
 
 use weir_lake::{KEEP_PREFIX as KEEP, OP_COLUMN as OP};
 
@@ -53,7 +65,9 @@ pub struct SyncOptions {
     /// Keep applying new transactions until stopped; otherwise stop at the WAL position
     /// read at the start.
     pub follow: bool,
-    /// Changes read per batch (whole transactions: a batch finishes the one it is in).
+    /// Changes read per batch. A batch finishes the transactions it reads; one transaction
+    /// of more changes than this is applied in parts of this many (its commit LSN and how many
+    /// of its changes each table holds are recorded), so memory stays bounded.
     pub batch_changes: i32,
     /// How long `follow` waits when nothing is new.
     pub poll: Duration,
@@ -108,6 +122,9 @@ pub struct BatchReport {
     pub changes: u64,
     /// Commit time of the batch's last transaction (µs since the Unix epoch).
     pub last_commit_micros: Option<i64>,
+    /// The batch stopped inside a transaction larger than a batch (`to_lsn` is its commit
+    /// LSN): its first changes are applied, the next batch goes on with the rest.
+    pub inside: bool,
     pub seconds: f64,
     pub tables: Vec<TableChanges>,
 }
@@ -179,20 +196,29 @@ pub async fn sync(
         }
         // Nothing written since the slot's position: no transaction to read (a peek would
         // still decode the WAL from the slot's restart point).
-        let rows = if upto <= position {
-            Vec::new()
+        let mut stream = if upto <= position {
+            None
         } else {
-            client
-                .query(
-                    "SELECT data FROM pg_logical_slot_peek_binary_changes($1, $2::text::pg_lsn, $3,
-                         'proto_version', '1', 'publication_names', $4, 'binary', 'true')",
-                    &[slot, &pgoutput::format_lsn(upto), &opts.batch_changes, slot],
-                )
-                .await
-                .map_err(PgError::query(format!("reading changes from replication slot {slot}")))?
+            let params: [&(dyn tokio_postgres::types::ToSql + Sync); 4] =
+                [slot, &pgoutput::format_lsn(upto), &opts.batch_changes, slot];
+            Some(Box::pin(
+                client
+                    .query_raw(
+                        "SELECT data FROM pg_logical_slot_peek_binary_changes($1, $2::text::pg_lsn, $3,
+                             'proto_version', '1', 'publication_names', $4, 'binary', 'true')",
+                        params,
+                    )
+                    .await
+                    .map_err(PgError::query(format!("reading changes from replication slot {slot}")))?,
+            ))
         };
-        let read = started.elapsed();
-        if rows.is_empty() {
+        let reading = |e| PgError::query(format!("reading changes from replication slot {slot}"))(e);
+        let first = match stream.as_mut() {
+            Some(s) => s.try_next().await.map_err(reading)?,
+            None => None,
+        };
+        let mut read = started.elapsed();
+        let Some(first) = first else {
             // Every transaction that committed before `upto` is applied. `upto` is a record
             // boundary (the insert position), so moving the slot there skips no commit record
             // that straddles it; with synchronous_commit = off the WAL writer flushes a commit
@@ -214,16 +240,34 @@ pub async fn sync(
                 tokio::time::sleep(Duration::from_millis(20)).await;
             }
             continue;
-        }
+        };
+        let stream = stream.as_mut().expect("a row came from it");
         let mut batch = BatchReport { from_lsn: pgoutput::format_lsn(position), ..Default::default() };
         let mut oids: HashMap<u32, usize> = HashMap::new();
         let mut txn_lsn: Option<u64> = None;
         let mut end_lsn = None;
-        for m in 0..rows.len() {
+        // The rows are decoded as they arrive. A transaction larger than a batch is applied in
+        // parts: its first changes are committed with its commit LSN and how many of each
+        // table's changes in it are in (see [`Mark::Inside`]), their rows freed, and reading
+        // goes on; the slot moves only past whole transactions.
+        let mut rows: Vec<tokio_postgres::Row> = Vec::new();
+        let mut messages = 0usize;
+        let mut next = Some(first);
+        let mut apply_time = Duration::ZERO;
+        let mut part_started = started;
+        while let Some(row) = next.take() {
+            rows.push(row);
+            messages += 1;
+            let m = rows.len() - 1;
             let data = rows.message(m);
             let msg = pgoutput::decode(data).map_err(|e| IngestError::Cdc { message: format!("slot {slot}: {e}") })?;
             match msg {
-                Message::Begin { final_lsn, .. } => txn_lsn = Some(final_lsn),
+                Message::Begin { final_lsn, .. } => {
+                    txn_lsn = Some(final_lsn);
+                    for st in &mut states {
+                        st.in_txn = 0;
+                    }
+                }
                 Message::Commit { end_lsn: end, commit_time, .. } => {
                     end_lsn = Some(end);
                     txn_lsn = None;
@@ -263,6 +307,31 @@ pub async fn sync(
                 }
                 Message::Type { .. } | Message::Origin | Message::Logical => {}
             }
+            if let Some(commit) = txn_lsn
+                && rows.len() >= opts.batch_changes.max(1) as usize
+            {
+                // Inside a transaction of more changes than a batch holds: its part so far.
+                let clock = Instant::now();
+                let part = Arc::new(std::mem::take(&mut rows));
+                states = apply_all(states, lake, slot, Mark::Inside { commit }, part).await?;
+                apply_time += clock.elapsed();
+                batch.to_lsn = pgoutput::format_lsn(commit);
+                batch.inside = true;
+                batch.seconds = part_started.elapsed().as_secs_f64();
+                part_started = Instant::now();
+                take_changes(&mut states, &mut report, &mut batch);
+                tracing::info!(
+                    slot,
+                    transaction = pgoutput::format_lsn(commit).as_str(),
+                    changes = batch.changes,
+                    "sync: a transaction larger than a batch, applied in parts"
+                );
+                on_batch(&batch);
+                batch = BatchReport { from_lsn: pgoutput::format_lsn(position), ..Default::default() };
+            }
+            let clock = Instant::now();
+            next = stream.try_next().await.map_err(reading)?;
+            read += clock.elapsed();
         }
         let Some(end) = end_lsn.filter(|_| txn_lsn.is_none()) else {
             return Err(IngestError::Cdc {
@@ -272,49 +341,9 @@ pub async fn sync(
         // The changes are folded, each pointing at its tuple in the rows: every table builds
         // its Arrow batch from them first thing in its task, and the rows are freed once the
         // last one has, before the merges.
-        let messages = rows.len();
-        let rows: Arc<dyn Messages> = Arc::new(rows);
-        let decoded = started.elapsed();
-        // The tables at the same time, each in a task of its own (building a table's batch and
-        // merging it are CPU work): each commit records its own table's applied LSN, so a
-        // crash between them replays each table from where it stands. Every task is awaited
-        // before an error is returned: none is left writing behind a retry.
-        let tasks: Vec<_> = std::mem::take(&mut states)
-            .into_iter()
-            .map(|mut st| {
-                let (lake, slot, rows) = (lake.clone(), slot.to_string(), rows.clone());
-                tokio::spawn(async move {
-                    let clock = Instant::now();
-                    let result = st.apply(&lake, &slot, end, rows).await;
-                    if result.is_ok() && st.changes.version.is_some() {
-                        tracing::debug!(
-                            table = st.source.name.as_str(),
-                            seconds = clock.elapsed().as_secs_f64(),
-                            "sync: applied"
-                        );
-                    }
-                    (st, result)
-                })
-            })
-            .collect();
-        drop(rows);
-        let mut failed = None;
-        for task in tasks {
-            match task.await {
-                Ok((st, result)) => {
-                    states.push(st);
-                    if let Err(e) = result {
-                        failed.get_or_insert(e);
-                    }
-                }
-                Err(e) => {
-                    failed.get_or_insert(IngestError::Cdc { message: format!("applying a batch failed: {e}") });
-                }
-            }
-        }
-        if let Some(e) = failed {
-            return Err(e);
-        }
+        let clock = Instant::now();
+        states = apply_all(states, lake, slot, Mark::After(end), Arc::new(rows)).await?;
+        apply_time += clock.elapsed();
         let applied = started.elapsed();
         // Fewer changes than asked for: decoding stopped at `upto`, not at the batch's size,
         // so every transaction that committed before `upto` is in this batch and the slot
@@ -327,24 +356,15 @@ pub async fn sync(
         tracing::debug!(
             messages,
             read = read.as_secs_f64(),
-            decode = (decoded - read).as_secs_f64(),
-            apply = (applied - decoded).as_secs_f64(),
+            decode = applied.saturating_sub(apply_time + read).as_secs_f64(),
+            apply = apply_time.as_secs_f64(),
             advance = (started.elapsed() - applied).as_secs_f64(),
             "sync: batch"
         );
         position = confirm;
         batch.to_lsn = pgoutput::format_lsn(end);
-        batch.seconds = started.elapsed().as_secs_f64();
-        for (st, total) in states.iter_mut().zip(report.tables.iter_mut()) {
-            let c = std::mem::take(&mut st.changes);
-            total.add(&c);
-            if c != TableChanges::default() {
-                batch.tables.push(TableChanges { table: st.source.name.clone(), ..c });
-            }
-        }
-        report.batches += 1;
-        report.transactions += batch.transactions;
-        report.changes += batch.changes;
+        batch.seconds = part_started.elapsed().as_secs_f64();
+        take_changes(&mut states, &mut report, &mut batch);
         on_batch(&batch);
         if drained {
             if !opts.follow {
@@ -358,6 +378,83 @@ pub async fn sync(
     }
     report.lsn = pgoutput::format_lsn(position);
     Ok(report)
+}
+
+/// Where a commit leaves a table in the stream of transactions.
+#[derive(Debug, Clone, Copy)]
+enum Mark {
+    /// Past a transaction: its end LSN (every transaction that committed before it is in).
+    After(u64),
+    /// Inside a transaction larger than a batch: its commit LSN (every transaction before it
+    /// is in) and, for each table, how many of its changes to that table are in
+    /// ([`TableState::in_txn`], recorded under [`PARTIAL_APP_ID`]).
+    Inside { commit: u64 },
+}
+
+/// Applies what every table folded, each in a task of its own (building a table's batch and
+/// merging it are CPU work): each commit records its own table's position, so a crash
+/// between them replays each table from where it stands. Every task is awaited before an
+/// error is returned: none is left writing behind a retry.
+async fn apply_all(
+    states: Vec<TableState>,
+    lake: &Lake,
+    slot: &str,
+    mark: Mark,
+    rows: Arc<Vec<tokio_postgres::Row>>,
+) -> Result<Vec<TableState>, IngestError> {
+    let rows: Arc<dyn Messages> = rows;
+    let tasks: Vec<_> = states
+        .into_iter()
+        .map(|mut st| {
+            let (lake, slot, rows) = (lake.clone(), slot.to_string(), rows.clone());
+            tokio::spawn(async move {
+                let clock = Instant::now();
+                let result = st.apply(&lake, &slot, mark, rows).await;
+                if result.is_ok() && st.changes.version.is_some() {
+                    tracing::debug!(
+                        table = st.source.name.as_str(),
+                        seconds = clock.elapsed().as_secs_f64(),
+                        "sync: applied"
+                    );
+                }
+                (st, result)
+            })
+        })
+        .collect();
+    drop(rows);
+    let mut states = Vec::with_capacity(tasks.len());
+    let mut failed = None;
+    for task in tasks {
+        match task.await {
+            Ok((st, result)) => {
+                states.push(st);
+                if let Err(e) = result {
+                    failed.get_or_insert(e);
+                }
+            }
+            Err(e) => {
+                failed.get_or_insert(IngestError::Cdc { message: format!("applying a batch failed: {e}") });
+            }
+        }
+    }
+    match failed {
+        Some(e) => Err(e),
+        None => Ok(states),
+    }
+}
+
+/// Moves what the tables received into the batch's report and the run's totals.
+fn take_changes(states: &mut [TableState], report: &mut SyncReport, batch: &mut BatchReport) {
+    for (st, total) in states.iter_mut().zip(report.tables.iter_mut()) {
+        let c = std::mem::take(&mut st.changes);
+        total.add(&c);
+        if c != TableChanges::default() {
+            batch.tables.push(TableChanges { table: st.source.name.clone(), ..c });
+        }
+    }
+    report.batches += 1;
+    report.transactions += batch.transactions;
+    report.changes += batch.changes;
 }
 
 /// After an advance PostgreSQL has moved the slot's restart point only as far as the first
@@ -414,7 +511,10 @@ fn pick<'a>(
     changes: &mut u64,
 ) -> Option<&'a mut TableState> {
     let st = &mut states[*oids.get(&relation)?];
-    if txn_lsn.is_some_and(|l| l < st.applied) {
+    // The first changes of a transaction the table holds part of are in it too.
+    let held = txn_lsn.is_some_and(|l| l < st.applied || (l == st.applied && st.in_txn < st.partial));
+    st.in_txn += 1;
+    if held {
         st.changes.skipped += 1;
         return None;
     }
@@ -684,6 +784,11 @@ struct TableState {
     rel: String,
     /// Transactions that committed before this LSN are in the table already.
     applied: u64,
+    /// And of the transaction committing at `applied`, if any, its first this many changes to
+    /// the table ([`PARTIAL_APP_ID`]).
+    partial: u64,
+    /// The changes to the table read so far in the transaction being read.
+    in_txn: u64,
     /// The lake's columns (without a derived partition column) and their Arrow types.
     lake_columns: Vec<(String, DataType)>,
     /// The source columns as the latest relation message describes them.
@@ -713,7 +818,13 @@ impl TableState {
                 "{rel} records no snapshot LSN (backfilled without a slot?); `weir backfill --force` records one"
             ),
         })?;
-        let schema = table.snapshot().map_err(|e| delta_err(&rel, e))?.snapshot().arrow_schema();
+        let snapshot = table.snapshot().map_err(|e| delta_err(&rel, e))?;
+        let partial = snapshot
+            .transaction_version(table.log_store().as_ref(), PARTIAL_APP_ID)
+            .await
+            .map_err(|e| delta_err(&rel, e))?
+            .map_or(0, |v| v.max(0) as u64);
+        let schema = snapshot.snapshot().arrow_schema();
         let derived = t.partition.as_ref().filter(|p| p.transform.is_some()).and_then(|_| t.partition_column());
         let lake_columns = schema
             .fields()
@@ -725,6 +836,8 @@ impl TableState {
             source: t.clone(),
             rel,
             applied,
+            partial,
+            in_txn: 0,
             lake_columns,
             columns: Vec::new(),
             key_positions: Vec::new(),
@@ -882,14 +995,43 @@ impl TableState {
         self.changes.truncates += 1;
     }
 
-    /// Commits this batch's changes (if any) with `end` as the table's applied LSN.
+    /// The application transactions a commit at `mark` carries.
+    fn marks(&self, mark: Mark) -> Vec<Transaction> {
+        match mark {
+            Mark::After(end) => {
+                let mut txns = vec![Transaction::new(APP_ID, end as i64)];
+                if self.partial > 0 {
+                    txns.push(Transaction::new(PARTIAL_APP_ID, 0));
+                }
+                txns
+            }
+            Mark::Inside { commit } => vec![
+                Transaction::new(APP_ID, commit as i64),
+                Transaction::new(PARTIAL_APP_ID, i64::try_from(self.in_txn).unwrap_or(i64::MAX)),
+            ],
+        }
+    }
+
+    /// The table now holds everything up to `mark`.
+    fn reached(&mut self, mark: Mark) {
+        (self.applied, self.partial) = match mark {
+            Mark::After(end) => (end, 0),
+            Mark::Inside { commit } => (commit, self.in_txn),
+        };
+    }
+
+    /// Commits this batch's changes (if any) with `mark` as the table's position.
     async fn apply(
         &mut self,
         lake: &Lake,
         slot: &str,
-        end: u64,
+        mark: Mark,
         messages: Arc<dyn Messages>,
     ) -> Result<(), IngestError> {
+        let (end, inside) = match mark {
+            Mark::After(end) => (end, false),
+            Mark::Inside { commit } => (commit, true),
+        };
         if self.pending.is_empty() && !self.truncated {
             // Nothing to write (keys this batch inserted and deleted again leave nothing).
             self.only_inserts = true;
@@ -913,15 +1055,15 @@ impl TableState {
         drop(messages);
         let rel = self.rel.clone();
         let name = self.source.name.clone();
-        let props = || {
-            CommitProperties::default()
-                .with_application_transaction(Transaction::new(APP_ID, end as i64))
-                .with_metadata([
-                    ("weir.cdc.lsn".to_string(), json!(pgoutput::format_lsn(end))),
-                    ("weir.cdc.slot".to_string(), json!(slot)),
-                    ("weir.source_table".to_string(), json!(name)),
-                ])
-        };
+        let txns = self.marks(mark);
+        let metadata = [
+            ("weir.cdc.lsn".to_string(), json!(pgoutput::format_lsn(end))),
+            ("weir.cdc.slot".to_string(), json!(slot)),
+            ("weir.source_table".to_string(), json!(name)),
+            ("weir.cdc.inside_transaction".to_string(), json!(inside)),
+        ];
+        let props =
+            || CommitProperties::default().with_application_transactions(txns.clone()).with_metadata(metadata.clone());
         let mut table = weir_lake::open_table(lake, &rel).await?;
         if self.truncated {
             let mut delete = table.delete();
@@ -944,7 +1086,7 @@ impl TableState {
             self.truncated = false;
         }
         let Some(batch) = batch else {
-            self.applied = end;
+            self.reached(mark);
             self.only_inserts = true;
             return Ok(());
         };
@@ -993,17 +1135,12 @@ impl TableState {
                 .collect();
             let batch = batch.project(&data).map_err(|e| delta_err(&rel, e.into()))?;
             let rows = batch.num_rows() as u64;
-            let metadata = HashMap::from([
-                ("weir.cdc.lsn".to_string(), json!(pgoutput::format_lsn(end))),
-                ("weir.cdc.slot".to_string(), json!(slot)),
-                ("weir.source_table".to_string(), json!(name)),
-                ("weir.cdc.append".to_string(), json!(true)),
-            ]);
-            let txn = Transaction::new(APP_ID, end as i64);
-            let version = weir_lake::append_batch(table, &rel, batch, writer, metadata, txn).await?;
+            let metadata =
+                HashMap::from_iter(metadata.iter().cloned().chain([("weir.cdc.append".to_string(), json!(true))]));
+            let version = weir_lake::append_batch(table, &rel, batch, writer, metadata, txns).await?;
             self.changes.rows_inserted += rows;
             self.changes.version = Some(version);
-            self.applied = end;
+            self.reached(mark);
             return Ok(());
         }
         if only_inserts {
@@ -1018,7 +1155,7 @@ impl TableState {
         self.changes.rows_updated += m.updated;
         self.changes.rows_deleted += m.deleted;
         self.changes.version = table.version().map(|v| v as i64);
-        self.applied = end;
+        self.reached(mark);
         Ok(())
     }
 
@@ -1134,6 +1271,8 @@ mod tests {
             source: src,
             rel: "bronze/t".into(),
             applied: 0,
+            partial: 0,
+            in_txn: 0,
             lake_columns: vec![("id".into(), DataType::Int64), ("v".into(), DataType::Utf8)],
             columns: Vec::new(),
             key_positions: Vec::new(),
@@ -1251,6 +1390,47 @@ mod tests {
         out
     }
 
+    /// A table holding the first changes of a transaction larger than a batch (its commit LSN
+    /// and their count): replayed, those changes are skipped and the rest applied; earlier
+    /// transactions are skipped whole, later ones applied whole. A commit inside a transaction
+    /// records both; the next one after it resets the count.
+    #[test]
+    fn a_transaction_applied_in_part_is_replayed_from_where_the_table_stands() {
+        let mut states = vec![table()];
+        states[0].applied = 500;
+        states[0].partial = 2;
+        let oids = HashMap::from([(1, 0)]);
+        let mut changes = 0;
+        let mut picked =
+            |states: &mut Vec<TableState>, txn: u64| pick(states, &oids, 1, Some(txn), &mut changes).is_some();
+        assert!(!picked(&mut states, 400), "a transaction that committed before it: in the table");
+        states[0].in_txn = 0;
+        let replay: Vec<bool> = (0..4).map(|_| picked(&mut states, 500)).collect();
+        assert_eq!(replay, [false, false, true, true], "its first two changes are in the table, the rest not");
+        assert_eq!(states[0].changes.skipped, 3);
+        assert_eq!(
+            states[0]
+                .marks(Mark::Inside { commit: 500 })
+                .iter()
+                .map(|t| (t.app_id.as_str(), t.version))
+                .collect::<Vec<_>>(),
+            [(APP_ID, 500), (PARTIAL_APP_ID, 4)]
+        );
+        states[0].reached(Mark::Inside { commit: 500 });
+        assert_eq!((states[0].applied, states[0].partial), (500, 4));
+        assert!(picked(&mut states, 500), "read on in the same run: the fifth change is new");
+        assert_eq!(
+            states[0].marks(Mark::After(520)).iter().map(|t| (t.app_id.as_str(), t.version)).collect::<Vec<_>>(),
+            [(APP_ID, 520), (PARTIAL_APP_ID, 0)],
+            "the transaction's end resets the count"
+        );
+        states[0].reached(Mark::After(520));
+        assert_eq!((states[0].applied, states[0].partial), (520, 0));
+        assert_eq!(states[0].marks(Mark::After(600)).len(), 1, "no count to reset");
+        states[0].in_txn = 0;
+        assert!(picked(&mut states, 520), "a transaction committing where the last one ended is new");
+    }
+
     #[test]
     fn only_a_batch_of_inserts_is_appended() {
         let (mut st, mut b) = (table(), Batch::new());
@@ -1330,7 +1510,7 @@ mod tests {
         let root = dir.path().join("lake");
         let location = weir_core::LakeLocation::Local { root: root.clone() };
         let lake = Lake::open(location, &weir_core::S3Settings::default(), false).unwrap();
-        st.apply(&lake, "slot", 42, Arc::new(b.0)).await.unwrap();
+        st.apply(&lake, "slot", Mark::After(42), Arc::new(b.0)).await.unwrap();
         assert!(st.only_inserts, "the next batch of inserts is appended, not merged");
         assert!(!root.join("bronze").exists(), "nothing was written");
     }

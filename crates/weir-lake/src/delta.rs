@@ -208,7 +208,7 @@ pub async fn commit_files(
 }
 
 /// Appends `batch` (the table's columns, partition columns included) as new files in one
-/// commit carrying `metadata` and the application transaction `txn`. For rows whose keys the
+/// commit carrying `metadata` and the application transactions `txns`. For rows whose keys the
 /// table cannot hold yet (an append-only log's new rows): nothing is compared or rewritten.
 pub async fn append_batch(
     table: DeltaTable,
@@ -216,7 +216,7 @@ pub async fn append_batch(
     batch: deltalake::arrow::record_batch::RecordBatch,
     writer: deltalake::parquet::file::properties::WriterProperties,
     metadata: HashMap<String, Value>,
-    txn: deltalake::kernel::Transaction,
+    txns: Vec<deltalake::kernel::Transaction>,
 ) -> Result<i64, DeltaError> {
     use deltalake::writer::{DeltaWriter, RecordBatchWriter};
     let snapshot = table.snapshot().map_err(delta_err(rel))?;
@@ -228,7 +228,7 @@ pub async fn append_batch(
     let adds = w.flush().await.map_err(delta_err(rel))?;
     tracing::trace!(table = rel, files = adds.len(), seconds = clock.elapsed().as_secs_f64(), "append: files written");
     let mut actions: Vec<Action> = adds.into_iter().map(Action::Add).collect();
-    actions.push(Action::Txn(txn));
+    actions.extend(txns.into_iter().map(Action::Txn));
     let partition_by = snapshot.metadata().partition_columns().to_vec();
     let op = DeltaOperation::Write { mode: SaveMode::Append, partition_by: Some(partition_by), predicate: None };
     Ok(commit(&table, rel, actions, metadata, op).await?.0)

@@ -69,8 +69,9 @@ fn changes(t: &TableChanges) -> String {
 
 pub fn print_batch(b: &BatchReport) {
     let tables: Vec<String> = b.tables.iter().map(changes).collect();
+    let inside = if b.inside { " (inside the transaction committing there: its first changes)" } else { "" };
     println!(
-        "  {} → {}: {} transactions, {} changes in {:.2} s  [{}]",
+        "  {} → {}{inside}: {} transactions, {} changes in {:.2} s  [{}]",
         b.from_lsn,
         b.to_lsn,
         thousands(b.transactions),

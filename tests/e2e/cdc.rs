@@ -236,6 +236,22 @@ async fn sync_applies_days_ddl_and_truncates_exactly() {
     )
     .await
     .unwrap();
+    // Stopped (as by SIGTERM) after the first part of the day's transaction: the sync returns
+    // with the tables holding that part and the slot where it stood.
+    let slot = weir_ingest::default_slot_name(lake.url().as_str());
+    let confirmed = slot_confirmed(&c, &slot).await;
+    let stop = std::sync::atomic::AtomicBool::new(false);
+    let opts = weir_ingest::SyncOptions { batch_changes: 150, ..weir_ingest::SyncOptions::new(&slot) };
+    let report = weir_ingest::sync(&url, &lake, &common::repo_sources().tables, &opts, &stop, |b| {
+        if b.inside {
+            stop.store(true, std::sync::atomic::Ordering::Relaxed);
+        }
+    })
+    .await
+    .unwrap();
+    assert!(report.inside && report.batches == 1, "stopped after the first part: {report:?}");
+    assert!(tables_inside_a_transaction(&lake, confirmed).await > 0, "a table holds the first part");
+    assert_eq!(slot_confirmed(&c, &slot).await, confirmed, "the slot stays before the transaction");
     let out = sync(&url, &lake_url, &["--batch-changes", "150"]);
     let batches = out.lines().filter(|l| l.contains(" → ") && l.contains("transactions")).count();
     assert!(batches >= 2, "small batches: {out}");
@@ -253,7 +269,6 @@ async fn sync_applies_days_ddl_and_truncates_exactly() {
     // it up to the last such record (a second advance, to where the slot stands). Here: two
     // checkpoints, 30 MB of WAL the publication does not hold, a checkpoint, one sync: the
     // restart point must be past the ballast.
-    let slot = weir_ingest::default_slot_name(lake.url().as_str());
     // (The first checkpoint may only make the decoding consistent, when the slot's restart
     // point holds no serialized snapshot: the second is then the first candidate.)
     c.batch_execute(

@@ -136,6 +136,9 @@ pub struct SyncReport {
     pub changes: u64,
     /// Where the slot stands at the end.
     pub lsn: String,
+    /// Stopped (`stop`) between two parts of a transaction larger than a batch: the tables
+    /// hold its first changes, the next sync applies the rest.
+    pub inside: bool,
     pub tables: Vec<TableChanges>,
 }
 
@@ -180,7 +183,7 @@ pub async fn sync(
     let started_at = position;
     let pages = WalPages::read(&client).await?;
     let mut upto = current_lsn(&client).await?;
-    loop {
+    'batches: loop {
         if stop.load(Ordering::Relaxed) {
             break;
         }
@@ -327,6 +330,12 @@ pub async fn sync(
                     "sync: a transaction larger than a batch, applied in parts"
                 );
                 on_batch(&batch);
+                if stop.load(Ordering::Relaxed) {
+                    // Stopped between two parts: the tables hold the first one(s), the slot
+                    // stays before the transaction, and the next sync goes on from there.
+                    report.inside = true;
+                    break 'batches;
+                }
                 batch = BatchReport { from_lsn: pgoutput::format_lsn(position), ..Default::default() };
             }
             let clock = Instant::now();

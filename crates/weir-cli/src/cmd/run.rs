@@ -282,6 +282,10 @@ async fn cycle(
     *status.lsn.lock().unwrap_or_else(|p| p.into_inner()) = report.lsn.clone();
     status.transactions.fetch_add(report.transactions, Ordering::Relaxed);
     status.changes.fetch_add(report.changes, Ordering::Relaxed);
+    if report.inside {
+        // Stopped inside a transaction applied in parts: no derive sees it half applied.
+        return Ok(());
+    }
     if report.changes > 0 {
         status.pending_any.store(true, Ordering::Relaxed);
         let mut pending = status.pending.lock().unwrap_or_else(|p| p.into_inner());

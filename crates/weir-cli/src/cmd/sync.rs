@@ -93,6 +93,11 @@ fn print_report(r: &SyncReport) {
         r.batches,
         r.lsn
     );
+    if r.inside {
+        println!(
+            "stopped inside a transaction larger than a batch: its first changes are applied, the next sync applies the rest"
+        );
+    }
     println!("  {:<10} {:>10} {:>10} {:>10} {:>12}", "table", "inserts", "updates", "deletes", "lake rows ±");
     for t in r.tables.iter().filter(|t| t.inserts + t.updates + t.deletes + t.truncates + t.skipped > 0) {
         println!(

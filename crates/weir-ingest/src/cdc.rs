@@ -710,6 +710,29 @@ fn quote_ident(s: &str) -> String {
     format!("\"{}\"", s.replace('"', "\"\""))
 }
 
+/// The tables of `tables` whose Delta log says they hold part of a transaction `weir sync`
+/// has not finished (a sync stopped or killed between its parts): a derive now would see it
+/// half applied.
+pub async fn tables_inside_a_transaction(lake: &Lake, tables: &[SourceTable]) -> Result<Vec<String>, IngestError> {
+    let mut inside = Vec::new();
+    for t in tables {
+        let rel = t.bronze_path();
+        let table = weir_lake::open_table(lake, &rel).await?;
+        if table.version().is_none() {
+            continue;
+        }
+        let snapshot = table.snapshot().map_err(|e| delta_err(&rel, e))?;
+        let partial = snapshot
+            .transaction_version(table.log_store().as_ref(), PARTIAL_APP_ID)
+            .await
+            .map_err(|e| delta_err(&rel, e))?;
+        if partial.is_some_and(|k| k > 0) {
+            inside.push(rel.replace('/', "."));
+        }
+    }
+    Ok(inside)
+}
+
 /// The position a table's Delta log says it holds: the LSN of its `weir.cdc` application
 /// transaction (written by the backfill with its snapshot LSN, then by every CDC commit). A
 /// table landed before the backfill wrote it falls back to its newest backfill commit's
@@ -1041,9 +1064,25 @@ impl TableState {
             Mark::After(end) => (end, false),
             Mark::Inside { commit } => (commit, true),
         };
+        let metadata = [
+            ("weir.cdc.lsn".to_string(), json!(pgoutput::format_lsn(end))),
+            ("weir.cdc.slot".to_string(), json!(slot)),
+            ("weir.source_table".to_string(), json!(self.source.name)),
+            ("weir.cdc.inside_transaction".to_string(), json!(inside)),
+        ];
         if self.pending.is_empty() && !self.truncated {
             // Nothing to write (keys this batch inserted and deleted again leave nothing).
             self.only_inserts = true;
+            if matches!(mark, Mark::After(_)) && self.partial > 0 {
+                // The rest of a transaction the table holds part of had nothing for it: the
+                // log records its end, so a count of changes in it means "inside one" alone.
+                let table = weir_lake::open_table(lake, &self.rel).await?;
+                let version =
+                    weir_lake::commit_transactions(&table, &self.rel, HashMap::from(metadata), self.marks(mark))
+                        .await?;
+                self.changes.version = Some(version);
+                self.reached(mark);
+            }
             return Ok(());
         }
         // The batch first, so the messages are freed as soon as every table has built its own.
@@ -1063,14 +1102,7 @@ impl TableState {
         };
         drop(messages);
         let rel = self.rel.clone();
-        let name = self.source.name.clone();
         let txns = self.marks(mark);
-        let metadata = [
-            ("weir.cdc.lsn".to_string(), json!(pgoutput::format_lsn(end))),
-            ("weir.cdc.slot".to_string(), json!(slot)),
-            ("weir.source_table".to_string(), json!(name)),
-            ("weir.cdc.inside_transaction".to_string(), json!(inside)),
-        ];
         let props =
             || CommitProperties::default().with_application_transactions(txns.clone()).with_metadata(metadata.clone());
         let mut table = weir_lake::open_table(lake, &rel).await?;

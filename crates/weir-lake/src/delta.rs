@@ -333,8 +333,19 @@ pub async fn commit_metadata(
     rel: &str,
     metadata: HashMap<String, Value>,
 ) -> Result<i64, DeltaError> {
+    commit_transactions(table, rel, metadata, Vec::new()).await
+}
+
+/// A commit that changes no data and records `metadata` and the application transactions
+/// `txns` (e.g. a position a reader of the source has reached without a row to write).
+pub async fn commit_transactions(
+    table: &DeltaTable,
+    rel: &str,
+    metadata: HashMap<String, Value>,
+    txns: Vec<deltalake::kernel::Transaction>,
+) -> Result<i64, DeltaError> {
     let op = DeltaOperation::Write { mode: SaveMode::Append, partition_by: None, predicate: None };
-    Ok(commit(table, rel, vec![], metadata, op).await?.0)
+    Ok(commit(table, rel, txns.into_iter().map(Action::Txn).collect(), metadata, op).await?.0)
 }
 
 pub(crate) fn classify(rel: &str, source: deltalake::DeltaTableError) -> DeltaError {

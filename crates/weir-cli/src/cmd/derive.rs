@@ -55,6 +55,13 @@ pub async fn run(a: DeriveArgs, cfg: &Config) -> Result<()> {
         target_file_bytes: a.target_file_mb << 20,
     };
     println!("derive {} as of {}", lake.url(), show_micros(as_of_micros));
+    let inside = weir_ingest::cdc::tables_inside_a_transaction(&lake, &sources.tables).await?;
+    if !inside.is_empty() {
+        tracing::warn!(
+            tables = inside.join(", "),
+            "these tables hold part of a transaction `weir sync` has not finished (it was stopped or killed between two parts): the marts will show it half applied until a sync finishes it and derive runs again"
+        );
+    }
     let reports = run_derive(&lake, &jobs, &bronze, &opts).await?;
     print_reports(&reports);
     Ok(())

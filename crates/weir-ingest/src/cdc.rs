@@ -721,16 +721,20 @@ pub async fn tables_inside_a_transaction(lake: &Lake, tables: &[SourceTable]) ->
         if table.version().is_none() {
             continue;
         }
-        let snapshot = table.snapshot().map_err(|e| delta_err(&rel, e))?;
-        let partial = snapshot
-            .transaction_version(table.log_store().as_ref(), PARTIAL_APP_ID)
-            .await
-            .map_err(|e| delta_err(&rel, e))?;
-        if partial.is_some_and(|k| k > 0) {
+        if partial_count(&table, &rel).await? > 0 {
             inside.push(rel.replace('/', "."));
         }
     }
     Ok(inside)
+}
+
+/// How many changes of the transaction committing at its applied LSN a table's log says it
+/// holds ([`PARTIAL_APP_ID`]; 0 when none).
+async fn partial_count(table: &DeltaTable, rel: &str) -> Result<u64, IngestError> {
+    let state = table.snapshot().map_err(|e| delta_err(rel, e))?;
+    let count =
+        state.transaction_version(table.log_store().as_ref(), PARTIAL_APP_ID).await.map_err(|e| delta_err(rel, e))?;
+    Ok(count.map_or(0, |v| v.max(0) as u64))
 }
 
 /// The position a table's Delta log says it holds: the LSN of its `weir.cdc` application
@@ -850,13 +854,8 @@ impl TableState {
                 "{rel} records no snapshot LSN (backfilled without a slot?); `weir backfill --force` records one"
             ),
         })?;
-        let snapshot = table.snapshot().map_err(|e| delta_err(&rel, e))?;
-        let partial = snapshot
-            .transaction_version(table.log_store().as_ref(), PARTIAL_APP_ID)
-            .await
-            .map_err(|e| delta_err(&rel, e))?
-            .map_or(0, |v| v.max(0) as u64);
-        let schema = snapshot.snapshot().arrow_schema();
+        let partial = partial_count(&table, &rel).await?;
+        let schema = table.snapshot().map_err(|e| delta_err(&rel, e))?.snapshot().arrow_schema();
         let derived = t.partition.as_ref().filter(|p| p.transform.is_some()).and_then(|_| t.partition_column());
         let lake_columns = schema
             .fields()

@@ -1110,10 +1110,7 @@ impl TableState {
             if batch.is_some() {
                 // The merge below carries the applied LSN; a crash in between replays the truncate.
                 delete = delete.with_commit_properties(weir_lake::without_maintenance(
-                    CommitProperties::default().with_metadata([
-                        ("weir.cdc.lsn".to_string(), json!(pgoutput::format_lsn(end))),
-                        ("weir.cdc.slot".to_string(), json!(slot)),
-                    ]),
+                    CommitProperties::default().with_metadata(metadata.clone()),
                 ));
             } else {
                 delete = delete.with_commit_properties(weir_lake::without_maintenance(props()));

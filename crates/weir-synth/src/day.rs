@@ -180,12 +180,7 @@ async fn apply_in_tx(c: &Client, opts: &DayOptions) -> Result<DayReport, SynthEr
         let cents = parse_scaled(price, 2);
         let factor = if rng.chance(0.8) { 1.0 - rng.unit() * 0.06 } else { 1.0 + rng.unit() * 0.04 };
         let currency = static_currency(currency);
-        let p = model::Price {
-            listing_id: *id,
-            changed_at: at(&mut rng),
-            cents: ((cents as f64) * factor).round() as i64,
-            currency,
-        };
+        let p = model::Price { listing_id: *id, changed_at: at(&mut rng), cents: next_price(cents, factor), currency };
         schema::encode_price(&mut pw, &p);
         report.price_rows += 1;
     }
@@ -291,6 +286,15 @@ fn static_currency(c: &str) -> &'static str {
     catalog::FX_CURRENCIES.iter().map(|f| f.0).chain(["EUR"]).find(|s| *s == c).unwrap_or("EUR")
 }
 
+/// The largest price `price_log.price` (numeric(12,2)) holds, in cents.
+const MAX_PRICE_CENTS: i64 = 999_999_999_999;
+
+/// A listing's next price: its last one moved by `factor`, held within the column's range
+/// (the hard cases start at the maximum: a rise there would fail the day's COPY).
+fn next_price(cents: i64, factor: f64) -> i64 {
+    (((cents as f64) * factor).round() as i64).clamp(0, MAX_PRICE_CENTS)
+}
+
 /// "123.45" at scale 2 → 12345 (the text form of a numeric with exactly that scale).
 fn parse_scaled(s: &str, scale: u32) -> i64 {
     let (int, frac) = s.split_once('.').unwrap_or((s, ""));
@@ -355,5 +359,13 @@ mod tests {
         assert_eq!(parse_scaled("0.04500000", 8), 4_500_000);
         assert_eq!(parse_scaled("-1.5", 2), -150);
         assert_eq!(parse_scaled("7", 2), 700);
+    }
+
+    #[test]
+    fn a_new_price_stays_within_the_column() {
+        assert_eq!(next_price(MAX_PRICE_CENTS, 1.04), MAX_PRICE_CENTS);
+        assert_eq!(next_price(MAX_PRICE_CENTS, 0.5), 500_000_000_000);
+        assert_eq!(next_price(10_000, 0.94), 9_400);
+        assert_eq!(next_price(0, 1.04), 0);
     }
 }

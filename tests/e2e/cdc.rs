@@ -361,7 +361,13 @@ async fn sync_applies_days_ddl_and_truncates_exactly() {
     }
     assert_eq!(weir_lake::open_table(&lake, "bronze/listings").await.unwrap().version(), version, "nothing written");
     put(&recorded).await;
-    let out = sync(&url, &lake_url, &[]);
+    // A decoding memory PostgreSQL does not take: one line naming it, nothing written.
+    let (ok, out, err) = weir(&["sync", "--pg", &url, "--lake", &lake_url, "--decoding-work-mem", "lots"]);
+    assert!(!ok, "an invalid --decoding-work-mem: {out}");
+    assert!(err.contains("logical_decoding_work_mem") && err.contains("\"lots\""), "{err}");
+    assert_eq!(err.trim().lines().count(), 1, "one line: {err}");
+    assert_eq!(weir_lake::open_table(&lake, "bronze/listings").await.unwrap().version(), version, "nothing written");
+    let out = sync(&url, &lake_url, &["--decoding-work-mem", "server"]);
     assert!(out.contains("nothing new"), "{out}");
     let (ok, out, err) = derive(dir.path(), &[]);
     assert!(ok, "{out}\n{err}");

@@ -297,6 +297,11 @@ pub struct RunArgs {
     /// Changes per CDC batch (a larger transaction is applied in parts of this many).
     #[arg(long, default_value_t = 200_000)]
     pub batch_changes: u32,
+    /// PostgreSQL's logical_decoding_work_mem for the sync's session, e.g. 256MB: a transaction
+    /// larger than this is spilled to disk on the source while it is decoded; "server" keeps the
+    /// server's setting.
+    #[arg(long, default_value = weir_ingest::DEFAULT_DECODING_WORK_MEM)]
+    pub decoding_work_mem: String,
     /// Per-query memory limit of the Flight server in MiB (default: serve.memory_limit_mb, else 1024).
     #[arg(long)]
     pub memory_limit_mb: Option<usize>,
@@ -331,6 +336,11 @@ pub struct SyncArgs {
     /// is applied in parts of this many, so memory stays bounded).
     #[arg(long, default_value_t = 200_000)]
     pub batch_changes: u32,
+    /// PostgreSQL's logical_decoding_work_mem for the sync's session, e.g. 256MB: a transaction
+    /// larger than this is spilled to disk on the source while it is decoded; "server" keeps the
+    /// server's setting.
+    #[arg(long, default_value = weir_ingest::DEFAULT_DECODING_WORK_MEM)]
+    pub decoding_work_mem: String,
     /// With --follow, how often to look for new changes, in milliseconds.
     #[arg(long, default_value_t = 250)]
     pub poll_ms: u64,

@@ -71,12 +71,38 @@ pub struct SyncOptions {
     pub batch_changes: i32,
     /// How long `follow` waits when nothing is new.
     pub poll: Duration,
+    /// PostgreSQL's `logical_decoding_work_mem` for the sync's own session (e.g. "256MB"):
+    /// how much of a transaction the server keeps in memory while decoding it before it
+    /// spills the rest to disk. None: the server's setting (64MB unless configured).
+    pub decoding_work_mem: Option<String>,
 }
+
+/// The `logical_decoding_work_mem` a sync decodes with unless told otherwise. A transaction
+/// that does not fit is spilled to disk and read back, which doubled PostgreSQL's decode of a
+/// generated day at SF 30 (400k changes: 1.14 s at the server's 64MB, 0.56 s with room).
+/// The memory is the source server's, for the sync's session, while it decodes.
+pub const DEFAULT_DECODING_WORK_MEM: &str = "256MB";
 
 impl SyncOptions {
     pub fn new(slot: impl Into<String>) -> Self {
-        Self { slot: slot.into(), follow: false, batch_changes: 200_000, poll: Duration::from_millis(250) }
+        Self {
+            slot: slot.into(),
+            follow: false,
+            batch_changes: 200_000,
+            poll: Duration::from_millis(250),
+            decoding_work_mem: Some(DEFAULT_DECODING_WORK_MEM.to_string()),
+        }
     }
+}
+
+/// Sets `logical_decoding_work_mem` for `client`'s session (see
+/// [`SyncOptions::decoding_work_mem`]); an invalid size is an error naming it.
+pub async fn set_decoding_work_mem(client: &Client, size: &str) -> Result<(), IngestError> {
+    client
+        .query_one("SELECT set_config('logical_decoding_work_mem', $1, false)", &[&size])
+        .await
+        .map_err(PgError::query(format!("setting logical_decoding_work_mem to {size:?}")))?;
+    Ok(())
 }
 
 /// What one table received in a batch (or in a whole run).
@@ -158,6 +184,9 @@ pub async fn sync(
     let slot = &opts.slot;
     check_slot(&client, slot).await?;
     check_publication(&client, slot, tables).await?;
+    if let Some(size) = &opts.decoding_work_mem {
+        set_decoding_work_mem(&client, size).await?;
+    }
 
     let lock = format!("weir.sync|{}", lake.url());
     let got: bool = client

@@ -12,7 +12,9 @@ pub mod sources;
 pub mod state;
 
 pub use backfill::{BackfillOptions, Outcome, SlotMode, TableReport, backfill, default_slot_name};
-pub use cdc::{BatchReport, SyncOptions, SyncReport, TableChanges, sync};
+pub use cdc::{
+    BatchReport, DEFAULT_DECODING_WORK_MEM, SyncOptions, SyncReport, TableChanges, set_decoding_work_mem, sync,
+};
 pub use metrics::{Metrics, TableCounters};
 pub use sources::{SourceTable, Sources};
 

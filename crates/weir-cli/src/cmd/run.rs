@@ -127,6 +127,7 @@ pub async fn run(a: RunArgs, cfg: &Config) -> Result<()> {
         follow: false,
         batch_changes: i32::try_from(a.batch_changes.max(1)).unwrap_or(i32::MAX),
         poll: Duration::from_millis(a.poll_ms.max(1)),
+        decoding_work_mem: super::sync::decoding_work_mem(&a.decoding_work_mem),
     };
 
     // The first cycle derives whatever an earlier run synced but did not derive (a kill

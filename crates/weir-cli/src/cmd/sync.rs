@@ -25,6 +25,7 @@ pub async fn run(a: SyncArgs, cfg: &Config) -> Result<()> {
         follow: a.follow,
         batch_changes: i32::try_from(a.batch_changes).unwrap_or(i32::MAX),
         poll: Duration::from_millis(a.poll_ms.max(1)),
+        decoding_work_mem: decoding_work_mem(&a.decoding_work_mem),
     };
     println!("sync {} (slot {}) → {}", weir_postgres::describe_url(&url), opts.slot, lake.url());
     let stop = Arc::new(AtomicBool::new(false));
@@ -32,6 +33,11 @@ pub async fn run(a: SyncArgs, cfg: &Config) -> Result<()> {
     let report = weir_ingest::sync(&url, &lake, &tables, &opts, &stop, print_batch).await?;
     print_report(&report);
     Ok(())
+}
+
+/// `--decoding-work-mem`: a size for the sync's session, or "server" for the server's own.
+pub fn decoding_work_mem(arg: &str) -> Option<String> {
+    (!arg.eq_ignore_ascii_case("server")).then(|| arg.to_string())
 }
 
 /// Sets `stop` on Ctrl-C or SIGTERM: the batch in hand is finished, then the command returns.

@@ -280,100 +280,139 @@ pub async fn sync(
         let mut end_lsn = None;
         // The rows are decoded as they arrive. A transaction larger than a batch is applied in
         // parts: its first changes are committed with its commit LSN and how many of each
-        // table's changes in it are in (see [`Mark::Inside`]), their rows freed, and reading
-        // goes on; the slot moves only past whole transactions.
+        // table's changes in it are in (see [`Mark::Inside`]), while the next part is read
+        // (PostgreSQL decodes it meanwhile), their rows freed once applied; the slot moves
+        // only past whole transactions.
         let mut rows: Vec<tokio_postgres::Row> = Vec::new();
         let mut messages = 0usize;
         let mut next = Some(first);
         let mut apply_time = Duration::ZERO;
         let mut part_started = started;
+        // The part being applied while the next one is read (one at a time: a table's parts
+        // commit in order).
+        let mut inflight: Option<InFlight> = None;
         while let Some(row) = next.take() {
             rows.push(row);
             messages += 1;
             let m = rows.len() - 1;
-            let data = rows.message(m);
-            let msg = pgoutput::decode(data).map_err(|e| IngestError::Cdc { message: format!("slot {slot}: {e}") })?;
-            match msg {
-                Message::Begin { final_lsn, .. } => {
-                    txn_lsn = Some(final_lsn);
-                    for st in &mut states {
-                        st.in_txn = 0;
-                    }
-                }
-                Message::Commit { end_lsn: end, commit_time, .. } => {
-                    end_lsn = Some(end);
-                    txn_lsn = None;
-                    batch.transactions += 1;
-                    batch.last_commit_micros = Some(commit_time + weir_postgres::PG_EPOCH_MICROS);
-                }
-                Message::Relation(rel) => {
-                    if rel.namespace != "public" {
-                        continue;
-                    }
-                    if let Some(i) = states.iter().position(|s| s.source.name == rel.name) {
-                        states[i].relation(&rel)?;
-                        oids.insert(rel.oid, i);
-                    }
-                }
-                Message::Insert { relation, new } => {
-                    if let Some(st) = pick(&mut states, &oids, relation, txn_lsn, &mut batch.changes) {
-                        st.insert(m, new)?;
-                    }
-                }
-                Message::Update { relation, old, new } => {
-                    if let Some(st) = pick(&mut states, &oids, relation, txn_lsn, &mut batch.changes) {
-                        st.update(m, old, new)?;
-                    }
-                }
-                Message::Delete { relation, old } => {
-                    if let Some(st) = pick(&mut states, &oids, relation, txn_lsn, &mut batch.changes) {
-                        st.delete(m, old)?;
-                    }
-                }
-                Message::Truncate { relations, .. } => {
-                    for r in relations {
-                        if let Some(st) = pick(&mut states, &oids, r, txn_lsn, &mut batch.changes) {
-                            st.truncate();
+            // Decoded and folded; an error leaves nothing writing behind it.
+            let folded = (|| -> Result<(), IngestError> {
+                let data = rows.message(m);
+                let msg =
+                    pgoutput::decode(data).map_err(|e| IngestError::Cdc { message: format!("slot {slot}: {e}") })?;
+                match msg {
+                    Message::Begin { final_lsn, .. } => {
+                        txn_lsn = Some(final_lsn);
+                        for st in &mut states {
+                            st.in_txn = 0;
                         }
                     }
+                    Message::Commit { end_lsn: end, commit_time, .. } => {
+                        end_lsn = Some(end);
+                        txn_lsn = None;
+                        batch.transactions += 1;
+                        batch.last_commit_micros = Some(commit_time + weir_postgres::PG_EPOCH_MICROS);
+                    }
+                    Message::Relation(rel) => {
+                        if rel.namespace != "public" {
+                            return Ok(());
+                        }
+                        if let Some(i) = states.iter().position(|s| s.source.name == rel.name) {
+                            states[i].relation(&rel)?;
+                            oids.insert(rel.oid, i);
+                        }
+                    }
+                    Message::Insert { relation, new } => {
+                        if let Some(st) = pick(&mut states, &oids, relation, txn_lsn, &mut batch.changes) {
+                            st.insert(m, new)?;
+                        }
+                    }
+                    Message::Update { relation, old, new } => {
+                        if let Some(st) = pick(&mut states, &oids, relation, txn_lsn, &mut batch.changes) {
+                            st.update(m, old, new)?;
+                        }
+                    }
+                    Message::Delete { relation, old } => {
+                        if let Some(st) = pick(&mut states, &oids, relation, txn_lsn, &mut batch.changes) {
+                            st.delete(m, old)?;
+                        }
+                    }
+                    Message::Truncate { relations, .. } => {
+                        for r in relations {
+                            if let Some(st) = pick(&mut states, &oids, r, txn_lsn, &mut batch.changes) {
+                                st.truncate();
+                            }
+                        }
+                    }
+                    Message::Type { .. } | Message::Origin | Message::Logical => {}
                 }
-                Message::Type { .. } | Message::Origin | Message::Logical => {}
+                Ok(())
+            })();
+            if let Err(e) = folded {
+                if let Some(done) = inflight.take() {
+                    let _ = done.task.await;
+                }
+                return Err(e);
             }
             if let Some(commit) = txn_lsn
                 && rows.len() >= opts.batch_changes.max(1) as usize
             {
-                // Inside a transaction of more changes than a batch holds: its part so far.
+                // Inside a transaction of more changes than a batch holds: its part so far is
+                // applied while the next is read, once the part before it is in.
                 let clock = Instant::now();
-                let part = Arc::new(std::mem::take(&mut rows));
-                states = apply_all(states, lake, slot, Mark::Inside { commit }, part).await?;
+                if let Some(done) = inflight.take() {
+                    done.finish(&mut states, &mut report, &mut on_batch).await?;
+                    if stop.load(Ordering::Relaxed) {
+                        // Stopped between two parts: the tables hold the first one(s), the
+                        // slot stays before the transaction, and the next sync goes on from
+                        // there (the part just read is read again then).
+                        report.inside = true;
+                        break 'batches;
+                    }
+                }
                 apply_time += clock.elapsed();
-                batch.to_lsn = pgoutput::format_lsn(commit);
-                batch.inside = true;
-                batch.seconds = part_started.elapsed().as_secs_f64();
-                part_started = Instant::now();
-                take_changes(&mut states, &mut report, &mut batch);
+                let mark = Mark::Inside { commit };
+                let part: Arc<dyn Messages> = Arc::new(std::mem::take(&mut rows));
+                let detached: Vec<TableState> = states.iter_mut().map(|st| st.detach(mark)).collect();
+                let mut of_part = std::mem::replace(
+                    &mut batch,
+                    BatchReport { from_lsn: pgoutput::format_lsn(position), ..Default::default() },
+                );
+                of_part.to_lsn = pgoutput::format_lsn(commit);
+                of_part.inside = true;
                 tracing::info!(
                     slot,
                     transaction = pgoutput::format_lsn(commit).as_str(),
-                    changes = batch.changes,
+                    changes = of_part.changes,
                     "sync: a transaction larger than a batch, applied in parts"
                 );
-                on_batch(&batch);
-                if stop.load(Ordering::Relaxed) {
-                    // Stopped between two parts: the tables hold the first one(s), the slot
-                    // stays before the transaction, and the next sync goes on from there.
-                    report.inside = true;
-                    break 'batches;
-                }
-                batch = BatchReport { from_lsn: pgoutput::format_lsn(position), ..Default::default() };
+                let (lake, slot) = (lake.clone(), slot.clone());
+                let task = tokio::spawn(async move { apply_all(detached, &lake, &slot, mark, part).await });
+                inflight = Some(InFlight { task, report: of_part, started: part_started });
+                part_started = Instant::now();
             }
             let clock = Instant::now();
-            next = stream.try_next().await.map_err(reading)?;
+            next = match stream.try_next().await {
+                Ok(n) => n,
+                Err(e) => {
+                    // Nothing is left writing behind the error.
+                    if let Some(done) = inflight.take() {
+                        let _ = done.task.await;
+                    }
+                    return Err(reading(e).into());
+                }
+            };
             read += clock.elapsed();
         }
+        // The last part of a transaction applied in parts goes in after the one before it.
+        let clock = Instant::now();
+        if let Some(done) = inflight.take() {
+            done.finish(&mut states, &mut report, &mut on_batch).await?;
+        }
+        apply_time += clock.elapsed();
         let Some(end) = end_lsn.filter(|_| txn_lsn.is_none()) else {
             return Err(IngestError::Cdc {
-                message: format!("slot {slot}: the batch ended inside a transaction; nothing was applied"),
+                message: format!("slot {slot}: the batch ended inside a transaction; nothing more was applied"),
             });
         };
         // The changes are folded, each pointing at its tuple in the rows: every table builds
@@ -438,9 +477,8 @@ async fn apply_all(
     lake: &Lake,
     slot: &str,
     mark: Mark,
-    rows: Arc<Vec<tokio_postgres::Row>>,
+    rows: Arc<dyn Messages>,
 ) -> Result<Vec<TableState>, IngestError> {
-    let rows: Arc<dyn Messages> = rows;
     let tasks: Vec<_> = states
         .into_iter()
         .map(|mut st| {
@@ -478,6 +516,39 @@ async fn apply_all(
     match failed {
         Some(e) => Err(e),
         None => Ok(states),
+    }
+}
+
+/// A part of a transaction larger than a batch, being applied while the next one is read.
+struct InFlight {
+    task: tokio::task::JoinHandle<Result<Vec<TableState>, IngestError>>,
+    report: BatchReport,
+    started: Instant,
+}
+
+impl InFlight {
+    /// Waits for the part to be in and reports it. The tables reading on learn what its
+    /// commits changed in the lake (columns added).
+    async fn finish(
+        self,
+        states: &mut [TableState],
+        report: &mut SyncReport,
+        on_batch: &mut impl FnMut(&BatchReport),
+    ) -> Result<(), IngestError> {
+        let mut applied = self
+            .task
+            .await
+            .map_err(|e| IngestError::Cdc { message: format!("applying a part of a transaction failed: {e}") })??;
+        for (st, done) in states.iter_mut().zip(&applied) {
+            if done.lake_columns.len() > st.lake_columns.len() {
+                st.lake_columns.clone_from(&done.lake_columns);
+            }
+        }
+        let mut batch = self.report;
+        batch.seconds = self.started.elapsed().as_secs_f64();
+        take_changes(&mut applied, report, &mut batch);
+        on_batch(&batch);
+        Ok(())
     }
 }
 
@@ -1055,6 +1126,34 @@ impl TableState {
         self.changes.truncates += 1;
     }
 
+    /// The changes folded so far, as a state of their own to be applied at `mark` (a part of
+    /// a transaction larger than a batch) while this one folds the next part. This one is
+    /// left empty and, if the part commits anything to the table, at `mark` (as [`apply`]
+    /// leaves a table: one the part has nothing for stays where it was).
+    ///
+    /// [`apply`]: TableState::apply
+    fn detach(&mut self, mark: Mark) -> TableState {
+        let part = TableState {
+            source: self.source.clone(),
+            rel: self.rel.clone(),
+            applied: self.applied,
+            partial: self.partial,
+            in_txn: self.in_txn,
+            lake_columns: self.lake_columns.clone(),
+            columns: self.columns.clone(),
+            key_positions: self.key_positions.clone(),
+            pending: std::mem::take(&mut self.pending),
+            tuples: std::mem::take(&mut self.tuples),
+            only_inserts: std::mem::replace(&mut self.only_inserts, true),
+            truncated: std::mem::take(&mut self.truncated),
+            changes: std::mem::take(&mut self.changes),
+        };
+        if !part.pending.is_empty() || part.truncated {
+            self.reached(mark);
+        }
+        part
+    }
+
     /// The application transactions a commit at `mark` carries.
     fn marks(&self, mark: Mark) -> Vec<Transaction> {
         match mark {
@@ -1495,6 +1594,35 @@ mod tests {
         assert_eq!(states[0].marks(Mark::After(600)).len(), 1, "no count to reset");
         states[0].in_txn = 0;
         assert!(picked(&mut states, 520), "a transaction committing where the last one ended is new");
+    }
+
+    #[test]
+    fn a_part_detached_for_applying_takes_the_fold_and_leaves_the_table_at_its_mark() {
+        let (mut st, mut b) = (table(), Batch::new());
+        let (oids, mut changes) = (HashMap::from([(1, 0)]), 0);
+        st.applied = 100;
+        let mut states = vec![st];
+        for id in 1..=3 {
+            pick(&mut states, &oids, 1, Some(500), &mut changes).expect("a new transaction");
+            b.update(&mut states[0], id, Some("x")).unwrap();
+        }
+        let mark = Mark::Inside { commit: 500 };
+        let mut part = states[0].detach(mark);
+        assert_eq!(folded(&mut part, &b).len(), 3, "the part holds the changes folded so far");
+        assert_eq!((part.applied, part.partial, part.in_txn), (100, 0, 3), "and where the table was");
+        assert_eq!(part.marks(mark).iter().map(|t| t.version).collect::<Vec<_>>(), [500, 3]);
+        assert!(!part.only_inserts && part.changes.updates == 3);
+        let st = &states[0];
+        assert!(st.pending.is_empty() && st.tuples.is_empty() && st.only_inserts && !st.truncated);
+        assert_eq!(st.changes, TableChanges::default(), "counted once, with the part");
+        assert_eq!((st.applied, st.partial, st.in_txn), (500, 3, 3), "the table reads on from the part's mark");
+        // A table the part has nothing for stays where it was (the part commits nothing to it).
+        let mut idle = table();
+        idle.applied = 100;
+        idle.in_txn = 7;
+        let empty = idle.detach(mark);
+        assert!(empty.pending.is_empty());
+        assert_eq!((idle.applied, idle.partial), (100, 0));
     }
 
     #[test]

@@ -349,9 +349,7 @@ pub async fn sync(
                 Ok(())
             })();
             if let Err(e) = folded {
-                if let Some(done) = inflight.take() {
-                    let _ = done.task.await;
-                }
+                InFlight::settle(inflight).await;
                 return Err(e);
             }
             if let Some(commit) = txn_lsn
@@ -395,10 +393,7 @@ pub async fn sync(
             next = match stream.try_next().await {
                 Ok(n) => n,
                 Err(e) => {
-                    // Nothing is left writing behind the error.
-                    if let Some(done) = inflight.take() {
-                        let _ = done.task.await;
-                    }
+                    InFlight::settle(inflight).await;
                     return Err(reading(e).into());
                 }
             };
@@ -527,6 +522,14 @@ struct InFlight {
 }
 
 impl InFlight {
+    /// Before an error returns: the part in flight, if any, is waited for (its outcome aside),
+    /// so that nothing is left writing behind the error.
+    async fn settle(inflight: Option<InFlight>) {
+        if let Some(done) = inflight {
+            let _ = done.task.await;
+        }
+    }
+
     /// Waits for the part to be in and reports it. The tables reading on learn what its
     /// commits changed in the lake (columns added).
     async fn finish(

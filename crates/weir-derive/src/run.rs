@@ -9,7 +9,7 @@ use std::time::{Duration, Instant};
 use arrow::datatypes::SchemaRef;
 use datafusion::catalog::MemTable;
 use datafusion::dataframe::DataFrame;
-use deltalake::parquet::basic::{Compression, ZstdLevel};
+use deltalake::parquet::basic::Compression;
 use deltalake::parquet::file::properties::{EnabledStatistics, WriterProperties};
 use deltalake::writer::{DeltaWriter, RecordBatchWriter};
 use futures::StreamExt;
@@ -825,30 +825,28 @@ fn by_partition(
         .collect()
 }
 
-/// Parquet settings of derived tables: zstd, page statistics, no dictionaries (their values,
+/// Parquet settings of derived tables: LZ4, page statistics, no dictionaries (their values,
 /// prices and times and ids, are mostly distinct: parquet built each dictionary only to
 /// abandon it: 5 % of `weir run`'s CPU, mostly in listing_price's merges).
+///
+/// LZ4, not zstd: every CDC day reads a sixth of `silver.listing_price` back by key and scans
+/// its files in the merge, and parquet-rs creates a zstd compression and decompression
+/// context for every column chunk it opens. An SF 10 day's derive on a settled lake, 11 pairs:
+/// median 2.08 → 1.79 s, user CPU 2.35 → 1.82 s; listing_price's files are 37 % larger
+/// (BENCHMARKS, session 29). Bronze stays zstd: it is the bulk of the lake and written once.
 pub(crate) fn writer_properties() -> WriterProperties {
     WriterProperties::builder()
-        .set_compression(Compression::ZSTD(ZstdLevel::try_new(3).expect("valid level")))
+        .set_compression(Compression::LZ4_RAW)
         .set_statistics_enabled(EnabledStatistics::Page)
         .set_dictionary_enabled(false)
         .build()
 }
 
 /// [`writer_properties`] for tables stored in key order and read by key: pages of at most
-/// [`LOOKUP_PAGE_ROWS`] rows and no dictionaries (a lookup would read and decode every
-/// column's whole dictionary page before its one data page).
+/// [`LOOKUP_PAGE_ROWS`] rows (a lookup decodes one page of each column; no dictionaries: it
+/// would read and decode every column's whole dictionary page before its one data page).
 pub(crate) fn lookup_writer_properties() -> WriterProperties {
-    WriterProperties::builder()
-        // LZ4, not zstd: a lookup decodes one page of each column, and parquet-rs creates a
-        // zstd compression and decompression context for every column chunk it opens (their
-        // allocation was a tenth of a served lookup's CPU).
-        .set_compression(Compression::LZ4_RAW)
-        .set_statistics_enabled(EnabledStatistics::Page)
-        .set_data_page_row_count_limit(LOOKUP_PAGE_ROWS)
-        .set_dictionary_enabled(false)
-        .build()
+    writer_properties().into_builder().set_data_page_row_count_limit(LOOKUP_PAGE_ROWS).build()
 }
 
 /// Rows per data page of key-ordered tables: a point lookup decodes this many rows per column.

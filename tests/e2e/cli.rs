@@ -108,6 +108,15 @@ async fn bad_input_is_one_line_and_non_zero() {
         &["malformed sources file", "weir.toml"],
     );
     fails_with(&["backfill", "--pg", &unreachable, "--lake", &lake], &["cannot connect to PostgreSQL"]);
+    // parity: a slug the source does not have, and a make whose legacy mart was never built
+    fails_with(
+        &["parity", "--pg", &url, "--lake", &lake, "--make", "trabant"],
+        &["unknown make slug \"trabant\"", "vw"],
+    );
+    fails_with(
+        &["parity", "--pg", &url, "--lake", &lake, "--make", "vw"],
+        &["legacy table ads_vw does not exist", "weir legacy build --make vw"],
+    );
     assert!(!dir.path().join("lake").join("bronze").exists(), "nothing may be written on bad input");
 }
 

@@ -209,7 +209,30 @@ pub async fn parity(pg: &Client, lake: &Lake, jobs: &Jobs, opts: &ParityOptions)
         .await
         .map_err(PgError::query(format!("reading the columns of {legacy}")))?;
     if cols.is_empty() {
-        return Err(DeriveError::Parity(format!("the legacy table {legacy} does not exist in PostgreSQL")));
+        // With the default name, a slug the source's makes table lacks is the likelier mistake.
+        let mut known: Option<Vec<String>> = None;
+        if opts.legacy_table.is_none()
+            && pg
+                .query_one("SELECT to_regclass('public.makes') IS NOT NULL", &[])
+                .await
+                .map_err(PgError::query("looking for table makes"))?
+                .get::<_, bool>(0)
+        {
+            let rows = pg
+                .query("SELECT slug::text FROM public.makes ORDER BY make_id", &[])
+                .await
+                .map_err(PgError::query("reading the slugs of makes"))?;
+            known = Some(rows.iter().map(|r| r.get(0)).collect());
+        }
+        return Err(DeriveError::Parity(match known {
+            Some(slugs) if !slugs.iter().any(|s| s == slug) => {
+                format!("unknown make slug {slug:?}; known slugs: {}", slugs.join(", "))
+            }
+            Some(_) => format!(
+                "the legacy table {legacy} does not exist in PostgreSQL (`weir legacy build --make {slug} --as-of …` builds it)"
+            ),
+            None => format!("the legacy table {legacy} does not exist in PostgreSQL"),
+        }));
     }
     let legacy_cols: Vec<(String, String)> = cols.iter().map(|r| (r.get(0), r.get(1))).collect();
     if !legacy_cols.iter().any(|(n, _)| n == "listing_id") {

@@ -15,3 +15,4 @@ mod lakecheck;
 mod legacy;
 mod ml;
 mod services;
+mod store;

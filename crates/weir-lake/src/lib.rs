@@ -6,6 +6,7 @@ pub mod doctor;
 pub mod dv;
 pub mod dvscan;
 pub mod keyed;
+pub mod local;
 pub mod store;
 pub mod vacuum;
 
@@ -16,5 +17,6 @@ pub use delta::{
 pub use doctor::{Check, run_checks};
 pub use dv::{KeyScope, MergeLayout, partition_runs, small_files_in_partitions_of};
 pub use keyed::rows_with_keys;
+pub use local::InlineLocal;
 pub use store::{LAYERS, Lake, LakeStoreError};
 pub use vacuum::{VacuumReport, delta_tables, vacuum, vacuum_horizon, vacuum_tables};

@@ -117,9 +117,10 @@ impl Lake {
                 std::fs::create_dir_all(root)
                     .map_err(|e| open_err(format!("cannot create {}: {e}", root.display())))?;
                 let store = LocalFileSystem::new_with_prefix(root).map_err(|e| open_err(e.to_string()))?;
+                crate::local::register_for_delta();
                 Ok(Self {
                     location,
-                    store: Arc::new(store),
+                    store: Arc::new(crate::InlineLocal::new(store)),
                     prefix: StorePath::default(),
                     storage_options: HashMap::new(),
                     small_file_rows: crate::dv::SMALL_FILE_ROWS,

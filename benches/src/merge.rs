@@ -141,7 +141,8 @@ async fn run(root: &Path, rows_total: i64, changes: usize, runs: u32) -> Result<
     }
     let adds = w.flush().await?;
     let files = adds.len();
-    weir_lake::commit_files(table, REL, &schema(), &["country".into()], adds, Default::default(), None, None).await?;
+    weir_lake::commit_files(table, REL, &schema(), &["country".into()], adds, Default::default(), None, None, None)
+        .await?;
     println!("table: {rows_total} rows in {files} files (15 country partitions), written in {:.2?}", clock.elapsed());
 
     // The source: updates of a tenth spread over every file (distinct keys), 1 in 20 of them

@@ -536,7 +536,10 @@ async fn reopened_tables_follow_commits_and_recreation() {
             .await
             .unwrap();
             assert!(fresh.version().is_none(), "{rel} is gone");
-            weir_lake::commit_files(fresh, rel, &schema, &[], vec![], Default::default(), None, None).await.unwrap().0
+            weir_lake::commit_files(fresh, rel, &schema, &[], vec![], Default::default(), None, None, None)
+                .await
+                .unwrap()
+                .0
         }
     };
     for lake in &lakes {
@@ -546,7 +549,7 @@ async fn reopened_tables_follow_commits_and_recreation() {
         // A commit through another handle is seen by the next open.
         let other = weir_lake::open_table(lake, rel).await.unwrap();
         assert_eq!(
-            weir_lake::commit_files(other, rel, &schema(&["a"]), &[], vec![], Default::default(), None, None)
+            weir_lake::commit_files(other, rel, &schema(&["a"]), &[], vec![], Default::default(), None, None, None)
                 .await
                 .unwrap()
                 .0,
@@ -567,10 +570,19 @@ async fn reopened_tables_follow_commits_and_recreation() {
         // each commit hands back the table at its new version.
         let mut t = t;
         for v in 1..=9 {
-            let (version, next) =
-                weir_lake::commit_files(t, rel, &schema(&["b", "c"]), &[], vec![], Default::default(), None, None)
-                    .await
-                    .unwrap();
+            let (version, next) = weir_lake::commit_files(
+                t,
+                rel,
+                &schema(&["b", "c"]),
+                &[],
+                vec![],
+                Default::default(),
+                None,
+                None,
+                None,
+            )
+            .await
+            .unwrap();
             assert_eq!((version, next.version()), (v, Some(v as u64)), "{}", lake.url());
             t = next;
         }

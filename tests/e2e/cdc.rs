@@ -116,6 +116,29 @@ async fn assert_key_ordered(lake: &Lake, root: &std::path::Path, rel: &str, merg
             "{rel} {partition}: a lookup's file skipping leaves {deepest} files after {merges} updates"
         );
     }
+    // Its files carry the key's statistics alone, as the table says: checked in the log's own
+    // text (a reader parses only the columns the property names).
+    let table = weir_lake::open_table(lake, rel).await.unwrap();
+    let config = table.snapshot().unwrap().metadata().configuration().clone();
+    assert_eq!(config.get("delta.dataSkippingStatsColumns").map(String::as_str), Some("listing_id"), "{rel}");
+    let mut adds = 0;
+    for entry in std::fs::read_dir(root.join(rel).join("_delta_log")).unwrap() {
+        let path = entry.unwrap().path();
+        if path.extension().is_none_or(|e| e != "json") {
+            continue;
+        }
+        for line in std::fs::read_to_string(&path).unwrap().lines() {
+            let action: serde_json::Value = serde_json::from_str(line).unwrap();
+            let Some(stats) = action["add"]["stats"].as_str() else { continue };
+            let stats: serde_json::Value = serde_json::from_str(stats).unwrap();
+            for of in ["minValues", "maxValues", "nullCount"] {
+                let columns: Vec<&String> = stats[of].as_object().unwrap().keys().collect();
+                assert_eq!(columns, ["listing_id"], "{rel}: {of} in {}", path.display());
+            }
+            adds += 1;
+        }
+    }
+    assert!(adds >= files.len(), "{rel}: {adds} adds in the log for {} files", files.len());
     files.iter().filter(|f| f.deletion_vector.is_some()).count()
 }
 

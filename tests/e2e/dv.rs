@@ -146,7 +146,7 @@ async fn merges_mark_rows_and_every_read_sees_the_model() {
     w.write(batch).await.unwrap();
     let adds = w.flush().await.unwrap();
     assert_eq!(adds.len(), 1);
-    weir_lake::commit_files(table, REL, &schema(), &[], adds, Default::default(), None, None).await.unwrap();
+    weir_lake::commit_files(table, REL, &schema(), &[], adds, Default::default(), None, None, None).await.unwrap();
     assert!(!weir_lake::dv::has_deletion_vectors(&weir_lake::open_table(&lake, REL).await.unwrap()));
 
     // Two merges: updates (some keeping `s`), deletes, inserts; the second replaces rows the
@@ -281,7 +281,7 @@ async fn key_ordered_merges_stay_sorted_small_and_exact() {
     }
     let originals: std::collections::BTreeSet<String> = adds.iter().map(|a| a.path.clone()).collect();
     assert_eq!(originals.len(), N as usize / FILE_ROWS);
-    weir_lake::commit_files(table, KEYED, &schema(), &[], adds, Default::default(), None, None).await.unwrap();
+    weir_lake::commit_files(table, KEYED, &schema(), &[], adds, Default::default(), None, None, None).await.unwrap();
     let layout = weir_lake::MergeLayout { key_files: Some(FILE_ROWS), no_change_data: true };
 
     for round in 0..4i64 {
@@ -446,7 +446,7 @@ async fn a_merge_confined_to_a_partition_leaves_the_others() {
     w.write(rows(1, 0..100, 1)).await.unwrap();
     w.write(rows(2, 50..150, 2)).await.unwrap();
     let adds = w.flush().await.unwrap();
-    weir_lake::commit_files(table, PARTS, &schema, &["p".to_string()], adds, Default::default(), None, None)
+    weir_lake::commit_files(table, PARTS, &schema, &["p".to_string()], adds, Default::default(), None, None, None)
         .await
         .unwrap();
     let partition_2 = || async { crate::common::files_by_partition(&lake, PARTS, "p").await.remove(&Some("2".into())) };

@@ -938,8 +938,12 @@ async fn write(
     meta.insert("weir.derive.key".to_string(), json!(job.key));
     let value = u.scope.map(|id| id.to_string());
     let partition = value.as_deref().map(|v| (MAKE_ID, v));
-    let (version, table) =
-        weir_lake::commit_files(table, rel, &schema, &job.partition, adds, meta, partition, None).await?;
+    let (version, table) = {
+        // A table read by key: its files' statistics are the key's alone (the other columns'
+        // bounds span every file, and made a mart's log 2.5 KB a file to write and to read).
+        let stats = job.key_ranged().then_some(job.key.as_slice());
+        weir_lake::commit_files(table, rel, &schema, &job.partition, adds, meta, partition, None, stats).await?
+    };
     tracing::debug!(table = rel, version, "derive: committed");
     Ok((rows, files, bytes, version, table))
 }

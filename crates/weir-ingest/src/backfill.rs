@@ -365,9 +365,18 @@ pub async fn backfill(
         // CDC starts at the snapshot's LSN: recorded where `weir sync` keeps its position.
         let txn = weir_postgres::pgoutput::parse_lsn(&work.run.snapshot_lsn)
             .map(|l| deltalake::kernel::Transaction::new(crate::cdc::APP_ID, l as i64));
-        let (version, _) =
-            weir_lake::commit_files(table, &t.bronze_path(), &work.schema, &partition_cols, adds, metadata, None, txn)
-                .await?;
+        let (version, _) = weir_lake::commit_files(
+            table,
+            &t.bronze_path(),
+            &work.schema,
+            &partition_cols,
+            adds,
+            metadata,
+            None,
+            txn,
+            None,
+        )
+        .await?;
         // Landed: the run is done, and a later `weir backfill` must not take it for one to resume.
         state.clear(&t.name).await?;
         let seconds = match (
@@ -577,18 +586,7 @@ fn drop_lossy_stats(adds: &mut [Add], columns: &[PgColumn]) {
     if lossy.is_empty() {
         return;
     }
-    for add in adds {
-        let Some(stats) = &add.stats else { continue };
-        let Ok(mut v) = serde_json::from_str::<Value>(stats) else { continue };
-        for key in ["minValues", "maxValues"] {
-            if let Some(obj) = v.get_mut(key).and_then(Value::as_object_mut) {
-                for c in &lossy {
-                    obj.remove(*c);
-                }
-            }
-        }
-        add.stats = Some(v.to_string());
-    }
+    weir_lake::retain_stats(adds, &["minValues", "maxValues"], |c| !lossy.contains(&c));
 }
 
 fn record_files(c: &TableCounters, adds: &[Add]) {

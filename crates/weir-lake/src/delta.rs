@@ -3,11 +3,11 @@
 use std::collections::HashMap;
 
 use arrow_schema::Schema as ArrowSchema;
-use deltalake::DeltaTable;
 use deltalake::kernel::engine::arrow_conversion::TryIntoKernel;
 use deltalake::kernel::transaction::{CommitBuilder, CommitProperties};
-use deltalake::kernel::{Action, Add, StructType, new_metadata};
+use deltalake::kernel::{Action, Add, MetadataExt as _, StructType, new_metadata};
 use deltalake::protocol::{DeltaOperation, SaveMode};
+use deltalake::{DeltaTable, TableProperty};
 use futures::TryStreamExt;
 use object_store::ObjectStoreExt as _;
 use serde_json::Value;
@@ -35,6 +35,24 @@ pub(crate) fn generic(rel: &str, m: impl ToString) -> DeltaError {
 
 /// Commits between checkpoints of the tables Weir creates.
 pub const CHECKPOINT_INTERVAL: &str = "10";
+
+/// The table property naming the columns whose statistics the table's files carry.
+const STATS_COLUMNS: &str = "delta.dataSkippingStatsColumns";
+
+/// Keeps, in each file's statistics, the entries of `of` (`minValues`, `maxValues`,
+/// `nullCount`) for the columns `keep` accepts; the row count and the rest stay.
+pub fn retain_stats(adds: &mut [Add], of: &[&str], keep: impl Fn(&str) -> bool) {
+    for add in adds {
+        let Some(stats) = &add.stats else { continue };
+        let Ok(mut v) = serde_json::from_str::<Value>(stats) else { continue };
+        for key in of {
+            if let Some(obj) = v.get_mut(*key).and_then(Value::as_object_mut) {
+                obj.retain(|c, _| keep(c));
+            }
+        }
+        add.stats = Some(v.to_string());
+    }
+}
 
 /// The tables this process has opened, by URL and storage options, as last seen, with the
 /// identity of their latest commit file. Opening one again brings that snapshot up to date with
@@ -136,7 +154,11 @@ pub async fn find_commit_info(
 
 /// Commits `adds` as the table's content in one commit: creates the table (schema and
 /// partitioning) when it does not exist, otherwise replaces every current file (overwrite),
-/// or with `partition` (`column = value`) only that partition's files. Returns the new
+/// or with `partition` (`column = value`) only that partition's files. With `stats_columns`
+/// the files' statistics are those columns' alone, and the table says so
+/// (`delta.dataSkippingStatsColumns`, which later writers, a merge's included, follow): for a
+/// table read by key, whose other columns' bounds span every file and only make the log
+/// longer to write and to read. Returns the new
 /// version and the table at it; `txn` (an application transaction) goes into the same commit. A concurrent writer
 /// that commits first makes this fail, never corrupt: the commit file is put-if-absent.
 #[allow(clippy::too_many_arguments)]
@@ -149,7 +171,13 @@ pub async fn commit_files(
     metadata: HashMap<String, Value>,
     partition: Option<(&str, &str)>,
     txn: Option<deltalake::kernel::Transaction>,
+    stats_columns: Option<&[String]>,
 ) -> Result<(i64, DeltaTable), DeltaError> {
+    let mut adds = adds;
+    if let Some(columns) = stats_columns {
+        retain_stats(&mut adds, &["minValues", "maxValues", "nullCount"], |c| columns.iter().any(|k| k == c));
+    }
+    let stats_property = stats_columns.map(|c| c.join(","));
     let mut props = CommitProperties::default().with_metadata(metadata.clone());
     if let Some(t) = &txn {
         props = props.with_application_transaction(t.clone());
@@ -159,16 +187,19 @@ pub async fn commit_files(
             table: rel.to_string(),
             source: deltalake::DeltaTableError::Generic(e.to_string()),
         })?;
-        let created = table
-            .create()
+        let mut create = table.create();
+        if let Some(columns) = &stats_property {
+            create = create.with_configuration_property(TableProperty::DataSkippingStatsColumns, Some(columns.clone()));
+        }
+        let created = create
             .with_columns(kernel.fields().cloned())
             .with_partition_columns(partition_columns.to_vec())
             // Merges write a change data feed: incremental derivations read it.
-            .with_configuration_property(deltalake::TableProperty::EnableChangeDataFeed, Some("true"))
+            .with_configuration_property(TableProperty::EnableChangeDataFeed, Some("true"))
             // A reader replays the JSON commits since the last checkpoint; `weir run` commits
             // to every mart each cycle, so a checkpoint every 100 (the default) made each
             // cycle slower than the one before.
-            .with_configuration_property(deltalake::TableProperty::CheckpointInterval, Some(CHECKPOINT_INTERVAL))
+            .with_configuration_property(TableProperty::CheckpointInterval, Some(CHECKPOINT_INTERVAL))
             .with_actions(adds.into_iter().map(Action::Add))
             .with_commit_properties(props)
             .await
@@ -192,9 +223,22 @@ pub async fn commit_files(
         table: rel.to_string(),
         source: deltalake::DeltaTableError::Generic(e.to_string()),
     })?;
+    let mut configuration = snapshot.metadata().configuration().clone();
+    let stats_changed = stats_property.as_ref().is_some_and(|c| configuration.get(STATS_COLUMNS) != Some(c));
+    if let Some(columns) = &stats_property {
+        configuration.insert(STATS_COLUMNS.to_string(), columns.clone());
+    }
     if *snapshot.schema() != kernel || snapshot.metadata().partition_columns() != partition_columns {
-        let meta = new_metadata(&kernel, partition_columns, snapshot.metadata().configuration().clone())
-            .map_err(|e| delta_err(rel)(e.into()))?;
+        let meta = new_metadata(&kernel, partition_columns, configuration).map_err(|e| delta_err(rel)(e.into()))?;
+        actions.push(Action::Metadata(meta));
+    } else if let (true, Some(columns)) = (stats_changed, stats_property) {
+        // A table written before its files' statistics were confined: all its files are
+        // replaced here, so from now on every file carries the key columns' alone.
+        let meta = snapshot
+            .metadata()
+            .clone()
+            .add_config_key(STATS_COLUMNS.to_string(), columns)
+            .map_err(|e| generic(rel, format!("setting {STATS_COLUMNS}: {e}")))?;
         actions.push(Action::Metadata(meta));
     }
     actions.extend(adds.into_iter().map(Action::Add));

@@ -12,7 +12,8 @@ pub mod vacuum;
 
 pub use delta::{
     DeltaError, KEEP_PREFIX, MergeStats, OP_COLUMN, append_batch, commit_files, commit_metadata, commit_transactions,
-    conform, find_commit_info, last_commit_info, maintain, merge_by_key, open_table, settle, without_maintenance,
+    conform, find_commit_info, last_commit_info, maintain, merge_by_key, open_table, retain_stats, settle,
+    without_maintenance,
 };
 pub use doctor::{Check, run_checks};
 pub use dv::{KeyScope, MergeLayout, partition_runs, small_files_in_partitions_of};

@@ -158,22 +158,21 @@ pub async fn find_commit_info(
 /// the files' statistics are those columns' alone, and the table says so
 /// (`delta.dataSkippingStatsColumns`, which later writers, a merge's included, follow): for a
 /// table read by key, whose other columns' bounds span every file and only make the log
-/// longer to write and to read. Returns the new
-/// version and the table at it; `txn` (an application transaction) goes into the same commit. A concurrent writer
-/// that commits first makes this fail, never corrupt: the commit file is put-if-absent.
+/// longer to write and to read. Returns the new version and the table at it; `txn` (an
+/// application transaction) goes into the same commit. A concurrent writer that commits first
+/// makes this fail, never corrupt: the commit file is put-if-absent.
 #[allow(clippy::too_many_arguments)]
 pub async fn commit_files(
     table: DeltaTable,
     rel: &str,
     schema: &ArrowSchema,
     partition_columns: &[String],
-    adds: Vec<Add>,
+    mut adds: Vec<Add>,
     metadata: HashMap<String, Value>,
     partition: Option<(&str, &str)>,
     txn: Option<deltalake::kernel::Transaction>,
     stats_columns: Option<&[String]>,
 ) -> Result<(i64, DeltaTable), DeltaError> {
-    let mut adds = adds;
     if let Some(columns) = stats_columns {
         retain_stats(&mut adds, &["minValues", "maxValues", "nullCount"], |c| columns.iter().any(|k| k == c));
     }
